@@ -1,0 +1,71 @@
+"""AI21 Studio routes: validate, convert, call the engine, convert back. Nothing else."""
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, HTTPException
+from fastapi.concurrency import run_in_threadpool
+
+from amber.api.ai21 import convert
+from amber.api.ai21 import schemas as s
+from amber.api.deps import Account, Pool
+from amber.api.errors import invalid, not_found
+from amber.engine.engine import QueueFull
+from amber.engine.j2_tokenizer import j2_tokenize
+from amber.engine.types import GenerationRequest
+from amber.serving import LoadedModel, ModelPool
+
+router = APIRouter(prefix="/studio/v1")
+
+
+async def _model(pool: ModelPool, name: str) -> LoadedModel:
+    if pool.registry.resolve(name) is None:
+        raise not_found(f"model {name!r} does not exist (GET /studio/v1/models lists them)")
+    return await run_in_threadpool(pool.get, name)
+
+
+@router.post("/{model}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False)
+async def complete(model: str, body: s.CompleteRequest, account: Account, pool: Pool) -> s.CompleteResponse:
+    loaded = await _model(pool, model)
+    tokenizer = loaded.tokenizer
+    ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.prompt)
+    limit = loaded.spec.max_context
+    if 1 + len(ids) + body.maxTokens > limit:
+        raise invalid(("body", "prompt"), f"prompt is {len(ids)} tokens; with maxTokens {body.maxTokens} "
+                                          f"that exceeds the model's context of {limit} tokens")
+    request = GenerationRequest(str(uuid.uuid4()), tuple(ids), convert.sampling_params(body, tokenizer))
+    try:
+        out = await loaded.engine.generate(request)
+    except QueueFull as exc:
+        raise HTTPException(429, f"server busy: {exc}", headers={"Retry-After": "1"}) from exc
+    return await run_in_threadpool(convert.complete_response, out, body.prompt, ranges, tokenizer,
+                                   body.topKReturn)
+
+
+@router.post("/{model}/{custom}/complete")
+async def complete_custom(model: str, custom: str, account: Account, pool: Pool):
+    if pool.registry.resolve(model) is None:
+        raise not_found(f"model {model!r} does not exist")
+    raise not_found(f"custom model {custom!r} does not exist")
+
+
+@router.post("/tokenize", response_model=s.TokenizeResponse)
+async def tokenize(body: s.TokenizeRequest, account: Account, pool: Pool) -> s.TokenizeResponse:
+    if body.tokenizer == "j2":
+        if body.model is not None:
+            raise invalid(("body", "model"), 'give either "model" or "tokenizer": "j2", not both')
+        pieces = await run_in_threadpool(j2_tokenize, body.text)
+    else:
+        loaded = await _model(pool, body.model or pool.registry.default)
+        tokenizer = loaded.tokenizer
+        ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.text)
+        pieces = [(tokenizer.token_string(i), r) for i, r in zip(ids, ranges)]
+    return convert.tokenize_response(body.text, pieces)
+
+
+@router.get("/models")
+async def list_models(account: Account, pool: Pool) -> dict:
+    registry = pool.registry
+    return {"models": [{"name": spec.name, "aliases": list(spec.aliases), "dtype": spec.dtype,
+                        "maxContext": spec.max_context, "default": spec.name == registry.default,
+                        "loaded": pool.is_loaded(spec.name)} for spec in registry.models.values()]}

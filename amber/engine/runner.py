@@ -1,0 +1,94 @@
+"""Batch tensors in, model forward, sampling out. Knows tensors and samples, not requests' text.
+
+Prefill runs a prompt in chunks and scores every prompt token; decode runs one token for every
+running sample at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from amber.engine.kv_cache import KVCache
+from amber.engine.model import LlamaForCausalLM
+from amber.engine.sampling import SamplingBatch, sample, top_alternatives
+from amber.engine.sequence import RequestState, Sample
+from amber.engine.types import TokenLogprob
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, eos_ids: frozenset[int],
+                 prefill_chunk: int, device: torch.device):
+        self.model, self.cache, self.device = model, cache, device
+        self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        self.prefill_chunk = prefill_chunk
+        self.vocab_size = model.config.vocab_size
+
+    def prefill(self, ids: list[int], slot: int, score: bool, top_k: int
+                ) -> tuple[list[TokenLogprob], torch.Tensor]:
+        """Run `ids` (BOS first) into `slot`. Returns logprobs of ids[1:] under the model and the
+        fp32 logits (vocab,) for the token after the last one."""
+        scores: list[TokenLogprob] = []
+        slots = torch.tensor([slot], device=self.device)
+        last_logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            hidden = self.model(torch.tensor([chunk], device=self.device),
+                                torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0),
+                                self.cache, slots)[0]  # (chunk, hidden)
+            if score:
+                logprobs = self.model.logits(hidden).log_softmax(-1)  # (chunk, vocab)
+                targets = ids[start + 1:start + 1 + len(chunk)]
+                scores += self._score(logprobs[:len(targets)], targets, top_k)
+                last_logits = logprobs[-1]  # log_softmax is a valid logits vector for what follows
+            else:
+                last_logits = self.model.logits(hidden[-1:])[0]
+        return scores, last_logits
+
+    @staticmethod
+    def _score(logprobs: torch.Tensor, targets: list[int], top_k: int) -> list[TokenLogprob]:
+        picked = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device).unsqueeze(-1))
+        tops = top_alternatives(logprobs, top_k)
+        return [TokenLogprob(t, lp, lp, top) for t, lp, top in zip(targets, picked.flatten().tolist(), tops)]
+
+    def decode(self, samples: list[Sample]) -> torch.Tensor:
+        """One forward step for every sample; fp32 logits (batch, vocab) for each one's next token."""
+        ids = torch.tensor([[s.last_token] for s in samples], device=self.device)
+        positions = torch.tensor([[s.length - 1] for s in samples], device=self.device)
+        slots = torch.tensor([s.slot for s in samples], device=self.device)
+        hidden = self.model(ids, positions, self.cache, slots)
+        return self.model.logits(hidden[:, -1])
+
+    def sample(self, logits: torch.Tensor, rows: list[tuple[RequestState, Sample]]) -> list[TokenLogprob]:
+        """Pick each row's next token; logits (batch, vocab) fp32."""
+        batch = self._sampling_batch(rows)
+        counts = torch.stack([s.counts for _, s in rows])
+        lengths = torch.tensor([s.length - 1 for _, s in rows], device=self.device)  # BOS not counted
+        out = sample(logits, batch, counts, lengths, [s.generator for _, s in rows])
+        ids = out.token_ids.tolist()
+        chosen = out.logprobs.gather(-1, out.token_ids.unsqueeze(-1)).flatten().tolist()
+        raw = out.raw_logprobs.gather(-1, out.token_ids.unsqueeze(-1)).flatten().tolist()
+        top_k = max(r.request.params.top_k_return for r, _ in rows)
+        tops = top_alternatives(out.logprobs, top_k)
+        return [TokenLogprob(i, lp, rlp, top[:r.request.params.top_k_return])
+                for i, lp, rlp, top, (r, _) in zip(ids, chosen, raw, tops, rows)]
+
+    def _sampling_batch(self, rows: list[tuple[RequestState, Sample]]) -> SamplingBatch:
+        params = [r.request.params for r, _ in rows]
+        f32 = dict(dtype=torch.float32, device=self.device)
+        scales = torch.tensor([[p.presence_penalty.scale, p.count_penalty.scale, p.frequency_penalty.scale]
+                               for p in params], **f32)
+        ones = torch.ones(3, self.vocab_size, **f32)
+        masks = torch.stack([r.penalty_masks if r.penalty_masks is not None else ones for r, _ in rows])
+        bias = None
+        if any(r.bias is not None for r, _ in rows):
+            zeros = torch.zeros(self.vocab_size, **f32)
+            bias = torch.stack([r.bias if r.bias is not None else zeros for r, _ in rows])
+        banned = None
+        if any(len(s.tokens) < r.request.params.min_tokens for r, s in rows):
+            banned = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+            for b, (r, s) in enumerate(rows):
+                if len(s.tokens) < r.request.params.min_tokens:
+                    banned[b, self.eos_ids] = True
+        return SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in params], **f32),
+            top_p=torch.tensor([p.top_p for p in params], **f32),
+            penalty_scales=scales, penalty_masks=masks, bias=bias, banned=banned)

@@ -1,0 +1,110 @@
+"""Sampling: a pure function of logits and per-row parameters, in one fixed order.
+
+    raw logprobs  = log_softmax(logits)                              (the model's own distribution)
+    adjusted      = logits + logit_bias
+                    - presence * [n > 0] - count * n - frequency * n / L   (per penalty, only where it applies)
+                    ; end-of-text banned (-inf) before minTokens
+    temperature 0 : the token is argmax(adjusted); reported logprobs are log_softmax(adjusted)
+    temperature t : scaled = adjusted / t; top-p keeps the smallest most-likely set whose mass
+                    reaches top_p; reported logprobs are log_softmax over that set, and the token is
+                    drawn from exactly that distribution with the row's own generator.
+
+n counts a token's occurrences in the prompt and the completion so far, L their total length
+(AI21's penalties count both, unlike OpenAI's). Nothing here knows about requests or text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from amber.engine.types import Penalty
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors; row b of every field belongs to one sequence."""
+    temperature: torch.Tensor        # (batch,) float; 0 = greedy
+    top_p: torch.Tensor              # (batch,) float in (0, 1]
+    penalty_scales: torch.Tensor     # (batch, 3) presence, count, frequency
+    penalty_masks: torch.Tensor      # (batch, 3, vocab) float: 1 where that penalty applies
+    bias: torch.Tensor | None        # (batch, vocab) added to logits, or None
+    banned: torch.Tensor | None      # (batch, vocab) bool: forbidden tokens (end-of-text before minTokens)
+
+
+@dataclass
+class Sampled:
+    token_ids: torch.Tensor          # (batch,) long
+    logprobs: torch.Tensor           # (batch, vocab) the distribution each token was drawn from
+    raw_logprobs: torch.Tensor       # (batch, vocab) the model's own
+
+
+def penalty_mask(penalty: Penalty, category_masks: torch.Tensor) -> torch.Tensor:
+    """(vocab,) float: 1 where `penalty` applies, 0 for tokens of a category it exempts."""
+    exempt = torch.zeros(category_masks.shape[1], dtype=torch.bool, device=category_masks.device)
+    for category, applies in enumerate(penalty.apply_to):
+        if not applies:
+            exempt |= category_masks[category]
+    return (~exempt).float()
+
+
+def adjust_logits(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor,
+                  lengths: torch.Tensor) -> torch.Tensor:
+    """Bias, penalties and bans applied to fp32 logits (batch, vocab); counts (batch, vocab)."""
+    out = logits if batch.bias is None else logits + batch.bias
+    if bool(batch.penalty_scales.any()):
+        per_token = torch.stack([
+            (counts > 0).float(),                                  # presence
+            counts,                                                # count
+            counts / lengths.clamp(min=1).unsqueeze(-1).float(),   # frequency
+        ], dim=1)  # (batch, 3, vocab)
+        out = out - (batch.penalty_scales.unsqueeze(-1) * batch.penalty_masks * per_token).sum(1)
+    if batch.banned is not None:
+        out = out.masked_fill(batch.banned, float("-inf"))
+    return out
+
+
+def top_p_filter(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every token outside each row's nucleus. The most likely token always stays."""
+    probs = scaled.softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    drop_sorted = mass_before >= top_p.unsqueeze(-1)
+    drop_sorted &= (top_p < 1.0).unsqueeze(-1)  # top_p = 1 keeps everything, rounding aside
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor, lengths: torch.Tensor,
+           generators: list[torch.Generator]) -> Sampled:
+    """Choose one token per row. logits: (batch, vocab) fp32; lengths: tokens so far per row."""
+    raw = logits.log_softmax(-1)
+    adjusted = adjust_logits(logits, batch, counts, lengths)
+    greedy = batch.temperature <= 0
+    temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
+    scaled = adjusted / temperature.unsqueeze(-1)
+    filtered = torch.where(greedy.unsqueeze(-1), scaled, top_p_filter(scaled, batch.top_p))
+    logprobs = filtered.log_softmax(-1)
+    chosen = adjusted.argmax(-1)
+    for row in (~greedy).nonzero().flatten().tolist():
+        chosen[row] = torch.multinomial(logprobs[row].exp(), 1, generator=generators[row])[0]
+    return Sampled(token_ids=chosen, logprobs=logprobs, raw_logprobs=raw)
+
+
+def top_alternatives(logprobs: torch.Tensor, k: int) -> list[tuple[tuple[int, float], ...]]:
+    """The k most likely tokens of each row, best first; impossible (-inf) ones left out."""
+    if k <= 0:
+        return [() for _ in range(logprobs.shape[0])]
+    values, ids = logprobs.topk(k, dim=-1)
+    return [tuple((i, v) for i, v in zip(row_ids, row_vals) if v != float("-inf"))
+            for row_ids, row_vals in zip(ids.tolist(), values.tolist())]
+
+
+def make_generator(seed: int | None, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """Row `index` of a request: seeded rows reproduce whatever else shares the batch."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed((seed * 1_000_003 + index) % (2**63))
+    return g

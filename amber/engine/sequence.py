@@ -1,0 +1,50 @@
+"""Per-request and per-sample state while a request is in the engine. Plain Python, no torch ops."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from amber.engine.types import (CompletionOutput, FinishKind, FinishReason, GenerationRequest,
+                                RequestOutput, TokenLogprob)
+
+
+@dataclass
+class Sample:
+    """One of a request's numResults completions, decoding in its own cache slot."""
+    index: int
+    slot: int
+    length: int                      # tokens in the slot: BOS + prompt + generated
+    counts: torch.Tensor             # (vocab,) occurrences in prompt + completion, for penalties
+    generator: torch.Generator
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    text_bytes: bytearray = field(default_factory=bytearray)
+    finish: FinishReason | None = None
+    cut_at: int | None = None        # char index where a stop sequence begins
+
+    @property
+    def last_token(self) -> int:
+        return self.tokens[-1].token_id
+
+
+@dataclass
+class RequestState:
+    request: GenerationRequest
+    on_done: Callable[[RequestOutput | BaseException], None]
+    penalty_masks: torch.Tensor | None = None   # (3, vocab) presence, count, frequency
+    bias: torch.Tensor | None = None            # (vocab,)
+    prompt: list[TokenLogprob] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.samples) and all(s.finish is not None for s in self.samples)
+
+    def output(self, completions: list[CompletionOutput]) -> RequestOutput:
+        return RequestOutput(self.request.request_id, self.prompt, completions)
+
+
+def length_finish(max_tokens: int) -> FinishReason:
+    return FinishReason(FinishKind.LENGTH, length=max_tokens)

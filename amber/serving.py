@@ -1,0 +1,71 @@
+"""The models a server has running: registry name -> loaded model, tokenizer and engine.
+
+Loads lazily and once per model (the default one at start-up), so a server lists every registry
+model but only pays memory for those used. Knows nothing about HTTP.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from amber.config import Config, ModelSpec, Registry
+from amber.engine.checkpoint import ensure_checkpoint
+from amber.engine.engine import Engine
+from amber.engine.loader import load_model
+from amber.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    engine: Engine
+
+
+class ModelPool:
+    def __init__(self, config: Config, registry: Registry):
+        self.config, self.registry = config, registry
+        self._loaded: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> LoadedModel:
+        """The running model `name` (or alias) names, loading it on first use. KeyError if unknown."""
+        spec = self.registry.resolve(name)
+        if spec is None:
+            raise KeyError(name)
+        with self._lock:
+            if spec.name not in self._loaded:
+                self._loaded[spec.name] = self._load(spec)
+            return self._loaded[spec.name]
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        started = time.perf_counter()
+        checkpoint = ensure_checkpoint(spec, self.config.checkpoints_dir)
+        device = self.config.engine.device
+        model = load_model(checkpoint, spec.dtype, device)
+        tokenizer = Tokenizer.from_pretrained(checkpoint)
+        cfg = self.config.engine
+        engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_context=spec.max_context,
+                        prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue).start()
+        log.info("model %s ready on %s in %.1f s", spec.name, device, time.perf_counter() - started)
+        return LoadedModel(spec, tokenizer, engine)
+
+    def close(self) -> None:
+        for loaded in self._loaded.values():
+            loaded.engine.stop()
+
+
+def pick_device(requested: str | None) -> str:
+    """`requested` if given, else CUDA when present, else CPU."""
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,117 @@
+"""All queries: accounts and API keys in, plain frozen dataclasses out.
+
+Callers never see an ORM row or a session. Each method opens its own short session, so one `Store`
+can serve many FastAPI handler threads, and several processes can each hold a `Store` on one file.
+A key is shown once, at creation; only its sha256 and a short prefix (for listing and revoking)
+are stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects.sqlite import insert
+
+from amber.store.db import make_sessions, open_database
+from amber.store.tables import Account, ApiKey, utcnow
+
+KEY_PREFIX = "amber-"
+PREFIX_CHARS = len(KEY_PREFIX) + 8  # "amber-" alone would tell keys apart by two characters
+_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    prefix: str
+    created_at: datetime
+    revoked: bool
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_account_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"invalid account name {name!r}: use 1-64 characters, each a letter, "
+                         "digit, '.', '_', '-' or '@'")
+    return name
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = make_sessions(engine)
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        return cls(open_database(url))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create_key(self, account_name: str) -> str:
+        """A new key for the account, which is created if missing. The only time the key is seen."""
+        check_account_name(account_name)
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._sessions.begin() as session:
+            # One atomic statement, so two processes creating the same account cannot collide.
+            session.execute(insert(Account).values(name=account_name, created_at=utcnow())
+                            .on_conflict_do_nothing(index_elements=[Account.name]))
+            account_id = session.scalar(select(Account.id).where(Account.name == account_name))
+            session.add(ApiKey(account_id=account_id, key_hash=hash_key(key), prefix=key[:PREFIX_CHARS]))
+        return key
+
+    def account_for_key(self, key: str) -> AccountInfo | None:
+        """The account owning an active key; None for unknown or revoked keys. One indexed lookup."""
+        query = (select(Account.id, Account.name).join(ApiKey, ApiKey.account_id == Account.id)
+                 .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+        with self._sessions() as session:
+            row = session.execute(query).first()
+        return None if row is None else AccountInfo(id=row.id, name=row.name)
+
+    def get_account(self, name: str) -> AccountInfo | None:
+        check_account_name(name)
+        with self._sessions() as session:
+            row = session.execute(select(Account.id, Account.name).where(Account.name == name)).first()
+        return None if row is None else AccountInfo(id=row.id, name=row.name)
+
+    def list_keys(self, account_name: str) -> list[KeyInfo]:
+        """The account's keys, oldest first, revoked ones included; [] for an unknown account."""
+        check_account_name(account_name)
+        query = (select(ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at)
+                 .join(Account, ApiKey.account_id == Account.id)
+                 .where(Account.name == account_name).order_by(ApiKey.id))
+        with self._sessions() as session:
+            rows = session.execute(query).all()
+        return [KeyInfo(r.prefix, r.created_at, r.revoked_at is not None) for r in rows]
+
+    def revoke_key(self, prefix_or_key: str) -> bool:
+        """Revoke one active key, named by its full text or its listed prefix.
+
+        True if a key was revoked now; False if none matched an active key. A prefix that matches
+        several active keys revokes nothing and raises ValueError.
+        """
+        if len(prefix_or_key) > PREFIX_CHARS:
+            match = ApiKey.key_hash == hash_key(prefix_or_key)
+        else:
+            match = ApiKey.prefix == prefix_or_key
+        statement = (update(ApiKey).where(match, ApiKey.revoked_at.is_(None))
+                     .values(revoked_at=utcnow()).execution_options(synchronize_session=False))
+        with self._sessions() as session, session.begin():
+            # The UPDATE is the check: counting first would race with another process's insert.
+            revoked = session.execute(statement).rowcount
+            if revoked > 1:
+                raise ValueError(f"prefix {prefix_or_key!r} matches {revoked} active keys; "
+                                 "give the full key")
+        return revoked == 1

@@ -1,0 +1,43 @@
+"""Shared fixtures. The real default model is converted once into a cache that outlives the run
+(`.amber-test/` in the repo, ignored by git), so only the first run on a machine pays for it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amber.config import DEFAULT_MODEL, load_registry
+from amber.engine.checkpoint import ensure_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_CACHE = REPO / ".amber-test"
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Path:
+    """Checkpoint directory of the real default model (SmolLM2-135M-Instruct, fp32)."""
+    registry = load_registry(TEST_CACHE / "models.toml")
+    return ensure_checkpoint(registry.models[DEFAULT_MODEL], TEST_CACHE / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(default_checkpoint: Path, tmp_path_factory) -> Path:
+    """A seeded, random 2-layer Llama with the real tokenizer: fast, and still a real model."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharper than the default init, so greedy choices are well separated
+        model.lm_head.weight.mul_(40)
+    directory = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_checkpoint / name, directory / name)
+    return directory

@@ -1,0 +1,182 @@
+"""The batched engine against the obvious slow loop: a Hugging Face model, one sequence at a time,
+recomputing the whole sequence for every token (no cache)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from amber.engine.engine import Engine, QueueFull
+from amber.engine.loader import load_model
+from amber.engine.tokenizer import Tokenizer
+from amber.engine.types import FinishKind, GenerationRequest, Penalty, SamplingParams
+
+BOS, EOS = 1, 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    engine = Engine(model, tokenizer, max_batch=8, max_context=256, prefill_chunk=7).start()
+    yield engine, tokenizer, reference
+    engine.stop()
+
+
+def run(engine: Engine, requests: list[GenerationRequest]):
+    """Submit all at once (they join the running batch one by one) and wait for every result."""
+    results, done = {}, threading.Event()
+
+    def on_done_for(rid):
+        def on_done(out):
+            results[rid] = out
+            if len(results) == len(requests):
+                done.set()
+        return on_done
+
+    for r in requests:
+        engine.submit(r, on_done_for(r.request_id))
+    assert done.wait(120), "engine did not finish"
+    return [results[r.request_id] for r in requests]
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompt: list[int], steps: int, adjust=None):
+    """Token ids and (raw, adjusted) logprobs, recomputing everything each step."""
+    seq, out = [BOS, *prompt], []
+    for _ in range(steps):
+        logits = model(torch.tensor([seq])).logits[0, -1].float()
+        adjusted = adjust(logits, seq[1:]) if adjust else logits
+        token = int(adjusted.argmax())
+        out.append((token, float(logits.log_softmax(-1)[token]), float(adjusted.log_softmax(-1)[token])))
+        seq.append(token)
+    return out
+
+
+def req(rid, prompt, **kw):
+    return GenerationRequest(rid, tuple(prompt), SamplingParams(**{"temperature": 0.0, **kw}))
+
+
+def test_batched_greedy_equals_the_naive_loop(tiny):
+    engine, tok, ref = tiny
+    prompts = [tok.encode(t) for t in ["Hello there", "The quick brown fox jumps over the lazy dog. " * 3,
+                                       "1 2 3", "A", "Once upon a time, in a land far away"]]
+    outs = run(engine, [req(f"g{i}", p, max_tokens=12 + i) for i, p in enumerate(prompts)])
+    for i, (p, out) in enumerate(zip(prompts, outs)):
+        expected = reference_greedy(ref, p, 12 + i)
+        got = out.completions[0].tokens
+        assert [t.token_id for t in got] == [e[0] for e in expected]
+        for t, (_, raw, _) in zip(got, expected):
+            assert t.raw_logprob == pytest.approx(raw, abs=1e-4)
+            assert t.logprob == pytest.approx(raw, abs=1e-4)  # no penalties: the same distribution
+        assert out.completions[0].finish.kind is FinishKind.LENGTH
+
+
+def test_prompt_scores_equal_the_reference_forward(tiny):
+    engine, tok, ref = tiny
+    prompt = tok.encode("Scoring every prompt token, the first one too, across several chunks.")
+    (out,) = run(engine, [req("s", prompt, max_tokens=0, top_k_return=3)])
+    with torch.inference_mode():
+        lp = ref(torch.tensor([[BOS, *prompt]])).logits[0].float().log_softmax(-1)
+    assert [t.token_id for t in out.prompt] == prompt
+    for i, t in enumerate(out.prompt):
+        assert t.logprob == pytest.approx(float(lp[i, prompt[i]]), abs=1e-4)
+        assert t.raw_logprob == t.logprob
+        assert [a for a, _ in t.top] == lp[i].topk(3).indices.tolist()
+    assert out.completions[0].tokens == [] and out.completions[0].finish.length == 0
+
+
+def test_num_results_share_the_prompt_and_match_a_single_run(tiny):
+    engine, tok, _ = tiny
+    prompt = tok.encode("Three greedy samples of one prompt")
+    single, multi = run(engine, [req("one", prompt, max_tokens=8), req("three", prompt, max_tokens=8, num_results=3)])
+    ids = [t.token_id for t in single.completions[0].tokens]
+    assert len(multi.completions) == 3
+    for c in multi.completions:
+        assert [t.token_id for t in c.tokens] == ids
+
+
+def test_count_and_presence_penalties_match_an_independent_loop(tiny):
+    engine, tok, ref = tiny
+    prompt = tok.encode("repeat repeat repeat")
+    cats = tok.category_masks()
+
+    def adjust(logits, seen):
+        counts = torch.bincount(torch.tensor(seen), minlength=logits.shape[0]).float()
+        exempt = cats[0]  # whitespace exempt from the count penalty below
+        pen = 0.7 * (counts > 0).float() + 0.4 * counts * (~exempt).float() + 3.0 * counts / len(seen)
+        return logits - pen
+
+    params = dict(max_tokens=10, presence_penalty=Penalty(0.7),
+                  count_penalty=Penalty(0.4, (False, True, True, True, True)), frequency_penalty=Penalty(3.0))
+    (out,) = run(engine, [req("p", prompt, **params)])
+    expected = reference_greedy(ref, prompt, 10, adjust)
+    got = out.completions[0].tokens
+    assert [t.token_id for t in got] == [e[0] for e in expected]
+    for t, (_, raw, adj) in zip(got, expected):
+        assert t.raw_logprob == pytest.approx(raw, abs=1e-4)
+        assert t.logprob == pytest.approx(adj, abs=1e-4)
+
+
+def test_end_of_text_and_min_tokens(tiny):
+    engine, tok, _ = tiny
+    prompt = tok.encode("Stop now")
+    force_eos = ((EOS, 100.0),)
+    eos_now, eos_later = run(engine, [req("e1", prompt, max_tokens=10, logit_bias=force_eos),
+                                      req("e2", prompt, max_tokens=10, min_tokens=3, logit_bias=force_eos)])
+    c = eos_now.completions[0]
+    assert c.finish.kind is FinishKind.END_OF_TEXT and [t.token_id for t in c.tokens] == [EOS] and c.text == ""
+    c = eos_later.completions[0]
+    assert c.finish.kind is FinishKind.END_OF_TEXT and len(c.tokens) == 4
+    assert EOS not in [t.token_id for t in c.tokens[:3]] and c.tokens[3].token_id == EOS
+
+
+def test_stop_sequence_cuts_the_text(tiny):
+    engine, tok, ref = tiny
+    prompt = tok.encode("Some prompt text")
+    (free,) = run(engine, [req("free", prompt, max_tokens=12)])
+    text = free.completions[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), "the random model produced whitespace only; pick another prompt"
+    (cut,) = run(engine, [req("cut", prompt, max_tokens=12, stop_sequences=("zzzz-never", stop))])
+    c = cut.completions[0]
+    assert c.finish.kind is FinishKind.STOP and c.finish.sequence == stop
+    assert c.text == text[:text.index(stop)]
+    assert stop not in c.text
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(tiny):
+    engine, tok, _ = tiny
+    prompt = tok.encode("Random but reproducible")
+    seeded = lambda rid: req(rid, prompt, max_tokens=10, temperature=1.0, seed=42, num_results=2)
+    (alone,) = run(engine, [seeded("a")])
+    crowd = run(engine, [req("x", prompt, max_tokens=15, temperature=1.0), seeded("b"),
+                         req("y", tok.encode("other"), max_tokens=5, temperature=0.9)])
+    ids = lambda out: [[t.token_id for t in c.tokens] for c in out.completions]
+    assert ids(alone) == ids(crowd[1])
+    assert ids(alone)[0] != ids(alone)[1]
+
+
+def test_abort_frees_the_slots(tiny):
+    engine, tok, _ = tiny
+    got, done = [], threading.Event()
+    engine.submit(req("long", tok.encode("go on"), max_tokens=200, num_results=4),
+                  lambda out: (got.append(out), done.set()))
+    engine.abort("long")
+    assert done.wait(30)
+    assert isinstance(got[0], BaseException)
+    (after,) = run(engine, [req("next", tok.encode("hi"), max_tokens=2, num_results=8)])  # needs every slot
+    assert len(after.completions) == 8
+
+
+def test_a_full_queue_refuses(tiny_checkpoint):
+    engine = Engine(load_model(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint),
+                    max_batch=2, max_context=64, max_queue=2)  # not started: nothing drains the queue
+    noop = lambda out: None
+    engine.submit(req("1", [5], max_tokens=1), noop)
+    engine.submit(req("2", [5], max_tokens=1), noop)
+    with pytest.raises(QueueFull):
+        engine.submit(req("3", [5], max_tokens=1), noop)
