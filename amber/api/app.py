@@ -6,9 +6,11 @@ import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from amber.api.ai21.routes import router as ai21_router
+from amber.api.errors import validation_error
 from amber.serving import ModelPool
 from amber.store.repo import Store
 
@@ -35,6 +37,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app = FastAPI(title="Amber", version="0.1.0", lifespan=lifespan)
     app.state.pool, app.state.store = pool, store
     app.include_router(ai21_router)
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.get("/health")
     def health():

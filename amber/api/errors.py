@@ -2,7 +2,13 @@
 `{"detail": "..."}`."""
 from __future__ import annotations
 
-from fastapi import HTTPException
+import math
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 
 def invalid(loc: tuple, msg: str) -> HTTPException:
@@ -12,3 +18,20 @@ def invalid(loc: tuple, msg: str) -> HTTPException:
 
 def not_found(what: str) -> HTTPException:
     return HTTPException(status_code=404, detail=what)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (which Python's JSON parser accepts) echoed back as strings, since a
+    strict JSON response cannot carry them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 shape, safe for any input the client sent."""
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})

@@ -58,6 +58,7 @@ def _line_ranges(j2: JurassicTokenizer, line: str, offset: int,
     """Ranges of one line's pieces. J2 encoded " " + line with tabs as spaces; the normaliser says
     which input char each normalised char came from. A byte piece's char belongs to the piece that
     completes it, so earlier bytes of a split character get empty ranges."""
+    # The package exposes no normaliser; its SentencePiece processor is the one that encoded.
     normal, origin = j2._sp.Normalize(" " + line.replace("\t", " "), with_offsets=True)
     char_ends = list(accumulate(len(ch.encode()) for ch in normal))  # in bytes, as pieces count
     result, done, start = [], 0, offset

@@ -132,8 +132,12 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.vocab_size = max(vocab.values()) + 1
         self.special_ids = frozenset(i for i, tok in added.items() if tok.special)
-        self._bytes = _vocab_bytes(vocab, {i: tok.content for i, tok in added.items()}, self.vocab_size)
-        self._strings = [added[i].content if i in self.special_ids else _ai21_string(b)
+        contents = {i: tok.content for i, tok in added.items()}
+        self._bytes, byte_pieces = _vocab_bytes(vocab, contents, self.vocab_size)
+        # A byte-fallback piece keeps its <0xNN> spelling even where the byte is valid text
+        # ("<0x41>" beside "A"): that is how SentencePiece writes it, and it keeps spellings unique.
+        self._strings = [contents[i] if i in self.special_ids
+                         else f"<0x{b[0]:02X}>" if i in byte_pieces else _ai21_string(b)
                          for i, b in enumerate(self._bytes)]
         # Lowest id wins a (rare) clash, so the inverse is a function.
         self._by_string = {s: i for i, s in reversed(list(enumerate(self._strings))) if s}
@@ -208,20 +212,25 @@ class Tokenizer:
         return torch.tensor(rows, dtype=torch.bool)
 
 
-def _vocab_bytes(vocab: dict[str, int], added: dict[int, str], size: int) -> list[bytes]:
-    """Raw bytes of every id; the vocabulary's own alphabet says whether it is byte-level."""
+def _vocab_bytes(vocab: dict[str, int], added: dict[int, str],
+                 size: int) -> tuple[list[bytes], set[int]]:
+    """Raw bytes of every id, and the ids of SentencePiece byte-fallback pieces ("<0xF0>").
+    The vocabulary's own alphabet says whether it is byte-level (GPT-2 style) or SentencePiece."""
     pieces = {i: p for p, i in vocab.items() if i not in added}
-    table = [b""] * size
+    table, byte_pieces = [b""] * size, set()
     if set("".join(pieces.values())) <= {chr(c) for c in _GPT2}:
         for i, piece in pieces.items():
             table[i] = piece.translate(_GPT2_TO_LATIN1).encode("latin-1")
     else:
         for i, piece in pieces.items():
-            byte = _BYTE_PIECE.fullmatch(piece)
-            table[i] = bytes([int(byte[1], 16)]) if byte else piece.replace(SPACE, " ").encode()
+            if byte := _BYTE_PIECE.fullmatch(piece):
+                table[i] = bytes([int(byte[1], 16)])
+                byte_pieces.add(i)
+            else:
+                table[i] = piece.replace(SPACE, " ").encode()
     for i, content in added.items():
         table[i] = content.encode()
-    return table
+    return table, byte_pieces
 
 
 def _read_json(path: Path) -> dict:

@@ -140,7 +140,7 @@ def test_category_examples(tok):
 def test_categories_of_bytes():
     assert categories(b" 1,000") == categories(b"3.14") == categories("½".encode()) == [Category.NUMBER]
     assert categories(b"1,") == [] and categories("参".encode()) == []
-    assert categories(b"\n  ") == [Category.WHITESPACE]
+    assert categories(b"\n  ") == [Category.WHITESPACE] and categories(b"") == []
     assert categories(" —".encode()) == categories(b"+=") == [Category.PUNCTUATION]
     assert categories("✅".encode()) == categories(b" \xf0\x9f\x98") == [Category.EMOJI]
     assert categories(b" Isn't") == [Category.STOPWORD]
@@ -152,12 +152,13 @@ def sp_tok() -> Tokenizer:
     """A SentencePiece-style vocabulary (▁ for spaces, <0xNN> byte fallback, dummy prefix)."""
     vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
     vocab += [(f"<0x{b:02X}>", -10.0) for b in range(256)]
-    vocab += [("▁", -2.0), ("▁Paris", -1.0), ("▁is", -1.0), ("\n", -1.0), ("a", -3.0), ("▁a", -2.5)]
+    vocab += [("▁", -2.0), ("▁Paris", -1.0), ("▁is", -1.0), ("\n", -1.0), ("a", -3.0), ("▁a", -2.5),
+              ("<|newline|>", -5.0)]  # literal text that clashes with the spelling of "\n"
     backend = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "</s>")])
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "</s>", "###")])
     return Tokenizer(backend, bos_id=1, eos_ids=frozenset({2}))
 
 
@@ -167,8 +168,17 @@ def test_sentencepiece_style_vocab(sp_tok):
         "▁Paris", "▁is", "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
     assert sp_tok.token_bytes(ids[0]) == b" Paris" and sp_tok.token_bytes(ids[3]) == b"\xf0"
     assert sp_tok.decode(ids) == " Paris is 😀"                  # the dummy prefix stays
-    assert sp_tok.id_for_string("<0xF0>") == ids[3] and sp_tok.special_ids == {1, 2}
-    assert sp_tok.token_string(sp_tok.id_for_string("\n")) == "<|newline|>"
+    hashes = sp_tok.id_for_string("###")
+    assert sp_tok.id_for_string("<0xF0>") == ids[3] and sp_tok.special_ids == {1, 2, hashes}
+    # Special tokens are in no category, even one spelled in punctuation only.
+    assert categories(b"###") == [Category.PUNCTUATION] and not sp_tok.category_masks()[:, hashes].any()
+    # The "\n" piece and the <0x0A> byte piece both mean a newline: spellings stay distinct.
+    newline, a = sp_tok.id_for_string("\n"), sp_tok.id_for_string("a")
+    assert sp_tok.token_string(newline) == "<|newline|>" and sp_tok.token_string(3 + 0x0A) == "<0x0A>"
+    assert sp_tok.token_bytes(a) == b"a"
+    spellings = Counter(sp_tok.token_string(i) for i in range(sp_tok.vocab_size))
+    assert [s for s, n in spellings.items() if n > 1] == ["<|newline|>"]
+    assert sp_tok.id_for_string("<|newline|>") == newline                  # the lower id wins
 
 
 def test_sentencepiece_offsets_fall_back_to_backend(sp_tok):

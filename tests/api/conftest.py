@@ -1,0 +1,78 @@
+"""A live `amber serve` (a real uvicorn process on a free port) shared by the API tests.
+
+Its AMBER_HOME is a temporary directory whose registry points at the already-converted default
+model, plus the tiny random model for tests that only need *a* model.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+AMBER = Path(sys.executable).parent / "amber"
+
+
+@dataclass
+class Server:
+    url: str
+    key: str
+    other_key: str
+    home: Path
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_key(env: dict, account: str) -> str:
+    out = subprocess.run([AMBER, "keys", "create", account], env=env, check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
+    home = tmp_path_factory.mktemp("amber-home")
+    (home / "models.toml").write_text(f'''default = "smollm2-135m-instruct"
+[models.smollm2-135m-instruct]
+aliases = ["j2-light", "j1-large"]
+path = "{default_checkpoint}"
+max_context = 2048
+[models.tiny]
+path = "{tiny_checkpoint}"
+max_context = 256
+''')
+    env = {**os.environ, "AMBER_HOME": str(home)}
+    port = free_port()
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([AMBER, "serve", "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        keys = create_key(env, "alice"), create_key(env, "bob")
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (home / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy in 120 s"
+            time.sleep(0.3)
+        yield Server(url, keys[0], keys[1], home)
+    finally:
+        proc.terminate()
+        proc.wait(30)
