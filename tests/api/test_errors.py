@@ -67,7 +67,8 @@ def test_malformed_bodies_are_422(server):
 
 def test_tolerated_sdk_quirks(server):
     body = GOOD | {"model": "j2-light", "customModel": None, "epoch": 3, "topKReturn": 0.2,
-                   "numResults": 1.0, "countPenalty": {"scale": 0.1, "applyToPunctuation": False}}
+                   "numResults": 1.0, "countPenalty": {"scale": 0.1, "applyToPunctuation": False},
+                   "presencePenalty": {"scale": 0.1, "apply_to_numbers": None, "apply_to_emojis": False}}
     assert post(server, "/j2-light/complete", body).status_code == 200
 
 

@@ -15,8 +15,7 @@ from amber.engine.types import (CompletionOutput, FinishKind, FinishReason, Pena
 def penalty(p: s.PenaltyIn | None) -> Penalty:
     if p is None:
         return Penalty()
-    return Penalty(p.scale, (p.applyToWhitespaces, p.applyToPunctuations, p.applyToNumbers,
-                             p.applyToStopwords, p.applyToEmojis))
+    return Penalty(p.scale, p.flags())
 
 
 def logit_bias(bias: dict[str, float] | None, tokenizer: Tokenizer) -> tuple[tuple[int, float], ...]:

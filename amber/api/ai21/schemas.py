@@ -26,15 +26,27 @@ Int = Annotated[int, BeforeValidator(_int_from_number)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _flag(*names: str):
+    """A penalty flag: absent or null means true. The 2.x SDK sends its pydantic field names
+    (snake_case, nulls included) rather than the camelCase aliases, so every spelling is accepted."""
+    return Field(None, validation_alias=AliasChoices(*names))
+
+
 class PenaltyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scale: Annotated[float, Field(ge=0, le=500, allow_inf_nan=False)]
-    applyToWhitespaces: bool = True
-    applyToPunctuations: bool = Field(
-        True, validation_alias=AliasChoices("applyToPunctuations", "applyToPunctuation"))
-    applyToNumbers: bool = True
-    applyToStopwords: bool = True
-    applyToEmojis: bool = True
+    applyToWhitespaces: bool | None = _flag("applyToWhitespaces", "apply_to_whitespaces")
+    applyToPunctuations: bool | None = _flag("applyToPunctuations", "applyToPunctuation",
+                                             "apply_to_punctuations", "apply_to_punctuation")
+    applyToNumbers: bool | None = _flag("applyToNumbers", "apply_to_numbers")
+    applyToStopwords: bool | None = _flag("applyToStopwords", "apply_to_stopwords")
+    applyToEmojis: bool | None = _flag("applyToEmojis", "apply_to_emojis")
+
+    def flags(self) -> tuple[bool, bool, bool, bool, bool]:
+        """(whitespaces, punctuations, numbers, stopwords, emojis), null read as true."""
+        values = (self.applyToWhitespaces, self.applyToPunctuations, self.applyToNumbers,
+                  self.applyToStopwords, self.applyToEmojis)
+        return tuple(v is not False for v in values)
 
 
 class CompleteRequest(BaseModel):
