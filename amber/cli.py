@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,7 +23,8 @@ app = typer.Typer(help="Amber: a self-hosted language-model studio (AI21 Studio'
                   no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-console = Console()
+# Piped output (scripts, tests) gets full-width lines rather than a table wrapped at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None) -> Config:
