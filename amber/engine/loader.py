@@ -1,6 +1,7 @@
 """Checkpoint directory -> a ready model on its device, in the precision the registry asks for.
 
-Reads behaviour from config.json (`architectures` / `model_type`), never from file names.
+Reads behaviour from config.json (`model_type`), never from file names. Hugging Face parameter
+names are mapped onto the model's fused projections here (`model.FUSED`).
 """
 from __future__ import annotations
 
@@ -10,14 +11,27 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from amber.engine.model import LlamaConfig, LlamaForCausalLM
+from amber.engine.model import FUSED, LlamaConfig, LlamaForCausalLM, rope_tables
+from amber.engine.quantize import quantize_int8
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LLAMA_TYPES = {"llama", "mistral", "smollm2"}
+# int8 modes are weight-only: int8 matrices, activations in higher precision (the idea behind
+# Jamba's ExpertsInt8). "int8" keeps activations in fp32, "int8-bf16" in bf16.
+ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                     "int8": torch.float32, "int8-bf16": torch.bfloat16}
+LLAMA_TYPES = {"llama", "mistral"}
 
 
 def read_config(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "config.json").read_text())
+
+
+def fuse_hf_names(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Replace each layer's q/k/v and gate/up weights by their stacked, fused parameter."""
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        for fused, parts in FUSED.items():
+            state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(f"{prefix}{p}.weight") for p in parts])
+    return state
 
 
 def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu") -> LlamaForCausalLM:
@@ -25,6 +39,8 @@ def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu") ->
     if hf.get("model_type") not in LLAMA_TYPES:
         raise ValueError(f"{checkpoint}: model_type {hf.get('model_type')!r} is not supported "
                          f"(supported: {sorted(LLAMA_TYPES)})")
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(ACTIVATION_DTYPES)}")
     cfg = LlamaConfig.from_hf(hf)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -33,6 +49,10 @@ def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu") ->
         state.update(load_file(shard))
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    try:
+        state = fuse_hf_names(state, cfg.num_hidden_layers)
+    except KeyError as exc:
+        raise ValueError(f"{checkpoint}: missing weight {exc}") from exc
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
@@ -40,7 +60,9 @@ def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu") ->
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers were created on the meta device; rebuild them for real.
-    from amber.engine.model import rope_tables
-    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_position_embeddings)
-    return model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_position_embeddings)  # were on meta
+    model = model.to(device=device, dtype=ACTIVATION_DTYPES[dtype]).eval().requires_grad_(False)
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    if dtype.startswith("int8"):
+        quantize_int8(model)
+    return model

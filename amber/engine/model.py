@@ -1,7 +1,9 @@
 """The Llama architecture (SmolLM2, Llama 2/3, Mistral-style GQA), and nothing else.
 
-Parameter names follow Hugging Face's LlamaForCausalLM, so HF checkpoints and PEFT adapters load
-unchanged. The model does not own its KV memory: `forward` takes a `KVCache` and, for each batch row,
+Parameter names follow Hugging Face's LlamaForCausalLM, except that q/k/v and gate/up projections
+are fused (`qkv_proj`, `gate_up_proj`: fewer, larger matmuls per step, as vLLM does); `loader.py`
+maps HF names onto them (`FUSED`), so HF checkpoints and PEFT adapters still load. The model does
+not own its KV memory: `forward` takes a `KVCache` and, for each batch row,
 the cache slot and the positions of the new tokens, writes their keys/values there and attends over
 the slot's prefix. Loading, dtype and quantization live in `loader.py`.
 """
@@ -55,6 +57,11 @@ class LlamaConfig:
         )
 
 
+# fused parameter -> the HF parameters stacked (in order) along the output dimension
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -62,26 +69,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the weights' dtype, as the reference implementation does.
+        if x.dtype == torch.float32:  # one fused kernel; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Reduced precision: normalise in fp32, as the reference implementation does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
 def rope_tables(cfg: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, (length, head_dim), in fp32."""
+    """cos and sign-folded sin, (length, head_dim), in fp32: rotate-half's negation lives in sin."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def attention_mask(positions: torch.Tensor) -> torch.Tensor | None:
+    """(batch, 1, seq, context) bool, key j visible to query t when j <= positions[b, t]; None when
+    every row is one query that sees its whole context (single-sequence decode needs no mask)."""
+    context = int(positions.max()) + 1
+    if positions.shape == (1, 1):
+        return None
+    return (torch.arange(context, device=positions.device) <= positions.unsqueeze(-1)).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim). HF's rotate-half layout."""
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, 1, head_dim) in x's dtype, with
+    sin's first half negated. HF's rotate-half layout."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
 
 
 class Attention(nn.Module):
@@ -89,17 +106,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache, slots, positions, mask) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, :self.heads + self.kv_heads], cos, sin)  # q and k rotate together
+        q, k, v = qk[:, :, :self.heads], qk[:, :, self.heads:], qkv[:, :, self.heads + self.kv_heads:]
         keys, values = cache.write_and_read(self.layer, slots, positions, k, v)  # (batch, kv_heads, ctx, head_dim)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
@@ -109,12 +123,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -151,17 +165,17 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor) -> torch.Tensor:
+                slots: torch.Tensor | slice) -> torch.Tensor:
         """Hidden states (batch, seq, hidden) after the final norm.
 
         input_ids, positions: (batch, seq), each row's positions contiguous and increasing;
-        slots: (batch,) cache slot of each row. Row b attends to its slot's positions <= its own.
+        slots: the cache slot of each row, (batch,), or a slice for consecutive slots (no gather).
+        Row b attends to its slot's positions <= its own.
         """
-        context = int(positions.max()) + 1
-        # (batch, 1, seq, context): key j is visible to query t when j <= positions[b, t]
-        mask = (torch.arange(context, device=positions.device) <= positions.unsqueeze(-1)).unsqueeze(1)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.model.embed_tokens(input_ids)
+        mask = attention_mask(positions)
+        cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)  # (batch, seq, 1, head_dim)
+        sin = self.rope_sin[positions].unsqueeze(2).to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, slots, positions, mask)
         return self.model.norm(x)

@@ -19,29 +19,24 @@ class ModelRunner:
                  prefill_chunk: int, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
-        self.prefill_chunk = prefill_chunk
+        self.chunk_size = prefill_chunk
         self.vocab_size = model.config.vocab_size
 
-    def prefill(self, ids: list[int], slot: int, score: bool, top_k: int
-                ) -> tuple[list[TokenLogprob], torch.Tensor]:
-        """Run `ids` (BOS first) into `slot`. Returns logprobs of ids[1:] under the model and the
-        fp32 logits (vocab,) for the token after the last one."""
-        scores: list[TokenLogprob] = []
-        slots = torch.tensor([slot], device=self.device)
-        last_logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk]
-            hidden = self.model(torch.tensor([chunk], device=self.device),
-                                torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0),
-                                self.cache, slots)[0]  # (chunk, hidden)
-            if score:
-                logprobs = self.model.logits(hidden).log_softmax(-1)  # (chunk, vocab)
-                targets = ids[start + 1:start + 1 + len(chunk)]
-                scores += self._score(logprobs[:len(targets)], targets, top_k)
-                last_logits = logprobs[-1]  # log_softmax is a valid logits vector for what follows
-            else:
-                last_logits = self.model.logits(hidden[-1:])[0]
-        return scores, last_logits
+    def prefill_chunk(self, ids: list[int], start: int, slot: int, score: bool, top_k: int
+                      ) -> tuple[list[TokenLogprob], torch.Tensor]:
+        """Run ids[start : start + chunk] (ids has BOS first) into `slot`, whose positions before
+        `start` are already filled. Returns the scores of the chunk's next tokens that lie inside
+        `ids`, and fp32 logits (vocab,) for whatever follows the chunk's last token."""
+        chunk = ids[start:start + self.chunk_size]
+        hidden = self.model(torch.tensor([chunk], device=self.device),
+                            torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0),
+                            self.cache, slice(slot, slot + 1))[0]  # (chunk, hidden)
+        if not score:
+            return [], self.model.logits(hidden[-1:])[0]
+        logprobs = self.model.logits(hidden).log_softmax(-1)  # (chunk, vocab)
+        targets = ids[start + 1:start + 1 + len(chunk)]
+        # log_softmax is a valid logits vector for what follows: sampling is shift-invariant
+        return self._score(logprobs[:len(targets)], targets, top_k), logprobs[-1]
 
     @staticmethod
     def _score(logprobs: torch.Tensor, targets: list[int], top_k: int) -> list[TokenLogprob]:
@@ -50,11 +45,12 @@ class ModelRunner:
         return [TokenLogprob(t, lp, lp, top) for t, lp, top in zip(targets, picked.flatten().tolist(), tops)]
 
     def decode(self, samples: list[Sample]) -> torch.Tensor:
-        """One forward step for every sample; fp32 logits (batch, vocab) for each one's next token."""
+        """One forward step for every sample, which sit in slots 0..n-1 in order; fp32 logits
+        (batch, vocab) for each one's next token."""
+        assert all(s.slot == i for i, s in enumerate(samples)), "decode rows must fill slots 0..n-1"
         ids = torch.tensor([[s.last_token] for s in samples], device=self.device)
         positions = torch.tensor([[s.length - 1] for s in samples], device=self.device)
-        slots = torch.tensor([s.slot for s in samples], device=self.device)
-        hidden = self.model(ids, positions, self.cache, slots)
+        hidden = self.model(ids, positions, self.cache, slice(0, len(samples)))
         return self.model.logits(hidden[:, -1])
 
     def sample(self, logits: torch.Tensor, rows: list[tuple[RequestState, Sample]]) -> list[TokenLogprob]:

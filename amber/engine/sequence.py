@@ -10,11 +10,11 @@ from amber.engine.types import (CompletionOutput, FinishKind, FinishReason, Gene
                                 RequestOutput, TokenLogprob)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sample:
     """One of a request's numResults completions, decoding in its own cache slot."""
     index: int
-    slot: int
+    slot: int                        # -1 when not in the batch
     length: int                      # tokens in the slot: BOS + prompt + generated
     counts: torch.Tensor             # (vocab,) occurrences in prompt + completion, for penalties
     generator: torch.Generator
@@ -22,13 +22,14 @@ class Sample:
     text_bytes: bytearray = field(default_factory=bytearray)
     finish: FinishReason | None = None
     cut_at: int | None = None        # char index where a stop sequence begins
+    owner: "RequestState | None" = None
 
     @property
     def last_token(self) -> int:
         return self.tokens[-1].token_id
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestState:
     request: GenerationRequest
     on_done: Callable[[RequestOutput | BaseException], None]
@@ -37,6 +38,8 @@ class RequestState:
     prompt: list[TokenLogprob] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     aborted: bool = False
+    ids: list[int] | None = None                # BOS + prompt, set when prefill starts
+    filled: int = 0                             # prompt positions already in the staging slot
 
     @property
     def finished(self) -> bool:

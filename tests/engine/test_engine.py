@@ -180,3 +180,34 @@ def test_a_full_queue_refuses(tiny_checkpoint):
     engine.submit(req("2", [5], max_tokens=1), noop)
     with pytest.raises(QueueFull):
         engine.submit(req("3", [5], max_tokens=1), noop)
+
+
+def test_prefix_cache_reuses_blocks_and_changes_nothing(tiny):
+    engine, tok, ref = tiny
+    shared = tok.encode("A long few-shot preamble that many requests share. " * 8)
+    first = shared + tok.encode(" First question?")
+    second = shared + tok.encode(" Second, different question?")
+    before = len(engine.prefixes)
+    (a,) = run(engine, [req("pa", first, max_tokens=6, top_k_return=2)])
+    assert len(engine.prefixes) > before  # its full blocks were kept
+    b, a2 = run(engine, [req("pb", second, max_tokens=6, top_k_return=2), req("pa2", first, max_tokens=6, top_k_return=2)])
+    reused = engine.prefixes.block_size * (len(first) // engine.prefixes.block_size)
+    assert a2.prompt[:reused] == a.prompt[:reused]  # copied from the cache: identical
+    for x, y in zip(a2.prompt, a.prompt):  # recomputed in other chunks: equal up to rounding
+        assert x.token_id == y.token_id and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+        assert [i for i, _ in x.top] == [i for i, _ in y.top]
+    assert [t.token_id for t in a2.completions[0].tokens] == [t.token_id for t in a.completions[0].tokens]
+    with torch.inference_mode():  # the reused part of `second` still scores as the model says
+        lp = ref(torch.tensor([[BOS, *second]])).logits[0].float().log_softmax(-1)
+    for i, t in enumerate(b.prompt):
+        assert t.logprob == pytest.approx(float(lp[i, second[i]]), abs=1e-4)
+    expected = reference_greedy(ref, second, 6)
+    assert [t.token_id for t in b.completions[0].tokens] == [e[0] for e in expected]
+
+
+def test_prefix_blocks_scored_with_fewer_alternatives_are_not_reused_for_more(tiny):
+    engine, tok, ref = tiny
+    prompt = tok.encode("Top alternatives must be complete even when a prefix is cached. " * 5)
+    run(engine, [req("k0", prompt, max_tokens=1, top_k_return=0)])
+    (out,) = run(engine, [req("k5", prompt, max_tokens=1, top_k_return=5)])
+    assert all(len(t.top) == 5 for t in out.prompt)
