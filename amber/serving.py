@@ -59,6 +59,10 @@ class ModelPool:
         log.info("model %s ready on %s in %.1f s", spec.name, device, time.perf_counter() - started)
         return LoadedModel(spec, tokenizer, engine)
 
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per loaded model: requests waiting, and samples decoding in the batch."""
+        return {name: m.engine.stats() for name, m in list(self._loaded.items())}
+
     def close(self) -> None:
         for loaded in self._loaded.values():
             loaded.engine.stop()

@@ -37,6 +37,10 @@ class QueueFull(Exception):
     """More requests are waiting than the engine accepts; try again later."""
 
 
+class RequestAborted(Exception):
+    """The request was aborted (its client went away) before it finished."""
+
+
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
@@ -102,7 +106,12 @@ class Engine:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             self.abort(request.request_id)
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
             raise
+
+    def stats(self) -> dict[str, int]:
+        return {"waiting": len(self._waiting), "prefilling": int(self._prefilling is not None),
+                "running_samples": len(self._rows), "prefix_blocks": len(self.prefixes)}
 
     @property
     def busy(self) -> bool:
@@ -136,9 +145,9 @@ class Engine:
     def _drop_aborted(self) -> None:
         for state in [s for s in self._waiting if s.aborted]:
             self._waiting.remove(state)
-            self._finish(state, asyncio.CancelledError("request aborted"))
+            self._finish(state, RequestAborted(state.request.request_id))
         for state in [s for s in [*self._running, self._prefilling] if s is not None and s.aborted]:
-            self._finish(state, asyncio.CancelledError("request aborted"))
+            self._finish(state, RequestAborted(state.request.request_id))
 
     def _prefill_step(self, state: RequestState) -> None:
         req, params = state.request, state.request.params

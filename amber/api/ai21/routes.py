@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, HTTPException
+import asyncio
+
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from amber.api.ai21 import convert
@@ -25,7 +27,8 @@ async def _model(pool: ModelPool, name: str) -> LoadedModel:
 
 
 @router.post("/{model}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False)
-async def complete(model: str, body: s.CompleteRequest, account: Account, pool: Pool) -> s.CompleteResponse:
+async def complete(model: str, body: s.CompleteRequest, account: Account, pool: Pool,
+                   http: Request) -> s.CompleteResponse:
     loaded = await _model(pool, model)
     tokenizer = loaded.tokenizer
     ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.prompt)
@@ -34,12 +37,25 @@ async def complete(model: str, body: s.CompleteRequest, account: Account, pool: 
         raise invalid(("body", "prompt"), f"prompt is {len(ids)} tokens; with maxTokens {body.maxTokens} "
                                           f"that exceeds the model's context of {limit} tokens")
     request = GenerationRequest(str(uuid.uuid4()), tuple(ids), convert.sampling_params(body, tokenizer))
-    try:
-        out = await loaded.engine.generate(request)
-    except QueueFull as exc:
-        raise HTTPException(429, f"server busy: {exc}", headers={"Retry-After": "1"}) from exc
+    out = await generate_for(http, loaded, request)
     return await run_in_threadpool(convert.complete_response, out, body.prompt, ranges, tokenizer,
                                    body.topKReturn)
+
+
+async def generate_for(http: Request, loaded: LoadedModel, request: GenerationRequest):
+    """Run a request, abandoning it (it leaves the batch at the next engine step) if the client
+    disconnects first."""
+    task = asyncio.ensure_future(loaded.engine.generate(request))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                task.cancel()
+                raise HTTPException(499, "client closed the request")
+    except QueueFull as exc:
+        raise HTTPException(429, f"server busy: {exc}", headers={"Retry-After": "1"}) from exc
 
 
 @router.post("/{model}/{custom}/complete")
