@@ -49,15 +49,18 @@ class ModelPool:
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         started = time.perf_counter()
-        checkpoint = ensure_checkpoint(spec, self.config.checkpoints_dir)
-        device = self.config.engine.device
-        model = load_model(checkpoint, spec.dtype, device)
-        tokenizer = Tokenizer.from_pretrained(checkpoint)
-        cfg = self.config.engine
-        engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_context=spec.max_context,
-                        prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue).start()
+        device, cfg = self.config.engine.device, self.config.engine
+
+        def build():  # runs on the engine's own thread, conversion included (see Engine.launch)
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            checkpoint = ensure_checkpoint(spec, self.config.checkpoints_dir)
+            return load_model(checkpoint, spec.dtype, device), Tokenizer.from_pretrained(checkpoint)
+
+        engine = Engine.launch(build, max_batch=cfg.max_batch, max_context=spec.max_context,
+                               prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue)
         log.info("model %s ready on %s in %.1f s", spec.name, device, time.perf_counter() - started)
-        return LoadedModel(spec, tokenizer, engine)
+        return LoadedModel(spec, engine.tokenizer, engine)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per loaded model: requests waiting, and samples decoding in the batch."""

@@ -52,8 +52,8 @@ def run_one(engine: Engine, prompt: list[int], **params) -> tuple[float, object]
 
 
 def amber_in_process(checkpoint: Path, dtype: str, ids: list[int], runs: int) -> dict:
-    engine = Engine(load_model(checkpoint, dtype), Tokenizer.from_pretrained(checkpoint), max_batch=16,
-                    prefix_blocks=0).start()  # no prefix cache: every prefill is real work
+    engine = Engine.launch(lambda: (load_model(checkpoint, dtype), Tokenizer.from_pretrained(checkpoint)),
+                           max_batch=16, prefix_blocks=0)  # no prefix cache: every prefill is real work
     try:
         prompt = ids[:1000]
         run_one(engine, prompt[:50], max_tokens=8)  # warm-up
