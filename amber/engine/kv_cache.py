@@ -11,6 +11,8 @@ a NaN left in uninitialised memory would still be NaN.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -37,19 +39,31 @@ class KVCache:
         self.keys[:, slot, :, start:stop] = block[:, 0]
         self.values[:, slot, :, start:stop] = block[:, 1]
 
-    def write_and_read(self, layer: int, slots: torch.Tensor | slice, positions: torch.Tensor,
-                       k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, slots: torch.Tensor | slice, positions: torch.Tensor) -> BatchCache:
+        """The view one forward pass uses; `slots` is a slice for rows in consecutive slots (read as
+        a view, no copy), else a tensor (batch,). positions: (batch, seq)."""
+        return BatchCache(self, slots, positions, int(positions.max()) + 1,
+                          torch.arange(positions.shape[0], device=positions.device).unsqueeze(1))
+
+
+@dataclass
+class BatchCache:
+    """One forward pass's rows of the cache, worked out once rather than in every layer."""
+    cache: KVCache
+    slots: torch.Tensor | slice
+    positions: torch.Tensor      # (batch, seq)
+    context: int                 # max position + 1: how much of each slot attention reads
+    rows: torch.Tensor           # (batch, 1): row index, broadcast against positions
+
+    def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, seq, kv_heads, head_dim) at each row's positions, then return each
-        row's keys and values for positions [0, max position] as (batch, kv_heads, ctx, head_dim).
-        `slots` is a slice for rows in consecutive slots (a view, no copy), else a tensor."""
-        context = int(positions.max()) + 1
-        if isinstance(slots, slice):
-            keys, values = self.keys[layer, slots], self.values[layer, slots]
-            rows = torch.arange(keys.shape[0], device=positions.device).unsqueeze(1)
-            keys[rows, :, positions] = k.to(keys.dtype)
-            values[rows, :, positions] = v.to(values.dtype)
-            return keys[:, :, :context], values[:, :, :context]
-        rows = slots.unsqueeze(1)  # (batch, 1) broadcasts against positions (batch, seq)
-        self.keys[layer, rows, :, positions] = k.to(self.keys.dtype)
-        self.values[layer, rows, :, positions] = v.to(self.values.dtype)
-        return self.keys[layer, slots, :, :context], self.values[layer, slots, :, :context]
+        row's keys and values for positions [0, context) as (batch, kv_heads, context, head_dim)."""
+        if isinstance(self.slots, slice):
+            keys, values, rows = self.cache.keys[layer, self.slots], self.cache.values[layer, self.slots], self.rows
+        else:
+            keys, values, rows = self.cache.keys[layer], self.cache.values[layer], self.slots.unsqueeze(1)
+        keys[rows, :, self.positions] = k.to(keys.dtype)
+        values[rows, :, self.positions] = v.to(values.dtype)
+        if isinstance(self.slots, slice):
+            return keys[:, :, :self.context], values[:, :, :self.context]
+        return keys[self.slots, :, :self.context], values[self.slots, :, :self.context]

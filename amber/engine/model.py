@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.kv_cache import KVCache
+from amber.engine.kv_cache import BatchCache, KVCache
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,9 @@ def rope_tables(cfg: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def attention_mask(positions: torch.Tensor) -> torch.Tensor | None:
+def attention_mask(positions: torch.Tensor, context: int) -> torch.Tensor | None:
     """(batch, 1, seq, context) bool, key j visible to query t when j <= positions[b, t]; None when
     every row is one query that sees its whole context (single-sequence decode needs no mask)."""
-    context = int(positions.max()) + 1
     if positions.shape == (1, 1):
         return None
     return (torch.arange(context, device=positions.device) <= positions.unsqueeze(-1)).unsqueeze(1)
@@ -109,12 +108,12 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache, slots, positions, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: BatchCache, mask) -> torch.Tensor:
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = apply_rope(qkv[:, :, :self.heads + self.kv_heads], cos, sin)  # q and k rotate together
         q, k, v = qk[:, :, :self.heads], qk[:, :, self.heads:], qkv[:, :, self.heads + self.kv_heads:]
-        keys, values = cache.write_and_read(self.layer, slots, positions, k, v)  # (batch, kv_heads, ctx, head_dim)
+        keys, values = cache.write_and_read(self.layer, k, v)  # (batch, kv_heads, ctx, head_dim)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))  # (batch, seq, hidden)
@@ -139,8 +138,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, slots, positions, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, mask)
+    def forward(self, x, cos, sin, cache: BatchCache, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,11 +172,12 @@ class LlamaForCausalLM(nn.Module):
         Row b attends to its slot's positions <= its own.
         """
         x = self.model.embed_tokens(input_ids)
-        mask = attention_mask(positions)
+        batch = cache.batch(slots, positions)
+        mask = attention_mask(positions, batch.context)
         cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)  # (batch, seq, 1, head_dim)
         sin = self.rope_sin[positions].unsqueeze(2).to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, slots, positions, mask)
+            x = layer(x, cos, sin, batch, mask)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -21,48 +21,47 @@ FUSED_INT8_MAX_ROWS = 4  # above this many rows the bf16 GEMM on the dequantized
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor):
+    """int8 weights with one bf16 scale per output channel and input group of `in / groups`
+    columns (groups > 1: finer scales, less error, one more kernel call per group)."""
+
+    def __init__(self, weight: torch.Tensor, groups: int = 1):
         super().__init__()
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(torch.bfloat16)
-        quantized = torch.round(w / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight", quantized)
-        self.register_buffer("scales", scales)
-        self.register_buffer("dense", self.dequantized())
         self.out_features, self.in_features = weight.shape
+        assert self.in_features % groups == 0, "groups must divide the input width"
+        w = weight.detach().float().view(self.out_features, groups, -1).transpose(0, 1)  # (groups, out, in/groups)
+        scales = (w.abs().amax(dim=2).clamp(min=1e-8) / 127.0).to(torch.bfloat16)          # (groups, out)
+        quantized = torch.round(w / scales.float().unsqueeze(2)).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight", quantized.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("dense", self.dequantized())
 
     def dequantized(self) -> torch.Tensor:
-        return self.weight.to(torch.bfloat16) * self.scales.unsqueeze(1)
+        """(out, in) bf16: exactly the values the int8 kernel multiplies by."""
+        w = self.weight.to(torch.bfloat16) * self.scales.unsqueeze(2)
+        return w.transpose(0, 1).reshape(self.out_features, self.in_features).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if rows.shape[0] <= FUSED_INT8_MAX_ROWS:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+            width = self.weight.shape[2]
+            out = sum(torch.ops.aten._weight_int8pack_mm(rows[:, g * width:(g + 1) * width].contiguous(),
+                                                         self.weight[g], self.scales[g])
+                      for g in range(self.weight.shape[0]))
         else:
             out = F.linear(rows, self.dense)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class Bf16Linear(nn.Module):
-    """A linear layer kept in bf16 beside int8 ones: inputs cast in, outputs cast back."""
+def quantize_int8(model: nn.Module, groups: dict[str, int] | None = None) -> nn.Module:
+    """Replace every nn.Linear in place by an Int8Linear; `groups` gives finer scales by name.
 
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.bfloat16).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
-
-
-def quantize_int8(model: nn.Module, bf16: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace every nn.Linear in place: int8, or bf16 for those named in `bf16`.
-
-    The LM head stays bf16 by default: per-channel int8 there moves logprobs by ~0.01 nats more
-    (SmolLM2-135M: mean |logprob - fp32| 0.051 with it quantized, 0.041 without), which would put
-    int8 over the 0.05 bar for the default precision; it costs ~1.5 ms a decode step."""
+    The LM head gets 4 groups by default: with one scale per row, int8 there moves logprobs most
+    (SmolLM2-135M, mean |logprob - fp32|: 0.051 with 1 group, 0.048 with 4, 0.041 left in bf16),
+    and 4 groups cost ~0.2 ms a decode step where bf16 would cost ~3 ms."""
+    groups = {"lm_head": 4} if groups is None else groups
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Bf16Linear(child.weight) if full in bf16 else Int8Linear(child.weight))
+                setattr(module, child_name, Int8Linear(child.weight, groups.get(full, 1)))
     return model
