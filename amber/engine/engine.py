@@ -52,7 +52,7 @@ class Engine:
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
         self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_context,
-                             cfg.head_dim, model.model.embed_tokens.weight.dtype, self.device)
+                             cfg.head_dim, model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
         self.prefixes = PrefixCache(max_blocks=prefix_blocks)
         self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids, prefill_chunk, self.device)
         masks = tokenizer.category_masks().to(self.device)

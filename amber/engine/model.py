@@ -114,9 +114,9 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, :self.heads + self.kv_heads], cos, sin)  # q and k rotate together
         q, k, v = qk[:, :, :self.heads], qk[:, :, self.heads:], qkv[:, :, self.heads + self.kv_heads:]
         keys, values = cache.write_and_read(self.layer, k, v)  # (batch, kv_heads, ctx, head_dim)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))  # (batch, seq, hidden)
+        out = F.scaled_dot_product_attention(  # in the cache's dtype, which may be below x's
+            q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1).to(x.dtype))  # (batch, seq, hidden)
 
 
 class MLP(nn.Module):
@@ -155,6 +155,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
+        self.kv_dtype: torch.dtype | None = None  # KV cache and attention dtype; None: the weights'
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

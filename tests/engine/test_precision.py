@@ -32,7 +32,7 @@ def slow_greedy(model, prompt, steps):
     cfg, seq, out = model.config, [1, *prompt], []
     for _ in range(steps):
         cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, len(seq), cfg.head_dim,
-                        model.model.embed_tokens.weight.dtype)
+                        model.kv_dtype or model.model.embed_tokens.weight.dtype)
         hidden = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), cache, slice(0, 1))
         logprobs = model.logits(hidden[0, -1]).log_softmax(-1)
         token = int(logprobs.argmax())
@@ -93,7 +93,7 @@ def test_real_model_precision_modes_stay_close_to_fp32(default_checkpoint):
         model = load_model(default_checkpoint, mode)
         cfg = model.config
         cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, len(ids), cfg.head_dim,
-                        model.model.embed_tokens.weight.dtype)
+                        model.kv_dtype or model.model.embed_tokens.weight.dtype)
         with torch.inference_mode():
             lp = model.logits(model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slice(0, 1))[0])
         scores[mode] = lp.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
