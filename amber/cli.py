@@ -27,10 +27,11 @@ app.add_typer(keys_app, name="keys")
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 
-def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None) -> Config:
+def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
+                 max_batch: int = 16, max_queue: int = 256) -> Config:
     from amber.serving import pick_device  # torch import only for commands that need it
-    home = Path(os.environ.get("AMBER_HOME", "~/.amber")).expanduser()
-    return Config(home=home, host=host, port=port, engine=replace(EngineConfig(), device=pick_device(device)))
+    engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue)
+    return Config(home=_home_config().home, host=host, port=port, engine=engine)
 
 
 def _home_config() -> Config:
@@ -42,6 +43,8 @@ def _home_config() -> Config:
 def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port")] = 8000,
           device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda if present")] = None,
+          max_batch: Annotated[int, typer.Option(min=1, max=256, help="sequences decoded together")] = 16,
+          max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 429")] = 256,
           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
     """Serve the J2 API; the default model loads in the background (/health says when)."""
     import uvicorn
@@ -52,7 +55,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     from amber.store.repo import Store
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(host, port, device)
+    config = build_config(host, port, device, max_batch, max_queue)
     registry = load_registry(config.registry_path)
     store = Store(open_database(config.database_url))
     app_ = create_app(ModelPool(config, registry), store)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,8 @@ def create_key(env: dict, account: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="session")
-def server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
-    home = tmp_path_factory.mktemp("amber-home")
-    (home / "models.toml").write_text(f'''default = "smollm2-135m-instruct"
+def registry(default_checkpoint: Path, tiny_checkpoint: Path, default: str = "smollm2-135m-instruct") -> str:
+    return f'''default = "{default}"
 [models.smollm2-135m-instruct]
 aliases = ["j2-light", "j1-large"]
 path = "{default_checkpoint}"
@@ -53,11 +52,17 @@ max_context = 2048
 [models.tiny]
 path = "{tiny_checkpoint}"
 max_context = 256
-''')
+'''
+
+
+@contextmanager
+def live_server(home: Path, registry_text: str, *args: str):
+    """`amber serve` on a free port with AMBER_HOME=home, healthy, with keys for alice and bob."""
+    (home / "models.toml").write_text(registry_text)
     env = {**os.environ, "AMBER_HOME": str(home)}
     port = free_port()
     log = open(home / "server.log", "w")
-    proc = subprocess.Popen([AMBER, "serve", "--port", str(port), "--log-level", "warning"],
+    proc = subprocess.Popen([AMBER, "serve", "--port", str(port), "--log-level", "warning", *args],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -76,3 +81,9 @@ max_context = 256
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("amber-home"), registry(default_checkpoint, tiny_checkpoint)) as s:
+        yield s

@@ -32,6 +32,9 @@ async def complete(model: str, body: s.CompleteRequest, account: Account, pool: 
     loaded = await _model(pool, model)
     tokenizer = loaded.tokenizer
     ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.prompt)
+    if body.numResults > loaded.engine.max_batch:
+        raise invalid(("body", "numResults"), f"numResults {body.numResults} exceeds this server's batch "
+                                              f"of {loaded.engine.max_batch} (amber serve --max-batch)")
     limit = loaded.spec.max_context
     if 1 + len(ids) + body.maxTokens > limit:
         raise invalid(("body", "prompt"), f"prompt is {len(ids)} tokens; with maxTokens {body.maxTokens} "
