@@ -3,7 +3,8 @@
 Callers `submit` token-id requests from any thread (or `await generate(...)` from asyncio) and get
 a RequestOutput back through a callback; the HTTP event loop never runs a forward pass. Each step:
 
-    admit  -> the next waiting request starts prefilling (from the prefix cache where it can)
+    admit  -> waiting requests whose prompts together fit one chunk are prefilled in one forward
+              pass; otherwise the next one starts prefilling (from the prefix cache where it can)
     prefill one chunk of it (so a long prompt never stalls everyone else for long)
     decode one token for every running sample, then retire what finished
 
@@ -154,16 +155,19 @@ class Engine:
                     if self._stopping:
                         return
                     self._drop_aborted()
-                    if self._prefilling is None and self._waiting and self._fits(self._waiting[0]):
+                    group = self._take_short_prompts()
+                    if not group and self._prefilling is None and self._waiting and self._fits(self._waiting[0]):
                         self._prefilling = self._waiting.popleft()
                 try:
-                    if self._prefilling is not None:
+                    if group:
+                        self._prefill_group(group)
+                    elif self._prefilling is not None:
                         self._prefill_step(self._prefilling)
                     if self._rows:
                         self._decode_step()
                 except Exception as exc:  # a broken step fails its requests, never the engine
                     log.exception("engine step failed")
-                    for state in [*self._running, *filter(None, [self._prefilling])]:
+                    for state in [*self._running, *filter(None, [self._prefilling]), *group]:
                         self._finish(state, exc)
 
     def _fits(self, state: RequestState) -> bool:
@@ -175,6 +179,39 @@ class Engine:
             self._finish(state, RequestAborted(state.request.request_id))
         for state in [s for s in [*self._running, self._prefilling] if s is not None and s.aborted]:
             self._finish(state, RequestAborted(state.request.request_id))
+
+    def _take_short_prompts(self) -> list[RequestState]:
+        """Waiting requests, in order, whose prompts together fit one prefill chunk and whose
+        samples fit the batch: they are prefilled in one forward pass, straight into their slots."""
+        group, budget = [], self.runner.chunk_size
+        taken = len(self._rows) + (self._prefilling.request.params.num_results if self._prefilling else 0)
+        while self._waiting:
+            req = self._waiting[0].request
+            length = 1 + len(req.prompt_ids)
+            if (length > budget or taken + req.params.num_results > self.max_batch
+                    or length + self.runner.chunk_size > self.max_context):  # padding must stay in the slot
+                break
+            group.append(self._waiting.popleft())
+            budget -= length
+            taken += req.params.num_results
+        return group
+
+    def _prefill_group(self, group: list[RequestState]) -> None:
+        """Prefill short prompts together; each goes into the slot its first sample will take."""
+        slot, jobs = len(self._rows), []
+        for state in group:
+            req = state.request
+            state.ids = [self.bos_id, *req.prompt_ids]
+            state.filled, state.prompt = self.prefixes.load(state.ids, self.cache, slot, req.score_prompt,
+                                                            req.params.top_k_return)
+            jobs.append((state.ids, state.filled, slot, req.score_prompt, req.params.top_k_return))
+            slot += req.params.num_results
+        results = self.runner.prefill_rows(jobs)
+        for state, (_, _, source, _, _), (scores, logits) in zip(group, jobs, results):
+            state.prompt += scores
+            self.prefixes.store(state.ids, self.cache, source,
+                                state.prompt if state.request.score_prompt else None, state.request.params.top_k_return)
+            self._start_samples(state, logits, source)
 
     def _prefill_step(self, state: RequestState) -> None:
         req, params = state.request, state.request.params
@@ -192,10 +229,11 @@ class Engine:
         self._prefilling = None
         self.prefixes.store(state.ids, self.cache, staging, state.prompt if req.score_prompt else None,
                             params.top_k_return)
-        self._start_samples(state, logits)
+        self._start_samples(state, logits, staging)
 
-    def _start_samples(self, state: RequestState, logits: torch.Tensor) -> None:
-        """Give each of numResults samples its slot (the prompt's cache copied in) and first token."""
+    def _start_samples(self, state: RequestState, logits: torch.Tensor, source: int) -> None:
+        """Give each of numResults samples its slot, with the prompt's cache copied in from slot
+        `source` (unless it is that slot), and its first token."""
         req, params = state.request, state.request.params
         self._prepare_sampling(state)
         counts = torch.bincount(torch.tensor(req.prompt_ids, dtype=torch.long),
@@ -211,7 +249,8 @@ class Engine:
         for s in state.samples:
             s.slot = len(self._rows)
             self._rows.append(s)
-            self.cache.copy(self.cache.staging, s.slot, len(state.ids))
+            if s.slot != source:
+                self.cache.copy(source, s.slot, len(state.ids))
         rows = [(state, s) for s in state.samples]
         self._accept(rows, self.runner.sample(logits.unsqueeze(0).expand(len(rows), -1), rows))
 

@@ -38,6 +38,31 @@ class ModelRunner:
         # log_softmax is a valid logits vector for what follows: sampling is shift-invariant
         return self._score(logprobs[:len(targets)], targets, top_k), logprobs[-1]
 
+    def prefill_rows(self, jobs: list[tuple[list[int], int, int, bool, int]]
+                     ) -> list[tuple[list[TokenLogprob], torch.Tensor]]:
+        """Several whole prompts in one forward pass, right-padded to the longest.
+
+        Each job is (ids, start, slot, score, top_k): run ids[start:] into `slot`. Padding writes
+        keys/values past a prompt's end, where its samples' own tokens overwrite them before any
+        query can see them. Returns, per job, what `prefill_chunk` returns."""
+        width = max(len(ids) - start for ids, start, *_ in jobs)
+        tokens = torch.zeros(len(jobs), width, dtype=torch.long)
+        for row, (ids, start, *_) in enumerate(jobs):
+            tokens[row, :len(ids) - start] = torch.tensor(ids[start:])
+        positions = torch.tensor([[start + i for i in range(width)] for _, start, *_ in jobs])
+        slots = torch.tensor([slot for _, _, slot, *_ in jobs])
+        hidden = self.model(tokens.to(self.device), positions.to(self.device), self.cache, slots.to(self.device))
+        out = []
+        for row, (ids, start, _, score, top_k) in enumerate(jobs):
+            h = hidden[row, :len(ids) - start]  # (own length, hidden)
+            if not score:
+                out.append(([], self.model.logits(h[-1:])[0]))
+                continue
+            logprobs = self.model.logits(h).log_softmax(-1)
+            targets = ids[start + 1:]
+            out.append((self._score(logprobs[:len(targets)], targets, top_k), logprobs[-1]))
+        return out
+
     @staticmethod
     def _score(logprobs: torch.Tensor, targets: list[int], top_k: int) -> list[TokenLogprob]:
         picked = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device).unsqueeze(-1))

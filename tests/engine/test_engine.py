@@ -211,3 +211,33 @@ def test_prefix_blocks_scored_with_fewer_alternatives_are_not_reused_for_more(ti
     run(engine, [req("k0", prompt, max_tokens=1, top_k_return=0)])
     (out,) = run(engine, [req("k5", prompt, max_tokens=1, top_k_return=5)])
     assert all(len(t.top) == 5 for t in out.prompt)
+
+
+def test_short_prompts_prefill_together_and_match_the_naive_loop(tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    engine = Engine(model, tok, max_batch=12, max_context=256, prefill_chunk=64)
+    group_sizes = []
+    real = engine.runner.prefill_rows
+    engine.runner.prefill_rows = lambda jobs: (group_sizes.append(len(jobs)), real(jobs))[1]
+    engine.start()
+    try:
+        texts = ["Short one", "A somewhat longer prompt, with commas, and more words in it", "x",
+                 "Short one", "Numbers 1 2 3 4", "Last"]
+        prompts = [tok.encode(t) for t in texts]
+        reqs = [req(f"s{i}", p, max_tokens=[5, 9, 1, 7, 0, 6][i], num_results=1 + (i == 1), top_k_return=2)
+                for i, p in enumerate(prompts)]
+        outs = run(engine, reqs)
+    finally:
+        engine.stop()
+    assert max(group_sizes) > 1, "no prompts were prefilled together"
+    with torch.inference_mode():
+        for p, r, out in zip(prompts, reqs, outs):
+            lp = ref(torch.tensor([[BOS, *p]])).logits[0].float().log_softmax(-1)
+            for i, t in enumerate(out.prompt):
+                assert t.logprob == pytest.approx(float(lp[i, p[i]]), abs=1e-4)
+            expected = [e[0] for e in reference_greedy(ref, p, r.params.max_tokens)]
+            assert len(out.completions) == r.params.num_results
+            for c in out.completions:
+                assert [t.token_id for t in c.tokens] == expected
