@@ -31,12 +31,7 @@ class ModelRunner:
         hidden = self.model(torch.tensor([chunk], device=self.device),
                             torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0),
                             self.cache, slice(slot, slot + 1))[0]  # (chunk, hidden)
-        if not score:
-            return [], self.model.logits(hidden[-1:])[0]
-        logprobs = self.model.logits(hidden).log_softmax(-1)  # (chunk, vocab)
-        targets = ids[start + 1:start + 1 + len(chunk)]
-        # log_softmax is a valid logits vector for what follows: sampling is shift-invariant
-        return self._score(logprobs[:len(targets)], targets, top_k), logprobs[-1]
+        return self._prompt_scores(hidden, ids[start + 1:start + 1 + len(chunk)], score, top_k)
 
     def prefill_rows(self, jobs: list[tuple[list[int], int, int, bool, int]]
                      ) -> list[tuple[list[TokenLogprob], torch.Tensor]]:
@@ -52,16 +47,18 @@ class ModelRunner:
         positions = torch.tensor([[start + i for i in range(width)] for _, start, *_ in jobs])
         slots = torch.tensor([slot for _, _, slot, *_ in jobs])
         hidden = self.model(tokens.to(self.device), positions.to(self.device), self.cache, slots.to(self.device))
-        out = []
-        for row, (ids, start, _, score, top_k) in enumerate(jobs):
-            h = hidden[row, :len(ids) - start]  # (own length, hidden)
-            if not score:
-                out.append(([], self.model.logits(h[-1:])[0]))
-                continue
-            logprobs = self.model.logits(h).log_softmax(-1)
-            targets = ids[start + 1:]
-            out.append((self._score(logprobs[:len(targets)], targets, top_k), logprobs[-1]))
-        return out
+        return [self._prompt_scores(hidden[row, :len(ids) - start], ids[start + 1:], score, top_k)
+                for row, (ids, start, _, score, top_k) in enumerate(jobs)]
+
+    def _prompt_scores(self, hidden: torch.Tensor, targets: list[int], score: bool, top_k: int
+                       ) -> tuple[list[TokenLogprob], torch.Tensor]:
+        """hidden (n, hidden) of consecutive prompt positions; targets: the tokens that follow them
+        inside the prompt (n, or n - 1 at its end). Scores, and logits for what follows the last."""
+        if not score:
+            return [], self.model.logits(hidden[-1:])[0]
+        logprobs = self.model.logits(hidden).log_softmax(-1)  # (n, vocab)
+        # log_softmax is a valid logits vector for what follows: sampling is shift-invariant
+        return self._score(logprobs[:len(targets)], targets, top_k), logprobs[-1]
 
     @staticmethod
     def _score(logprobs: torch.Tensor, targets: list[int], top_k: int) -> list[TokenLogprob]:
