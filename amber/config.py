@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Weight precisions: int8 is weight-only (int8 matrices; activations in fp32, or bf16 for int8-bf16).
+# Weight precisions: int8 is weight-only (int8 matrices; fp32 residual stream with bf16 attention,
+# or all activations in bf16 for int8-bf16). loader.py has the details.
 DTYPES = ("float32", "bfloat16", "int8", "int8-bf16")
 
 DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names one model.
@@ -20,7 +21,7 @@ DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names 
 #   gguf_path                : a GGUF file on disk
 #   path                     : a Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
 # A GGUF is converted once to a checkpoint under AMBER_HOME/checkpoints/NAME.
-# dtype: float32 | bfloat16 | int8 | int8-bf16 (int8: weight-only, fp32 activations).
+# dtype: float32 | bfloat16 | int8 | int8-bf16 (int8: weight-only int8 matrices).
 # max_context: prompt + completion tokens per sequence.
 default = "{DEFAULT_MODEL}"
 

@@ -198,38 +198,43 @@ class Engine:
 
     def _prefill_group(self, group: list[RequestState]) -> None:
         """Prefill short prompts together; each goes into the slot its first sample will take."""
-        slot, jobs = len(self._rows), []
+        slot, slots = len(self._rows), []
         for state in group:
-            req = state.request
-            state.ids = [self.bos_id, *req.prompt_ids]
-            state.filled, state.prompt = self.prefixes.load(state.ids, self.cache, slot, req.score_prompt,
-                                                            req.params.top_k_return)
-            jobs.append((state.ids, state.filled, slot, req.score_prompt, req.params.top_k_return))
-            slot += req.params.num_results
-        results = self.runner.prefill_rows(jobs)
-        for state, (_, _, source, _, _), (scores, logits) in zip(group, jobs, results):
+            self._begin_prefill(state, slot)
+            slots.append(slot)
+            slot += state.request.params.num_results
+        jobs = [(s.ids, s.filled, slot, s.request.score_prompt, s.request.params.top_k_return)
+                for s, slot in zip(group, slots)]
+        for state, slot, (scores, logits) in zip(group, slots, self.runner.prefill_rows(jobs)):
             state.prompt += scores
-            self.prefixes.store(state.ids, self.cache, source,
-                                state.prompt if state.request.score_prompt else None, state.request.params.top_k_return)
-            self._start_samples(state, logits, source)
+            self._end_prefill(state, slot, logits)
 
     def _prefill_step(self, state: RequestState) -> None:
-        req, params = state.request, state.request.params
-        staging = self.cache.staging
-        if state.ids is None:  # first step: reuse what the prefix cache has
-            state.ids = [self.bos_id, *req.prompt_ids]
-            state.filled, state.prompt = self.prefixes.load(state.ids, self.cache, staging,
-                                                            req.score_prompt, params.top_k_return)
+        """One chunk of a long prompt, in the staging slot."""
+        req, staging = state.request, self.cache.staging
+        if state.ids is None:
+            self._begin_prefill(state, staging)
         scores, logits = self.runner.prefill_chunk(state.ids, state.filled, staging, req.score_prompt,
-                                                   params.top_k_return)
+                                                   req.params.top_k_return)
         state.prompt += scores
         state.filled = min(len(state.ids), state.filled + self.runner.chunk_size)
-        if state.filled < len(state.ids):
-            return
-        self._prefilling = None
-        self.prefixes.store(state.ids, self.cache, staging, state.prompt if req.score_prompt else None,
-                            params.top_k_return)
-        self._start_samples(state, logits, staging)
+        if state.filled == len(state.ids):
+            self._prefilling = None
+            self._end_prefill(state, staging, logits)
+
+    def _begin_prefill(self, state: RequestState, slot: int) -> None:
+        """BOS + prompt, with whatever the prefix cache already has copied into `slot`."""
+        req = state.request
+        state.ids = [self.bos_id, *req.prompt_ids]
+        state.filled, state.prompt = self.prefixes.load(state.ids, self.cache, slot, req.score_prompt,
+                                                        req.params.top_k_return)
+
+    def _end_prefill(self, state: RequestState, slot: int, logits: torch.Tensor) -> None:
+        """Keep the prompt's blocks for later requests, then start its samples from `slot`."""
+        req = state.request
+        self.prefixes.store(state.ids, self.cache, slot, state.prompt if req.score_prompt else None,
+                            req.params.top_k_return)
+        self._start_samples(state, logits, slot)
 
     def _start_samples(self, state: RequestState, logits: torch.Tensor, source: int) -> None:
         """Give each of numResults samples its slot, with the prompt's cache copied in from slot

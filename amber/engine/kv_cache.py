@@ -22,7 +22,6 @@ class KVCache:
         shape = (layers, slots + 1, kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots, self.max_len = slots, max_len
         self.staging = slots  # index of the prefill slot
 
     def copy(self, src: int, dst: int, length: int) -> None:

@@ -18,9 +18,10 @@ def check_finish(params: SamplingParams, sample: Sample, tokenizer: Tokenizer) -
     if token in tokenizer.eos_ids and may_stop:
         sample.finish = FinishReason(FinishKind.END_OF_TEXT)
         return
-    previous_chars = len(sample.text_bytes.decode("utf-8", errors="replace"))
+    previous_bytes = len(sample.text_bytes)
     sample.text_bytes += tokenizer.token_bytes(token)
-    if may_stop and params.stop_sequences:
+    if may_stop and params.stop_sequences:  # decoding costs O(length): only when stops are asked for
+        previous_chars = len(sample.text_bytes[:previous_bytes].decode("utf-8", errors="replace"))
         text = sample.text_bytes.decode("utf-8", errors="replace")
         match = first_stop(text, previous_chars, params.stop_sequences)
         if match is not None:

@@ -1,9 +1,8 @@
 """AI21 Studio routes: validate, convert, call the engine, convert back. Nothing else."""
 from __future__ import annotations
 
-import uuid
-
 import asyncio
+import uuid
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool

@@ -23,7 +23,6 @@ def _int_from_number(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_int_from_number)]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def _flag(*names: str):
