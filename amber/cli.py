@@ -1,7 +1,9 @@
 """The `amber` command: the only reader of argv and the environment. Builds Config, then dispatches.
 
-    amber serve            serve the API (default http://127.0.0.1:8000)
-    amber models           list the registry's models
+    amber serve            serve the API (default http://127.0.0.1:8000), with a training worker
+    amber worker           train queued custom models (what `serve` starts)
+    amber models           list the registry's models; `models train|show|export` for custom ones
+    amber datasets upload  upload a training set
     amber keys create A    make an API key for account A (printed as the last line)
 """
 from __future__ import annotations
@@ -17,12 +19,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from amber.cli_custom import datasets_app, register_model_commands
 from amber.config import Config, EngineConfig, load_registry
 
 app = typer.Typer(help="Amber: a self-hosted language-model studio (AI21 Studio's J2 API).",
                   no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+models_app = typer.Typer(help="General models (the registry) and custom models.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+register_model_commands(models_app)
 # Piped output (scripts, tests) gets full-width lines rather than a table wrapped at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -45,26 +52,52 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
           device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda if present")] = None,
           max_batch: Annotated[int, typer.Option(min=1, max=256, help="sequences decoded together")] = 16,
           max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 429")] = 256,
-          log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
+          log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+          worker: Annotated[bool, typer.Option(help="start a training worker process beside the server")] = True
+          ) -> None:
     """Serve the J2 API; the default model loads in the background (/health says when)."""
+
     import uvicorn
 
     from amber.api.app import create_app
     from amber.serving import ModelPool
     from amber.store.db import open_database
     from amber.store.repo import Store
+    from amber.worker import WorkerProcess
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(host, port, device, max_batch, max_queue)
     registry = load_registry(config.registry_path)
     store = Store(open_database(config.database_url))
     app_ = create_app(ModelPool(config, registry), store)
-    uvicorn.run(app_, host=config.host, port=config.port, log_level=log_level)
+    # training runs in its own process, never in the API's
+    trainer = WorkerProcess(log_level).start() if worker else None
+    try:
+        uvicorn.run(app_, host=config.host, port=config.port, log_level=log_level)
+    finally:
+        if trainer is not None:
+            trainer.stop()
 
 
-@app.command("models")
-def list_models() -> None:
+@app.command("worker")
+def run_worker(once: Annotated[bool, typer.Option(help="exit when no job is waiting")] = False,
+               with_parent: Annotated[bool, typer.Option(hidden=True)] = False,
+               log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
+    """Train queued custom models, one at a time; takes over jobs whose worker died."""
+    from amber.store.repo import Store
+    from amber.worker import Worker
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _home_config()
+    Worker(config, load_registry(config.registry_path), Store.open(config.database_url)).run(
+        once=once, with_parent=with_parent)
+
+
+@models_app.callback()
+def list_models(ctx: typer.Context) -> None:
     """List the models in the registry (AMBER_HOME/models.toml)."""
+    if ctx.invoked_subcommand is not None:
+        return
     config = _home_config()
     registry = load_registry(config.registry_path)
     table = Table("name", "aliases", "dtype", "context", "source")

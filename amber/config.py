@@ -124,3 +124,14 @@ class Config:
     @property
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
+
+    def dataset_dir(self, dataset_id: int) -> Path:
+        """The uploaded file, unchanged, and its parsed rows (rows.jsonl)."""
+        return self.home / "datasets" / str(dataset_id)
+
+    def custom_model_dir(self, model_id: int) -> Path:
+        """A training run's output: epoch-N/ PEFT adapters (amber/training/epochs.py)."""
+        return self.home / "custom-models" / str(model_id)
+
+    def adapter_dir(self, model_id: int, epoch: int) -> Path:
+        return self.custom_model_dir(model_id) / f"epoch-{epoch}"

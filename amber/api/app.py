@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from amber.api.ai21.routes import router as ai21_router
+from amber.api.studio.custom_models import router as custom_models_router
+from amber.api.studio.datasets import router as datasets_router
 from amber.api.errors import validation_error
 from amber.serving import ModelPool
 from amber.store.repo import Store
@@ -36,6 +38,8 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
 
     app = FastAPI(title="Amber", version="0.1.0", lifespan=lifespan)
     app.state.pool, app.state.store = pool, store
+    app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
+    app.include_router(custom_models_router)
     app.include_router(ai21_router)
     app.add_exception_handler(RequestValidationError, validation_error)
 

@@ -6,10 +6,11 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from amber.serving import ModelPool
-from amber.store.repo import AccountInfo, Store
+from amber.store.repo import AccountInfo
+from amber.store.repo import Store as StoreType
 
 
-def get_store(request: Request) -> Store:
+def get_store(request: Request) -> StoreType:
     return request.app.state.store
 
 
@@ -17,7 +18,7 @@ def get_pool(request: Request) -> ModelPool:
     return request.app.state.pool
 
 
-def current_account(request: Request, store: Annotated[Store, Depends(get_store)]) -> AccountInfo:
+def current_account(request: Request, store: Annotated[StoreType, Depends(get_store)]) -> AccountInfo:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -32,3 +33,4 @@ def current_account(request: Request, store: Annotated[Store, Depends(get_store)
 
 Account = Annotated[AccountInfo, Depends(current_account)]
 Pool = Annotated[ModelPool, Depends(get_pool)]
+Store = Annotated[StoreType, Depends(get_store)]

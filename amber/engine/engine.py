@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from amber.engine.kv_cache import KVCache
+from amber.engine.lora import AdapterError, AdapterSlots
 from amber.engine.model import LlamaForCausalLM
 from amber.engine.prefix_cache import PrefixCache
 from amber.engine.runner import ModelRunner
@@ -55,7 +56,9 @@ class Engine:
         self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_context,
                              cfg.head_dim, model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
         self.prefixes = PrefixCache(max_blocks=prefix_blocks)
-        self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids, prefill_chunk, self.device)
+        # one slot more than the batch: every running request's adapter and the next one's fit
+        self.adapters = AdapterSlots(model, capacity=max_batch + 1)
+        self.runner = ModelRunner(model, self.cache, self.adapters, tokenizer.eos_ids, prefill_chunk, self.device)
         masks = tokenizer.category_masks().to(self.device)
         self.category_masks = torch.zeros(masks.shape[0], cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.category_masks[:, :masks.shape[1]] = masks[:, :cfg.vocab_size]
@@ -146,6 +149,15 @@ class Engine:
         return bool(self._waiting or self._running or self._prefilling)
 
     # ---- the engine thread ----
+    def run_until_idle(self) -> None:
+        """Serve on the calling thread until nothing is left to do (offline work such as the
+        worker's evaluation: no second thread, so no OpenMP slowdown; see `launch`). Only for an
+        engine that was neither started nor launched."""
+        assert not self._thread.is_alive(), "the engine already runs on its own thread"
+        with torch.inference_mode():
+            while self.busy:
+                self._step()
+
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
@@ -154,21 +166,25 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         return
-                    self._drop_aborted()
-                    group = self._take_short_prompts()
-                    if not group and self._prefilling is None and self._waiting and self._fits(self._waiting[0]):
-                        self._prefilling = self._waiting.popleft()
-                try:
-                    if group:
-                        self._prefill_group(group)
-                    elif self._prefilling is not None:
-                        self._prefill_step(self._prefilling)
-                    if self._rows:
-                        self._decode_step()
-                except Exception as exc:  # a broken step fails its requests, never the engine
-                    log.exception("engine step failed")
-                    for state in [*self._running, *filter(None, [self._prefilling]), *group]:
-                        self._finish(state, exc)
+                self._step()
+
+    def _step(self) -> None:
+        with self._wake:
+            self._drop_aborted()
+            group = self._take_short_prompts()
+            if not group and self._prefilling is None and self._waiting and self._fits(self._waiting[0]):
+                self._prefilling = self._waiting.popleft()
+        try:
+            if group:
+                self._prefill_group(group)
+            elif self._prefilling is not None:
+                self._prefill_step(self._prefilling)
+            if self._rows:
+                self._decode_step()
+        except Exception as exc:  # a broken step fails its requests, never the engine
+            log.exception("engine step failed")
+            for state in [*self._running, *filter(None, [self._prefilling]), *group]:
+                self._finish(state, exc)
 
     def _fits(self, state: RequestState) -> bool:
         return len(self._rows) + state.request.params.num_results <= self.max_batch
@@ -198,12 +214,15 @@ class Engine:
 
     def _prefill_group(self, group: list[RequestState]) -> None:
         """Prefill short prompts together; each goes into the slot its first sample will take."""
+        group = [state for state in group if self._use_adapter(state)]
+        if not group:
+            return
         slot, slots = len(self._rows), []
         for state in group:
             self._begin_prefill(state, slot)
             slots.append(slot)
             slot += state.request.params.num_results
-        jobs = [(s.ids, s.filled, slot, s.request.score_prompt, s.request.params.top_k_return)
+        jobs = [(s.ids, s.filled, slot, s.request.score_prompt, s.request.params.top_k_return, s.adapter_slot)
                 for s, slot in zip(group, slots)]
         for state, slot, (scores, logits) in zip(group, slots, self.runner.prefill_rows(jobs)):
             state.prompt += scores
@@ -213,27 +232,39 @@ class Engine:
         """One chunk of a long prompt, in the staging slot."""
         req, staging = state.request, self.cache.staging
         if state.ids is None:
+            if not self._use_adapter(state):
+                return
             self._begin_prefill(state, staging)
         scores, logits = self.runner.prefill_chunk(state.ids, state.filled, staging, req.score_prompt,
-                                                   req.params.top_k_return)
+                                                   req.params.top_k_return, state.adapter_slot)
         state.prompt += scores
         state.filled = min(len(state.ids), state.filled + self.runner.chunk_size)
         if state.filled == len(state.ids):
             self._prefilling = None
             self._end_prefill(state, staging, logits)
 
+    def _use_adapter(self, state: RequestState) -> bool:
+        """Pin the request's adapter (loading it on first use); False, with the request failed,
+        when it cannot be loaded."""
+        try:
+            state.adapter_slot = self.adapters.acquire(state.request.adapter)
+        except AdapterError as exc:
+            self._finish(state, exc)
+            return False
+        return True
+
     def _begin_prefill(self, state: RequestState, slot: int) -> None:
         """BOS + prompt, with whatever the prefix cache already has copied into `slot`."""
         req = state.request
         state.ids = [self.bos_id, *req.prompt_ids]
         state.filled, state.prompt = self.prefixes.load(state.ids, self.cache, slot, req.score_prompt,
-                                                        req.params.top_k_return)
+                                                        req.params.top_k_return, _adapter_key(req))
 
     def _end_prefill(self, state: RequestState, slot: int, logits: torch.Tensor) -> None:
         """Keep the prompt's blocks for later requests, then start its samples from `slot`."""
         req = state.request
         self.prefixes.store(state.ids, self.cache, slot, state.prompt if req.score_prompt else None,
-                            req.params.top_k_return)
+                            req.params.top_k_return, _adapter_key(req))
         self._start_samples(state, logits, slot)
 
     def _start_samples(self, state: RequestState, logits: torch.Tensor, source: int) -> None:
@@ -309,7 +340,14 @@ class Engine:
             self._prefilling = None
         for s in state.samples:
             self._free_slot(s)
+        self.adapters.release(state.adapter_slot)
+        state.adapter_slot = 0
         try:
             state.on_done(result)
         except Exception:
             log.exception("result callback failed")
+
+
+def _adapter_key(request: GenerationRequest) -> str | None:
+    """Prefix-cache namespace: keys and values depend on the adapter that computed them."""
+    return request.adapter.key if request.adapter else None

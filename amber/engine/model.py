@@ -10,12 +10,16 @@ the slot's prefix. Loading, dtype and quantization live in `loader.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from amber.engine.kv_cache import BatchCache, KVCache
+
+if TYPE_CHECKING:
+    from amber.engine.lora import LoraBatch
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class LlamaConfig:
 # fused parameter -> the HF parameters stacked (in order) along the output dimension
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+# the projections a LoRA adapter can add to (lora.py), in a fixed order: the index names one
+LORA_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+QKV, O_PROJ, GATE_UP, DOWN = range(len(LORA_TARGETS))
 
 
 class RMSNorm(nn.Module):
@@ -100,6 +107,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
 
 
+def with_lora(lora: LoraBatch | None, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y = W x of projection `target`, plus each adapter row's low-rank update when there is one."""
+    return y if lora is None else lora.add(layer, target, x, y)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
@@ -108,39 +120,42 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: BatchCache, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: BatchCache, mask, lora: LoraBatch | None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        qkv = self.qkv_proj(x).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
+        qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x)).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = apply_rope(qkv[:, :, :self.heads + self.kv_heads], cos, sin)  # q and k rotate together
         q, k, v = qk[:, :, :self.heads], qk[:, :, self.heads:], qkv[:, :, self.heads + self.kv_heads:]
         keys, values = cache.write_and_read(self.layer, k, v)  # (batch, kv_heads, ctx, head_dim)
         out = F.scaled_dot_product_attention(  # in the cache's dtype, which may be below x's
             q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1).to(x.dtype))  # (batch, seq, hidden)
+        out = out.transpose(1, 2).reshape(batch, seq, -1).to(x.dtype)
+        return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (batch, seq, hidden)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        gate, up = with_lora(lora, self.layer, GATE_UP, x, self.gate_up_proj(x)).chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        return with_lora(lora, self.layer, DOWN, hidden, self.down_proj(hidden))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: BatchCache, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cache: BatchCache, mask, lora: LoraBatch | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 class LlamaModel(nn.Module):
@@ -165,12 +180,12 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor | slice) -> torch.Tensor:
+                slots: torch.Tensor | slice, lora: LoraBatch | None = None) -> torch.Tensor:
         """Hidden states (batch, seq, hidden) after the final norm.
 
         input_ids, positions: (batch, seq), each row's positions contiguous and increasing;
         slots: the cache slot of each row, (batch,), or a slice for consecutive slots (no gather).
-        Row b attends to its slot's positions <= its own.
+        Row b attends to its slot's positions <= its own. `lora`: the rows' adapters, if any has one.
         """
         x = self.model.embed_tokens(input_ids)
         batch = cache.batch(slots, positions)
@@ -178,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)  # (batch, seq, 1, head_dim)
         sin = self.rope_sin[positions].unsqueeze(2).to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, mask)
+            x = layer(x, cos, sin, batch, mask, lora)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

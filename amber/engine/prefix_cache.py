@@ -30,18 +30,19 @@ class PrefixCache:
         self.block_size, self.max_blocks = block_size, max_blocks
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()
 
-    def _keys(self, ids: list[int]):
-        """One key per full block that has a token after it: the token tuple up to that token."""
+    def _keys(self, ids: list[int], namespace: str | None):
+        """One key per full block that has a token after it: the token tuple up to that token,
+        within `namespace` (the adapter that computed the block: None for the base model)."""
         bs = self.block_size
         for b in range((len(ids) - 1) // bs):
-            yield b, tuple(ids[:(b + 1) * bs + 1])
+            yield b, (namespace, tuple(ids[:(b + 1) * bs + 1]))
 
-    def load(self, ids: list[int], cache: KVCache, slot: int, need_scores: bool, top_k: int
-             ) -> tuple[int, list[TokenLogprob]]:
+    def load(self, ids: list[int], cache: KVCache, slot: int, need_scores: bool, top_k: int,
+             namespace: str | None = None) -> tuple[int, list[TokenLogprob]]:
         """Copy the longest cached prefix of `ids` into `slot`. Returns how many positions are now
         filled and the scores of ids[1 : that + 1]."""
         filled, scores = 0, []
-        for b, key in self._keys(ids):
+        for b, key in self._keys(ids, namespace):
             block = self._blocks.get(key)
             if block is None or (need_scores and (block.scores is None or block.top_k < top_k)):
                 break
@@ -53,10 +54,10 @@ class PrefixCache:
         return filled, scores
 
     def store(self, ids: list[int], cache: KVCache, slot: int, scores: list[TokenLogprob] | None,
-              top_k: int) -> None:
+              top_k: int, namespace: str | None = None) -> None:
         """Keep the full blocks of a prefilled prompt. scores[i] belongs to ids[i + 1]."""
         bs = self.block_size
-        for b, key in self._keys(ids):
+        for b, key in self._keys(ids, namespace):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from amber.engine.kv_cache import KVCache
+from amber.engine.lora import AdapterSlots
 from amber.engine.model import LlamaForCausalLM
 from amber.engine.sampling import SamplingBatch, sample, top_alternatives
 from amber.engine.sequence import RequestState, Sample
@@ -15,29 +16,30 @@ from amber.engine.types import TokenLogprob
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache, eos_ids: frozenset[int],
-                 prefill_chunk: int, device: torch.device):
-        self.model, self.cache, self.device = model, cache, device
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, adapters: AdapterSlots,
+                 eos_ids: frozenset[int], prefill_chunk: int, device: torch.device):
+        self.model, self.cache, self.adapters, self.device = model, cache, adapters, device
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
         self.chunk_size = prefill_chunk
         self.vocab_size = model.config.vocab_size
 
-    def prefill_chunk(self, ids: list[int], start: int, slot: int, score: bool, top_k: int
-                      ) -> tuple[list[TokenLogprob], torch.Tensor]:
+    def prefill_chunk(self, ids: list[int], start: int, slot: int, score: bool, top_k: int,
+                      adapter: int = 0) -> tuple[list[TokenLogprob], torch.Tensor]:
         """Run ids[start : start + chunk] (ids has BOS first) into `slot`, whose positions before
-        `start` are already filled. Returns the scores of the chunk's next tokens that lie inside
+        `start` are already filled, with adapter slot `adapter` (0: none). Returns the scores of the chunk's next tokens that lie inside
         `ids`, and fp32 logits (vocab,) for whatever follows the chunk's last token."""
         chunk = ids[start:start + self.chunk_size]
         hidden = self.model(torch.tensor([chunk], device=self.device),
                             torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0),
-                            self.cache, slice(slot, slot + 1))[0]  # (chunk, hidden)
+                            self.cache, slice(slot, slot + 1),
+                            self.adapters.batch([adapter], len(chunk)))[0]  # (chunk, hidden)
         return self._prompt_scores(hidden, ids[start + 1:start + 1 + len(chunk)], score, top_k)
 
-    def prefill_rows(self, jobs: list[tuple[list[int], int, int, bool, int]]
+    def prefill_rows(self, jobs: list[tuple[list[int], int, int, bool, int, int]]
                      ) -> list[tuple[list[TokenLogprob], torch.Tensor]]:
         """Several whole prompts in one forward pass, right-padded to the longest.
 
-        Each job is (ids, start, slot, score, top_k): run ids[start:] into `slot`. Padding writes
+        Each job is (ids, start, slot, score, top_k, adapter): run ids[start:] into `slot`. Padding writes
         keys/values past a prompt's end, where its samples' own tokens overwrite them before any
         query can see them. Returns, per job, what `prefill_chunk` returns."""
         width = max(len(ids) - start for ids, start, *_ in jobs)
@@ -46,9 +48,10 @@ class ModelRunner:
             tokens[row, :len(ids) - start] = torch.tensor(ids[start:])
         positions = torch.tensor([[start + i for i in range(width)] for _, start, *_ in jobs])
         slots = torch.tensor([slot for _, _, slot, *_ in jobs])
-        hidden = self.model(tokens.to(self.device), positions.to(self.device), self.cache, slots.to(self.device))
+        lora = self.adapters.batch([job[5] for job in jobs], width)
+        hidden = self.model(tokens.to(self.device), positions.to(self.device), self.cache, slots.to(self.device), lora)
         return [self._prompt_scores(hidden[row, :len(ids) - start], ids[start + 1:], score, top_k)
-                for row, (ids, start, _, score, top_k) in enumerate(jobs)]
+                for row, (ids, start, _, score, top_k, _) in enumerate(jobs)]
 
     def _prompt_scores(self, hidden: torch.Tensor, targets: list[int], score: bool, top_k: int
                        ) -> tuple[list[TokenLogprob], torch.Tensor]:
@@ -72,7 +75,8 @@ class ModelRunner:
         assert all(s.slot == i for i, s in enumerate(samples)), "decode rows must fill slots 0..n-1"
         ids = torch.tensor([[s.last_token] for s in samples], device=self.device)
         positions = torch.tensor([[s.length - 1] for s in samples], device=self.device)
-        hidden = self.model(ids, positions, self.cache, slice(0, len(samples)))
+        lora = self.adapters.batch([s.owner.adapter_slot for s in samples], 1)
+        hidden = self.model(ids, positions, self.cache, slice(0, len(samples)), lora)
         return self.model.logits(hidden[:, -1])
 
     def sample(self, logits: torch.Tensor, rows: list[tuple[RequestState, Sample]]) -> list[TokenLogprob]:

@@ -40,6 +40,7 @@ class RequestState:
     aborted: bool = False
     ids: list[int] | None = None                # BOS + prompt, set when prefill starts
     filled: int = 0                             # prompt positions already in the staging slot
+    adapter_slot: int = 0                       # its adapter's slot in AdapterSlots, 0 for none
 
     @property
     def finished(self) -> bool:

@@ -45,11 +45,19 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter for the engine to apply: `key` names it in caches, `path` is its PEFT dir."""
+    key: str
+    path: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     score_prompt: bool = True         # logprobs for every prompt token
+    adapter: AdapterRef | None = None  # a custom model's adapter on this base; None: the base itself
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""All queries: accounts and API keys in, plain frozen dataclasses out.
+"""All queries: accounts and API keys here, datasets and custom models in `custom_models.py`
+(as `store.datasets`, `store.custom_models`); plain frozen dataclasses out.
 
 Callers never see an ORM row or a session. Each method opens its own short session, so one `Store`
 can serve many FastAPI handler threads, and several processes can each hold a `Store` on one file.
@@ -16,6 +17,7 @@ from datetime import datetime
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.sqlite import insert
 
+from amber.store.custom_models import CustomModelRepo, DatasetRepo
 from amber.store.db import make_sessions, open_database
 from amber.store.tables import Account, ApiKey, utcnow
 
@@ -52,6 +54,8 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = make_sessions(engine)
+        self.datasets = DatasetRepo(self._sessions)
+        self.custom_models = CustomModelRepo(self._sessions)
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -71,6 +75,15 @@ class Store:
             account_id = session.scalar(select(Account.id).where(Account.name == account_name))
             session.add(ApiKey(account_id=account_id, key_hash=hash_key(key), prefix=key[:PREFIX_CHARS]))
         return key
+
+    def ensure_account(self, account_name: str) -> AccountInfo:
+        """The account, created if missing (the CLI acts for a named local account)."""
+        check_account_name(account_name)
+        with self._sessions.begin() as session:
+            session.execute(insert(Account).values(name=account_name, created_at=utcnow())
+                            .on_conflict_do_nothing(index_elements=[Account.name]))
+            row = session.execute(select(Account.id, Account.name).where(Account.name == account_name)).one()
+        return AccountInfo(id=row.id, name=row.name)
 
     def account_for_key(self, key: str) -> AccountInfo | None:
         """The account owning an active key; None for unknown or revoked keys. One indexed lookup."""

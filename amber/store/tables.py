@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, ForeignKey, String
+from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -55,3 +55,67 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(32), index=True)      # shown in listings, used to revoke
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+class Dataset(Base):
+    """An uploaded training set. The file itself, unchanged, lives under AMBER_HOME/datasets/ID."""
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    file_name: Mapped[str] = mapped_column(String(256))
+    size_bytes: Mapped[int]
+    format: Mapped[str] = mapped_column(String(32))            # prompt_completion | chat
+    num_examples: Mapped[int]
+    train_examples: Mapped[int]
+    validation_examples: Mapped[int]
+    report: Mapped[dict] = mapped_column(JSON)                 # what parsing removed or corrected
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetRow(Base):
+    __tablename__ = "dataset_rows"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    source_row: Mapped[int]                                    # 1-based row in the uploaded file
+    split: Mapped[str] = mapped_column(String(16))             # train | validation
+    prompt: Mapped[str] = mapped_column(Text)
+    completion: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list | None] = mapped_column(JSON)        # chat-style rows
+
+
+class CustomModel(Base):
+    """A LoRA adapter trained on a dataset, and its training job (one row: a model is its job).
+
+    status: QUEUED -> TRAINING -> COMPLETED, or FAILED with `failure`. A TRAINING row names its
+    worker (host:pid) and heartbeat, so a worker that starts can take over a job whose worker died.
+    """
+    __tablename__ = "custom_models"
+    __table_args__ = (UniqueConstraint("account_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    base_model: Mapped[str] = mapped_column(String(128))       # registry name of the frozen base
+    model_type: Mapped[str] = mapped_column(String(128))       # as the client asked (an alias, say)
+    dataset_id: Mapped[int]                                    # no foreign key: the model outlives it
+    dataset_name: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    learning_rate: Mapped[float]
+    num_epochs: Mapped[int]
+    settings: Mapped[dict] = mapped_column(JSON)               # the rest of the training settings
+    default_epoch: Mapped[int | None]
+    current_epoch: Mapped[int | None]
+    progress: Mapped[dict | None] = mapped_column(JSON)        # step, total_steps, epoch, loss, eta
+    epochs: Mapped[list] = mapped_column(JSON, default=list)   # per epoch: losses, seconds
+    evaluation: Mapped[dict | None] = mapped_column(JSON)
+    failure: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]
+    size_bytes: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

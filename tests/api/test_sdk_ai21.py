@@ -52,3 +52,23 @@ def test_completion_create_with_every_parameter(server):
     # the SDK has typed errors for 401 and 422; a 404 arrives as its generic AI21APIError
     assert report["errors"] == {"bad_key": ["Unauthorized", 401], "unknown_model": ["AI21APIError", 404],
                                 "bad_value": ["UnprocessableEntity", 422]}
+
+
+def test_custom_models_with_the_sdk(server):
+    """dataset.create/list/get, custom_model.create/list/get and completion.create(custom_model=,
+    epoch=) as the SDK does them; another account's client sees nothing."""
+    assert CLIENT.exists(), f"{CLIENT} is missing: run `make clients` (make test does)"
+    out = subprocess.run([CLIENT, REPO / "tests/clients/ai21_v2_custom.py", server.url, server.key,
+                          REPO / "tests/data/sst2/train.jsonl", server.other_key],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["dataset"]["numExamples"] == 100 and report["dataset"]["trainNumExamples"] == 90
+    model = report["model"]
+    assert model["status"] == "COMPLETED" and model["currentEpoch"] == 2 and model["datasetName"] == "sdk-sst2"
+    assert report["other_sees"] == {"datasets": 0, "models": 0, "dataset.get": 404, "custom_model.get": 404,
+                                    "completion": 404}
+    one, two = report["answers"]["1"], report["answers"]["2"]
+    lp = lambda r: [t["generatedToken"]["logprob"] for t in r["prompt"]["tokens"]]
+    assert lp(one) != pytest.approx(lp(two))
+    assert lp(report["default"]) == pytest.approx(lp(report["answers"][str(model["modelMetadata"]["defaultEpoch"])]))

@@ -9,11 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from amber.api.ai21 import convert
 from amber.api.ai21 import schemas as s
-from amber.api.deps import Account, Pool
+from amber.api.custom import resolve_custom
+from amber.api.deps import Account, Pool, Store
 from amber.api.errors import invalid, not_found
 from amber.engine.engine import QueueFull
+from amber.engine.lora import AdapterError
 from amber.engine.j2_tokenizer import j2_tokenize
-from amber.engine.types import GenerationRequest
+from amber.engine.types import AdapterRef, GenerationRequest
 from amber.serving import LoadedModel, ModelPool
 
 router = APIRouter(prefix="/studio/v1")
@@ -28,7 +30,20 @@ async def _model(pool: ModelPool, name: str) -> LoadedModel:
 @router.post("/{model}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False)
 async def complete(model: str, body: s.CompleteRequest, account: Account, pool: Pool,
                    http: Request) -> s.CompleteResponse:
-    loaded = await _model(pool, model)
+    return await _complete(await _model(pool, model), body, http, None)
+
+
+@router.post("/{model}/{custom}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False)
+async def complete_custom(model: str, custom: str, body: s.CompleteRequest, account: Account, pool: Pool,
+                          store: Store, http: Request) -> s.CompleteResponse:
+    if pool.registry.resolve(model) is None:
+        raise not_found(f"model {model!r} does not exist (GET /studio/v1/models lists them)")
+    loaded, adapter, _ = await resolve_custom(pool, store, account, model, custom, body.epoch)
+    return await _complete(loaded, body, http, adapter)
+
+
+async def _complete(loaded: LoadedModel, body: s.CompleteRequest, http: Request,
+                    adapter: AdapterRef | None) -> s.CompleteResponse:
     tokenizer = loaded.tokenizer
     ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.prompt)
     if body.numResults > loaded.engine.max_batch:
@@ -38,7 +53,8 @@ async def complete(model: str, body: s.CompleteRequest, account: Account, pool: 
     if 1 + len(ids) + body.maxTokens > limit:
         raise invalid(("body", "prompt"), f"prompt is {len(ids)} tokens; with maxTokens {body.maxTokens} "
                                           f"that exceeds the model's context of {limit} tokens")
-    request = GenerationRequest(str(uuid.uuid4()), tuple(ids), convert.sampling_params(body, tokenizer))
+    request = GenerationRequest(str(uuid.uuid4()), tuple(ids), convert.sampling_params(body, tokenizer),
+                                adapter=adapter)
     out = await generate_for(http, loaded, request)
     return await run_in_threadpool(convert.complete_response, out, body.prompt, ranges, tokenizer,
                                    body.topKReturn)
@@ -58,13 +74,8 @@ async def generate_for(http: Request, loaded: LoadedModel, request: GenerationRe
                 raise HTTPException(499, "client closed the request")
     except QueueFull as exc:
         raise HTTPException(429, f"server busy: {exc}", headers={"Retry-After": "1"}) from exc
-
-
-@router.post("/{model}/{custom}/complete")
-async def complete_custom(model: str, custom: str, account: Account, pool: Pool):
-    if pool.registry.resolve(model) is None:
-        raise not_found(f"model {model!r} does not exist")
-    raise not_found(f"custom model {custom!r} does not exist")
+    except AdapterError as exc:  # the custom model's files are missing or damaged
+        raise HTTPException(500, f"could not load the custom model: {exc}") from exc
 
 
 @router.post("/tokenize", response_model=s.TokenizeResponse)

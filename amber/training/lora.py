@@ -1,0 +1,171 @@
+"""LoRA fine-tuning of a base checkpoint into a custom model: `train_lora` and its settings.
+
+Owns: the PEFT setup (plain LoRA on every linear layer of the decoder, no rsLoRA or DoRA, because
+serving computes W x + (alpha / r) B A x), the training loop, per-epoch losses, progress with an ETA,
+and resuming. Data layout lives in `data.py`, the output directory in `epochs.py`.
+
+Where the speed comes from on CPU (see bench/train_sst2.py for the measurements):
+- The LM head and the loss run only at completion positions. The vocabulary is 49,152 wide, so
+  logits over every prompt position would be a large share of the FLOPs and memory for nothing.
+- The frozen base is held in bfloat16 (AMX/AVX-512 bf16 matmuls); LoRA weights, their gradients and
+  the optimizer stay in float32, and PEFT adds the LoRA term in float32.
+- Batches group examples of similar length (right padding, attention mask), so little is padding.
+
+Deterministic for a given seed on one machine: each epoch reseeds its shuffle and dropout from
+(seed, epoch), so an interrupted run resumed from its last epoch ends with the same adapter.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
+
+from amber.training.data import (Batch, Example, ExampleEncoder, TokenizedExample, TrainingError,
+                                 bucketed_batches, collate, fingerprint)
+from amber.training.epochs import EpochResult, completed_epochs, epoch_dir, restore, save_epoch
+
+__all__ = ["Example", "TrainConfig", "Progress", "EpochResult", "TrainingError", "train_lora"]
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults chosen by measurement on SST-2 with SmolLM2-135M-Instruct (bench/train_sst2.py)."""
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    learning_rate: float = 1e-3
+    epochs: int = 3
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    warmup_steps: int = 2             # then linear decay to zero at the last step
+    max_grad_norm: float = 1.0
+    max_length: int | None = None     # tokens per example; None: the model's own limit
+    seed: int = 0
+    base_dtype: str = "bfloat16"      # frozen base weights; "float32" for exact fp32 training
+
+
+@dataclass
+class Progress:
+    epoch: int
+    epochs: int
+    step: int            # optimizer steps done, over the whole run (resumed epochs included)
+    total_steps: int
+    loss: float          # this step's mean completion-token loss
+    elapsed_seconds: float
+    eta_seconds: float   # remaining steps at this call's pace so far (validation and saving not counted)
+
+
+def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[Example],
+               config: TrainConfig, out_dir: Path,
+               on_progress: Callable[[Progress], None] | None = None,
+               on_epoch: Callable[[EpochResult], None] | None = None) -> list[EpochResult]:
+    """Train a LoRA adapter on `train`, writing `out_dir/epoch-N/` (a PEFT adapter) after each
+    epoch; returns every epoch's result. If `out_dir` already holds epochs of this same run, training
+    resumes after the last of them. Raises TrainingError for problems the caller can act on."""
+    if not train:
+        raise TrainingError("there are no training examples")
+    if config.base_dtype not in DTYPES:
+        raise TrainingError(f"base_dtype must be one of {sorted(DTYPES)}")
+    encoder = ExampleEncoder(checkpoint, config.max_length)
+    train_set = encoder.encode_all(train, "training")
+    validation_set = encoder.encode_all(validation, "validation")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = {"config": asdict(config), "train": fingerprint(train_set), "validation": fingerprint(validation_set)}
+    results = completed_epochs(out_dir, run)[:config.epochs]
+    if len(results) == config.epochs:
+        return results
+
+    torch.manual_seed(config.seed)  # the LoRA A initialisation
+    model = load_model(checkpoint, config)
+    llama = model.get_base_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(config.warmup_steps, total_steps))
+    if results:
+        restore(results[-1].path, model, optimizer, scheduler)
+
+    began, steps_here = time.perf_counter(), 0
+    lengths = [len(ex.ids) for ex in train_set]
+    for epoch in range(len(results) + 1, config.epochs + 1):
+        epoch_began = time.perf_counter()
+        model.train()
+        torch.manual_seed(config.seed * 1_000_003 + epoch)  # dropout, independent of earlier epochs
+        shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        nll_sum, token_count = 0.0, 0
+        for indices in bucketed_batches(lengths, config.batch_size, shuffle):
+            batch = collate([train_set[i] for i in indices], encoder.eos_id)
+            nll = completion_nll(llama, batch)
+            loss = nll / len(batch.targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            nll_sum, token_count = nll_sum + nll.item(), token_count + len(batch.targets)
+            steps_here += 1
+            if on_progress:
+                step, elapsed = scheduler.last_epoch, time.perf_counter() - began
+                on_progress(Progress(epoch, config.epochs, step, total_steps, loss.item(), elapsed,
+                                     elapsed / steps_here * (total_steps - step)))
+        result = EpochResult(epoch, nll_sum / token_count,
+                             validation_loss(llama, validation_set, config.batch_size, encoder.eos_id),
+                             epoch_dir(out_dir, epoch), 0.0)
+        result.seconds = time.perf_counter() - epoch_began
+        save_epoch(out_dir, result, run, model, optimizer, scheduler)
+        results.append(result)
+        if on_epoch:
+            on_epoch(result)
+    return results
+
+
+def load_model(checkpoint: Path, config: TrainConfig) -> PeftModel:
+    """The base model with fresh LoRA layers; only the LoRA weights train, and they stay float32
+    (PEFT upcasts adapter weights created beside a bfloat16 base)."""
+    base = LlamaForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[config.base_dtype])
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def completion_nll(llama: LlamaForCausalLM, batch: Batch) -> torch.Tensor:
+    """Summed NLL of the batch's completion tokens. The LM head runs only where a loss token is
+    predicted, never over the prompt."""
+    hidden = llama.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False).last_hidden_state            # (batch, seq, hidden)
+    logits = llama.lm_head(hidden[batch.rows, batch.positions])         # (targets, vocab)
+    return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+
+
+@torch.no_grad()
+def validation_loss(llama: LlamaForCausalLM, examples: Sequence[TokenizedExample], batch_size: int,
+                    pad_id: int) -> float | None:
+    """Mean completion-token NLL, dropout off; batches in length order, as padding is wasted work."""
+    if not examples:
+        return None
+    llama.eval()
+    ordered = sorted(examples, key=lambda ex: len(ex.ids))
+    batches = [collate(ordered[b:b + batch_size], pad_id) for b in range(0, len(ordered), batch_size)]
+    total = sum(completion_nll(llama, batch).item() for batch in batches)
+    return total / sum(len(batch.targets) for batch in batches)
+
+
+def warmup_then_linear(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over the first steps, then linear decay to zero."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor

@@ -1,0 +1,195 @@
+"""`amber worker`: the training process. Never runs inside the API process.
+
+Loops: claim the oldest queued job (or one whose worker died: a dead pid on this host, or no
+heartbeat for `STALE_AFTER`), train its LoRA adapter with `amber.training`, which resumes from the
+last complete epoch on disk, then score it against k-shot prompting (`amber.evaluation`) and mark it
+COMPLETED, or FAILED with a reason the user can act on. Progress goes to the store about once a
+second; a job deleted meanwhile is noticed at the next report and dropped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+
+from amber.config import Config, Registry
+from amber.store.custom_models import CustomModelInfo, worker_name
+from amber.store.repo import Store
+
+log = logging.getLogger(__name__)
+STALE_AFTER = timedelta(minutes=10)   # for a worker on another host, whose pid we cannot check
+REPORT_EVERY_S = 1.0
+
+
+class JobGone(Exception):
+    """The job was deleted, or another worker took it over."""
+
+
+def is_alive(worker: str | None) -> bool:
+    """Whether the worker `host:pid` still runs; a worker elsewhere is judged by its heartbeat."""
+    if not worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+class Worker:
+    def __init__(self, config: Config, registry: Registry, store: Store):
+        self.config, self.registry, self.store = config, registry, store
+        self.name = worker_name(os.getpid())
+
+    def run(self, poll_seconds: float = 1.0, once: bool = False, with_parent: bool = False) -> None:
+        """`with_parent`: stop when the process that started this one is gone (a killed server
+        leaves no worker behind)."""
+        log.info("worker %s waiting for training jobs", self.name)
+        parent = os.getppid()
+        while not (with_parent and os.getppid() != parent):
+            job = self.store.custom_models.claim(self.name, is_alive, STALE_AFTER)
+            if job is not None:
+                self.run_job(job)
+            elif once:
+                return
+            else:
+                time.sleep(poll_seconds)
+
+    def run_job(self, job: CustomModelInfo) -> None:
+        from amber.training.data import TrainingError
+
+        log.info("training custom model %s (id %d) on %s", job.name, job.id, job.base_model)
+        try:
+            self._train_and_evaluate(job)
+        except JobGone:
+            log.info("custom model %d was deleted or taken over; dropped", job.id)
+            if self.store.custom_models.get_any(job.id) is None:
+                shutil.rmtree(self.config.custom_model_dir(job.id), ignore_errors=True)
+        except TrainingError as exc:
+            self.store.custom_models.fail(job.id, self.name, str(exc))
+        except Exception as exc:
+            log.exception("custom model %d failed", job.id)
+            self.store.custom_models.fail(job.id, self.name, f"training failed: {type(exc).__name__}: {exc}")
+
+    def _train_and_evaluate(self, job: CustomModelInfo) -> None:
+        from amber.engine.checkpoint import ensure_checkpoint
+        from amber.training.data import TrainingError
+        from amber.training.lora import TrainConfig, train_lora
+
+        spec = self.registry.resolve(job.base_model)
+        if spec is None:
+            raise TrainingError(f"base model {job.base_model!r} is not in this server's registry")
+        rows = self.store.datasets.rows(job.dataset_id)
+        if not rows:
+            raise TrainingError(f"dataset {job.dataset_name!r} (id {job.dataset_id}) was deleted before "
+                                "training finished; upload it again and create a new custom model")
+        train = [_example(r) for r in rows if r.split == "train"]
+        held_out = [_example(r) for r in rows if r.split == "validation"]
+        checkpoint = ensure_checkpoint(spec, self.config.checkpoints_dir)
+        settings = TrainConfig(learning_rate=job.learning_rate, epochs=job.num_epochs)
+        epochs = [e for e in job.epochs]
+        last_report = 0.0
+
+        def on_progress(p) -> None:
+            nonlocal last_report
+            if time.monotonic() - last_report < REPORT_EVERY_S and p.step < p.total_steps:
+                return
+            last_report = time.monotonic()
+            progress = {"phase": "training", "epoch": p.epoch, "epochs": p.epochs, "step": p.step,
+                        "totalSteps": p.total_steps, "loss": p.loss, "etaSeconds": round(p.eta_seconds, 1)}
+            if not self.store.custom_models.report_progress(job.id, self.name, progress):
+                raise JobGone()
+
+        def on_epoch(result) -> None:
+            epochs[:] = [e for e in epochs if e["epoch"] < result.epoch] + [_epoch_json(result)]
+            if not self.store.custom_models.report_epoch(job.id, self.name, epochs):
+                raise JobGone()
+
+        started = time.perf_counter()
+        results = train_lora(checkpoint, train, held_out, settings, self.config.custom_model_dir(job.id),
+                             on_progress=on_progress, on_epoch=on_epoch)
+        train_seconds = time.perf_counter() - started
+        # from disk, which is never behind the store (an epoch is saved before it is reported)
+        if not self.store.custom_models.report_epoch(job.id, self.name, [_epoch_json(r) for r in results]):
+            raise JobGone()
+        with_loss = [r for r in results if r.validation_loss is not None]
+        best = min(with_loss, key=lambda r: r.validation_loss) if with_loss else results[-1]
+        evaluation = None
+        if held_out:
+            if not self.store.custom_models.report_progress(job.id, self.name, {"phase": "evaluating"}):
+                raise JobGone()
+            evaluation = self._evaluate(job, spec, checkpoint, best.epoch, train, held_out)
+        evaluation = {**(evaluation or {}), "trainingSeconds": round(train_seconds, 2)}
+        size = sum(f.stat().st_size for f in best.path.glob("adapter_model.*"))
+        if not self.store.custom_models.complete(job.id, self.name, best.epoch, evaluation, size):
+            raise JobGone()
+        log.info("custom model %s completed: epoch %d chosen", job.name, best.epoch)
+
+    def _evaluate(self, job, spec, checkpoint, epoch, train, held_out) -> dict:
+        """Through Amber's own engine, in the served precision, on this thread."""
+        from amber.engine.engine import Engine
+        from amber.engine.loader import load_model
+        from amber.engine.tokenizer import Tokenizer
+        from amber.engine.types import AdapterRef
+        from amber.evaluation import Example, evaluate
+        from amber.training.data import ExampleEncoder
+
+        encoder = ExampleEncoder(checkpoint)
+        rendered = lambda rows: [Example(*encoder.render_chat(r.messages)) if r.messages
+                                 else Example(r.prompt, r.completion) for r in rows]
+        engine = Engine(load_model(checkpoint, spec.dtype), Tokenizer.from_pretrained(checkpoint),
+                        max_batch=1, max_context=spec.max_context)
+        adapter = AdapterRef(f"eval-{job.id}-{epoch}", str(self.config.adapter_dir(job.id, epoch)))
+        return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
+
+
+def _epoch_json(result) -> dict:
+    return {"epoch": result.epoch, "train_loss": result.train_loss,
+            "validation_loss": result.validation_loss, "seconds": round(result.seconds, 2)}
+
+
+def _example(row):
+    from amber.training.data import Example
+    return Example(row.prompt, row.completion, tuple(row.messages) if row.messages else None)
+
+
+class WorkerProcess:
+    """`amber serve`'s training worker: a child process, started again whenever it dies (a worker
+    killed mid-job is replaced, and the new one resumes the job from its last epoch)."""
+
+    def __init__(self, log_level: str = "info"):
+        self.command = [sys.executable, "-m", "amber.cli", "worker", "--with-parent", "--log-level", log_level]
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._watch = threading.Thread(target=self._keep_alive, name="amber-worker-watch", daemon=True)
+
+    def start(self) -> WorkerProcess:
+        self.process = subprocess.Popen(self.command)
+        self._watch.start()
+        return self
+
+    def _keep_alive(self) -> None:
+        while not self._stopping.wait(1.0):
+            if self.process.poll() is not None:
+                log.warning("training worker exited with %s; starting another", self.process.returncode)
+                self.process = subprocess.Popen(self.command)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
