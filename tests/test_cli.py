@@ -1,6 +1,7 @@
 """The `amber` command as a user runs it: a real process, a real AMBER_HOME."""
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -39,3 +40,24 @@ def test_keys_create_prints_the_key_last_and_stores_only_its_hash(tmp_path):
 def test_bad_account_name_is_a_usage_error(tmp_path):
     out = amber(tmp_path, "keys", "create", "no spaces allowed")
     assert out.returncode == 2 and "account" in (out.stderr + out.stdout).lower()
+
+
+def test_upload_train_follow_show_and_export_from_the_command_line(tmp_path, tiny_checkpoint):
+    """No server: `models train` starts its own worker when none takes the job, and follows it."""
+    (tmp_path / "models.toml").write_text(f'default = "tiny"\n[models.tiny]\npath = "{tiny_checkpoint}"\n'
+                                          'max_context = 256\n')
+    data = Path(__file__).parent / "data/sst2/train.jsonl"
+    out = amber(tmp_path, "datasets", "upload", str(data), "--name", "sst2", "--account", "carol")
+    assert out.returncode == 0, out.stderr
+    assert "100 examples (90 train, 10 validation)" in out.stdout
+    assert amber(tmp_path, "datasets", "upload", str(data), "--name", "sst2", "--account", "carol").returncode != 0
+    out = amber(tmp_path, "models", "train", "sst2", "--name", "cli-model", "--epochs", "1", "--account", "carol")
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "cli-model: COMPLETED" in out.stdout and "exact match" in out.stdout
+    shown = amber(tmp_path, "models", "show", "cli-model", "--json", "--account", "carol")
+    body = json.loads(shown.stdout)
+    assert body["status"] == "COMPLETED" and body["evaluation"]["examples"] == 10
+    assert amber(tmp_path, "models", "show", "cli-model", "--account", "dave").returncode != 0  # private
+    out = amber(tmp_path, "models", "export", "cli-model", str(tmp_path / "export"), "--account", "carol")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "export/adapter_model.safetensors").exists()
