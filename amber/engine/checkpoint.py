@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (once; later starts read the cached checkpoint)", gguf)
-    tmp = target.with_name(target.name + ".partial")
+    # per process: the server and the training worker may both convert at a first start
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -64,5 +66,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / _DONE_MARKER).write_text(str(gguf) + "\n")
+    if (target / _DONE_MARKER).exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a crash mid-conversion leaves no half checkpoint behind
