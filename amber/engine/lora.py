@@ -46,26 +46,25 @@ def read_adapter(path: Path, model: LlamaForCausalLM, dtype: torch.dtype
     try:
         config = json.loads((path / "adapter_config.json").read_text())
         weights = load_file(path / "adapter_model.safetensors")
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"{path}: not a readable PEFT adapter ({exc})") from exc
+        rank = int(config["r"])
+        scale = float(config["lora_alpha"]) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise AdapterError(f"{path}: not a readable PEFT adapter ({type(exc).__name__}: {exc})") from exc
     if config.get("use_dora") or config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: only plain LoRA adapters are served (no DoRA)")
-    rank = int(config["r"])
-    scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    known = {k for k in weights}
+    unused = set(weights)
     layers = []
     for i, layer in enumerate(model.model.layers):
         row = []
         for target in TARGETS:
             linear = layer.get_submodule(target)
-            a_parts, b_blocks, offset = [], [], 0
-            out_total = linear.out_features
+            a_parts, offset = [], 0
             sizes = _part_sizes(model, target)
-            bt = torch.zeros(rank * len(sizes), out_total, dtype=torch.float32)
+            bt = torch.zeros(rank * len(sizes), linear.out_features, dtype=torch.float32)
             for p, (part, size) in enumerate(zip(_parts(target), sizes)):
                 stem = f"{PEFT_PREFIX}model.layers.{i}.{part}"
                 a, b = weights.get(f"{stem}.lora_A.weight"), weights.get(f"{stem}.lora_B.weight")
-                known -= {f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"}
+                unused -= {f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"}
                 if a is None or b is None:
                     a = torch.zeros(rank, linear.in_features)
                 elif a.shape != (rank, linear.in_features) or b.shape != (size, rank):
@@ -77,8 +76,8 @@ def read_adapter(path: Path, model: LlamaForCausalLM, dtype: torch.dtype
                 offset += size
             row.append((torch.cat(a_parts).to(dtype), bt.to(dtype)))
         layers.append(row)
-    if known:
-        raise AdapterError(f"{path}: weights this base model has no place for, e.g. {sorted(known)[:3]}")
+    if unused:
+        raise AdapterError(f"{path}: weights this base model has no place for, e.g. {sorted(unused)[:3]}")
     return layers
 
 

@@ -101,7 +101,7 @@ def test_the_prefix_cache_keeps_adapters_apart(engine, adapters):
 
 
 def test_a_broken_adapter_fails_its_request_only(engine, adapters, tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 16}))  # no rank, no weights
     bad = AdapterRef("broken", str(tmp_path))
     prompt = engine.tokenizer.encode("still serving")
     broken, fine = run(engine, [req("bad", prompt, bad, max_tokens=3), req("ok", prompt, adapters[1], max_tokens=3)])
