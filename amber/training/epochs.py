@@ -32,7 +32,7 @@ class EpochResult:
     train_loss: float              # mean completion-token NLL over the epoch's training steps
     validation_loss: float | None  # mean completion-token NLL on validation rows; None without any
     path: Path                     # this epoch's adapter directory
-    seconds: float                 # wall time of the epoch: steps, validation and saving
+    seconds: float                 # wall time of the epoch's steps and validation
 
 
 def epoch_dir(out_dir: Path, epoch: int) -> Path:

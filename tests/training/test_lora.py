@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from amber.engine.tokenizer import Tokenizer
-from amber.training import epochs
+from amber.training import epochs, lora
 from amber.training.data import ExampleEncoder, collate
 from amber.training.lora import (TARGET_MODULES, Example, TrainConfig, TrainingError, completion_nll,
                                  load_model, train_lora)
@@ -89,6 +89,19 @@ def test_padded_batch_loss_is_the_sum_of_single_losses(tiny_checkpoint):
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
 
 
+def test_sdpa_for_big_batches_gives_the_eager_loss(tiny_checkpoint, monkeypatch):
+    model = load_model(tiny_checkpoint, replace(FAST, base_dtype="float32")).get_base_model().eval()
+    encoder = ExampleEncoder(tiny_checkpoint)
+    batch = collate(encoder.encode_all(TRAIN, "training"), encoder.eos_id)
+    with torch.no_grad():
+        eager = completion_nll(model, batch)
+        assert model.config._attn_implementation == "eager"
+        monkeypatch.setattr(lora, "EAGER_ATTENTION_BYTES", 0)
+        sdpa = completion_nll(model, batch)
+        assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_user_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(TrainingError, match="no training examples"):
         train_lora(tiny_checkpoint, [], [], FAST, tmp_path)
@@ -151,3 +164,21 @@ def test_resuming_with_other_settings_is_refused(tiny_checkpoint, tmp_path):
     train_lora(tiny_checkpoint, TRAIN, [], replace(FAST, epochs=1), tmp_path)
     with pytest.raises(TrainingError, match="different training run"):
         train_lora(tiny_checkpoint, TRAIN, [], replace(FAST, epochs=1, rank=8), tmp_path)
+
+
+@pytest.mark.slow
+def test_real_model_adapter_loads_with_peft_and_lowers_the_loss(default_checkpoint, tmp_path):
+    """bfloat16 base in training, float32 base when loaded back, as serving will: the adapter must
+    still carry what it learned."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+    rows = [json.loads(line) for line in (Path(__file__).parent.parent / "data/sst2/train.jsonl").open()][:8]
+    examples = [Example(**row) for row in rows]
+    result = train_lora(default_checkpoint, examples, [], TrainConfig(epochs=1, learning_rate=2e-3), tmp_path)
+    encoder = ExampleEncoder(default_checkpoint)
+    batch = collate(encoder.encode_all(examples, "training"), encoder.eos_id)
+    base = LlamaForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = completion_nll(base, batch)
+        after = completion_nll(PeftModel.from_pretrained(base, result[0].path).get_base_model(), batch)
+    assert after < 0.7 * before
