@@ -11,9 +11,11 @@ recently used order, pinned while a request uses them. Adapters are stored per l
 and B^T is block-diagonal (k*r, out) with the scale folded in, so one pair of small matmuls serves
 q, k and v at once. A projection the adapter does not train gets zero blocks.
 
-`LoraBatch` is one forward pass's view: which rows use which slot. Rows of the same adapter are
-computed together (one pair of matmuls per adapter, per projection), reading each adapter's weights
-once per step however many rows use it; a contiguous run of rows is a view, no gather.
+`LoraBatch` is one forward pass's view: the batch's adapters side by side (copied once per change
+in which adapters the batch holds, so steady decoding copies nothing), and a mask that keeps each
+row's own adapter. Every projection then costs three kernels however many adapters the batch mixes:
+per-adapter matmuls were measured at 2x the base step's time for 8 rows over 4 adapters, because
+each tiny kernel costs ~20 us to launch here.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from amber.engine.model import FUSED, LORA_TARGETS as TARGETS, LlamaForCausalLM
+from amber.engine.model import FUSED, LORA_TARGETS as TARGETS, O_PROJ, LlamaForCausalLM
 from amber.engine.types import AdapterRef
 
 PEFT_PREFIX = "base_model.model."
@@ -41,8 +43,9 @@ def _parts(target: str) -> tuple[str, ...]:
 
 
 def read_adapter(path: Path, model: LlamaForCausalLM, dtype: torch.dtype
-                 ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """A PEFT adapter as, per layer and per target, (A (k*r, in), B^T scaled (k*r, out))."""
+                 ) -> tuple[int, list[list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
+    """A PEFT adapter: its rank, and per layer, target and part (q, k, v of a fused qkv...) the pair
+    (A (r, in), B^T scaled (r, part's out)); zeros for parts the adapter does not train."""
     try:
         config = json.loads((path / "adapter_config.json").read_text())
         weights = load_file(path / "adapter_model.safetensors")
@@ -57,28 +60,22 @@ def read_adapter(path: Path, model: LlamaForCausalLM, dtype: torch.dtype
     for i, layer in enumerate(model.model.layers):
         row = []
         for target in TARGETS:
-            linear = layer.get_submodule(target)
-            a_parts, offset = [], 0
-            sizes = _part_sizes(model, target)
-            bt = torch.zeros(rank * len(sizes), linear.out_features, dtype=torch.float32)
-            for p, (part, size) in enumerate(zip(_parts(target), sizes)):
+            width, parts = layer.get_submodule(target).in_features, []
+            for part, size in zip(_parts(target), _part_sizes(model, target)):
                 stem = f"{PEFT_PREFIX}model.layers.{i}.{part}"
                 a, b = weights.get(f"{stem}.lora_A.weight"), weights.get(f"{stem}.lora_B.weight")
                 unused -= {f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"}
                 if a is None or b is None:
-                    a = torch.zeros(rank, linear.in_features)
-                elif a.shape != (rank, linear.in_features) or b.shape != (size, rank):
+                    a, b = torch.zeros(rank, width), torch.zeros(size, rank)
+                elif a.shape != (rank, width) or b.shape != (size, rank):
                     raise AdapterError(f"{path}: {stem} has shapes {tuple(a.shape)}, {tuple(b.shape)}; "
-                                       f"this base needs ({rank}, {linear.in_features}), ({size}, {rank})")
-                else:
-                    bt[p * rank:(p + 1) * rank, offset:offset + size] = b.float().t() * scale
-                a_parts.append(a.float())
-                offset += size
-            row.append((torch.cat(a_parts).to(dtype), bt.to(dtype)))
+                                       f"this base needs ({rank}, {width}), ({size}, {rank})")
+                parts.append((a.float().to(dtype), (b.float().t() * scale).to(dtype)))
+            row.append(parts)
         layers.append(row)
     if unused:
         raise AdapterError(f"{path}: weights this base model has no place for, e.g. {sorted(unused)[:3]}")
-    return layers
+    return rank, layers
 
 
 def _part_sizes(model: LlamaForCausalLM, target: str) -> list[int]:
@@ -92,7 +89,8 @@ def _part_sizes(model: LlamaForCausalLM, target: str) -> list[int]:
 
 
 class AdapterSlots:
-    """Loaded adapters, stacked per layer and target as (slots, k*r_max, in) and (slots, k*r_max, out).
+    """Loaded adapters, stacked per target over all layers: A as (slots, layers, parts, r_max, in),
+    B^T per part as (slots, layers, r_max, part's out).
 
     Ranks differ between adapters: the stacks are padded with zeros to the largest rank loaded,
     which adds nothing to the result. Capacity should be at least the batch size, so every running
@@ -100,12 +98,16 @@ class AdapterSlots:
 
     def __init__(self, model: LlamaForCausalLM, capacity: int):
         self.model, self.capacity = model, capacity
+        # the activations' dtype (fp32 beside int8 weights): bf16 adapters were measured slower here,
+        # small bf16 matmuls plus the casts costing more than the bytes they save
         self.dtype = model.model.embed_tokens.weight.dtype
         self.device = model.model.embed_tokens.weight.device
         self._slots: OrderedDict[str, int] = OrderedDict()   # adapter key -> slot, LRU first
         self._pins: dict[int, int] = {}
-        self.a: list[list[torch.Tensor]] = []   # [layer][target] (slots, k*r, in); slot 0 all zeros
-        self.bt: list[list[torch.Tensor]] = []  # [layer][target] (slots, k*r, out)
+        self.slots, self.rank = 0, 0            # allocated slots (slot 0 included) and padded rank
+        self.a: list[torch.Tensor] = []         # [target] (slots, layers, parts, r, in); slot 0 stays zero
+        self.bt: list[list[torch.Tensor]] = []  # [target][part] (slots, layers, r, out of the part)
+        self._joined: tuple[tuple[int, ...], list, list] | None = None
 
     def acquire(self, ref: AdapterRef | None) -> int:
         """The slot holding `ref` (0 for none), loading it on first use; pinned until `release`."""
@@ -123,18 +125,20 @@ class AdapterSlots:
             self._pins[slot] -= 1
 
     def _load(self, ref: AdapterRef) -> int:
-        layers = read_adapter(Path(ref.path), self.model, self.dtype)
+        rank, layers = read_adapter(Path(ref.path), self.model, self.dtype)
         slot = self._free_slot()
-        rank = max(a.shape[0] for row in layers for a, _ in row)
-        if not self.a or rank > self.a[0][0].shape[1] or slot >= self.a[0][0].shape[0]:
-            self._grow(slots=max(slot + 1, self.a[0][0].shape[0] if self.a else 1), rows=rank)
-        for stacks_a, stacks_bt, row in zip(self.a, self.bt, layers):
-            for t, (a, bt) in enumerate(row):
-                stacks_a[t][slot].zero_()
-                stacks_bt[t][slot].zero_()
-                stacks_a[t][slot, :a.shape[0]] = a.to(self.device)
-                stacks_bt[t][slot, :bt.shape[0]] = bt.to(self.device)
+        if rank > self.rank or slot >= self.slots:
+            self._grow(slots=max(slot + 1, self.slots), rank=max(rank, self.rank))
+        for t in range(len(TARGETS)):
+            self.a[t][slot].zero_()
+            for bt in self.bt[t]:
+                bt[slot].zero_()
+            for i, row in enumerate(layers):
+                for p, (a, bt) in enumerate(row[t]):
+                    self.a[t][slot, i, p, :rank] = a.to(self.device)
+                    self.bt[t][p][slot, i, :rank] = bt.to(self.device)
         self._slots[ref.key] = slot
+        self._joined = None  # a slot's contents changed
         return slot
 
     def _free_slot(self) -> int:
@@ -148,56 +152,79 @@ class AdapterSlots:
                 return slot
         raise AdapterError(f"all {self.capacity} adapter slots are in use")
 
-    def _grow(self, slots: int, rows: int) -> None:
+    def _grow(self, slots: int, rank: int) -> None:
         """Reallocate the stacks for more slots and/or a larger rank, keeping what is loaded."""
-        rows = max(rows, self.a[0][0].shape[1] if self.a else 0)
+        layers, first = len(self.model.model.layers), self.model.model.layers[0]
         new_a, new_bt = [], []
-        for i, layer in enumerate(self.model.model.layers):
-            row_a, row_bt = [], []
-            for t, target in enumerate(TARGETS):
-                linear = layer.get_submodule(target)
-                k = len(_parts(target))
-                a = torch.zeros(slots, rows * k, linear.in_features, dtype=self.dtype, device=self.device)
-                bt = torch.zeros(slots, rows * k, linear.out_features, dtype=self.dtype, device=self.device)
-                if self.a:
-                    old_a, old_bt = self.a[i][t], self.bt[i][t]
-                    a[:old_a.shape[0], :old_a.shape[1]] = old_a
-                    bt[:old_bt.shape[0], :old_bt.shape[1]] = old_bt
-                row_a.append(a)
-                row_bt.append(bt)
-            new_a.append(row_a)
-            new_bt.append(row_bt)
+        for t, target in enumerate(TARGETS):
+            sizes, width = _part_sizes(self.model, target), first.get_submodule(target).in_features
+            a = torch.zeros(slots, layers, len(sizes), rank, width, dtype=self.dtype, device=self.device)
+            bts = [torch.zeros(slots, layers, rank, size, dtype=self.dtype, device=self.device) for size in sizes]
+            if self.a:
+                old = self.a[t]
+                a[:old.shape[0], :, :, :old.shape[3]] = old
+                for bt, old_bt in zip(bts, self.bt[t]):
+                    bt[:old_bt.shape[0], :, :old_bt.shape[2]] = old_bt
+            new_a.append(a)
+            new_bt.append(bts)
         self.a, self.bt = new_a, new_bt
+        self.slots, self.rank, self._joined = slots, rank, None
+
+    def _join(self, adapters: tuple[int, ...]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Per target, the batch's adapters side by side: A as (layers, parts * n * r, in), part by
+        part; B^T per part as (layers, n * r, out). One adapter is a view of its stacks; several are
+        copied once and reused while the batch holds the same adapters (decode steps mostly do)."""
+        if len(adapters) == 1:
+            s = adapters[0]
+            return [a[s].flatten(1, 2) for a in self.a], [[bt[s] for bt in bts] for bts in self.bt]
+        if self._joined is None or self._joined[0] != adapters:
+            index = torch.tensor(adapters, device=self.device)
+            a = [stack.index_select(0, index).permute(1, 2, 0, 3, 4).flatten(1, 3).contiguous()
+                 for stack in self.a]
+            bt = [[stack.index_select(0, index).transpose(0, 1).flatten(1, 2).contiguous() for stack in bts]
+                  for bts in self.bt]
+            self._joined = adapters, a, bt
+        return self._joined[1], self._joined[2]
 
     def batch(self, row_slots: list[int], seq: int) -> LoraBatch | None:
         """The LoRA work of one forward pass whose rows use `row_slots`; None when no row has an
         adapter (the base model's pass, untouched)."""
-        if not any(row_slots):
+        adapters = tuple(sorted(set(row_slots) - {0}))
+        if not adapters:
             return None
-        groups = []
-        for slot in sorted(set(row_slots) - {0}):
-            rows = [i for i, s in enumerate(row_slots) if s == slot]
-            if rows == list(range(rows[0], rows[-1] + 1)):
-                groups.append((slot, slice(rows[0] * seq, (rows[-1] + 1) * seq)))
-            else:
-                index = torch.tensor([r * seq + j for r in rows for j in range(seq)], device=self.device)
-                groups.append((slot, index))
-        return LoraBatch(self, groups)
+        a, bt = self._join(adapters)
+        mask = None
+        if len(adapters) > 1 or 0 in row_slots:
+            # row i keeps only its own adapter's share of A x: (rows * seq, n * r), per part
+            mask = torch.zeros(len(row_slots), seq, len(adapters), self.rank, dtype=self.dtype)
+            for row, slot in enumerate(row_slots):
+                if slot:
+                    mask[row, :, adapters.index(slot)] = 1
+            mask = mask.view(len(row_slots) * seq, -1).to(self.device)
+        return LoraBatch(a, bt, mask)
 
 
 @dataclass
 class LoraBatch:
-    slots: AdapterSlots
-    groups: list[tuple[int, slice | torch.Tensor]]   # (adapter slot, its rows of the flattened batch)
+    """One forward pass's adapters: per target, A and B^T of the batch's adapters side by side, and
+    the mask that gives each row its own adapter's share (None when every row has the same one)."""
+    a: list[torch.Tensor]
+    bt: list[list[torch.Tensor]]
+    mask: torch.Tensor | None
 
     def add(self, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y += (scaled) B A x for every row that has an adapter; x (batch, seq, in), y (batch, seq, out)."""
-        a_stack, bt_stack = self.slots.a[layer][target], self.slots.bt[layer][target]
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        for slot, rows in self.groups:
-            a, bt = a_stack[slot], bt_stack[slot]
-            if isinstance(rows, slice):
-                y2[rows].addmm_(x2[rows] @ a.t(), bt)
-            else:
-                y2.index_add_(0, rows, (x2.index_select(0, rows) @ a.t()) @ bt)
+        """y += (scaled) B A x for every row that has an adapter; x (batch, seq, in), y (batch, seq, out).
+        One matmul for A, one per part for B, however many adapters the batch mixes: each row is
+        multiplied by every adapter's A and masked, cheap at LoRA ranks. B^T is kept per part, not
+        block-diagonal, because its bytes are what a step pays for."""
+        h = x.reshape(-1, x.shape[-1]) @ self.a[target][layer].t()          # (rows, parts * n * r)
+        y2, parts = y.view(-1, y.shape[-1]), self.bt[target]
+        h = h.view(h.shape[0], len(parts), -1)
+        if self.mask is not None:
+            h.mul_(self.mask.unsqueeze(1))
+        column = 0
+        for p, bt in enumerate(parts):
+            out = bt.shape[-1]
+            y2[:, column:column + out].addmm_(h[:, p], bt[layer])
+            column += out
         return y
