@@ -32,3 +32,4 @@ def current_account(request: Request, store: Annotated[Store, Depends(get_store)
 
 Account = Annotated[AccountInfo, Depends(current_account)]
 Pool = Annotated[ModelPool, Depends(get_pool)]
+StoreDep = Annotated[Store, Depends(get_store)]

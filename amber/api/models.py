@@ -1,0 +1,44 @@
+"""What a request's `model` names, for every API, and the models an account may address.
+
+The one place both are decided, so that custom models (an account's fine-tunes, addressed by name,
+private to it) reach every API at once. For now: the registry's general models, by name or alias.
+Raises ModelNotFound rather than an HTTP error; each API answers in its own error shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi.concurrency import run_in_threadpool
+
+from amber.serving import LoadedModel, ModelPool
+from amber.store.repo import AccountInfo, Store
+
+
+class ModelNotFound(Exception):
+    """No model of that name that this account may use (another account's custom model included)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str               # as the caller wrote it; responses echo it
+    loaded: LoadedModel     # the running base model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str                 # what a request's `model` may say
+    owned_by: str           # "amber" for general models
+    root: str               # the registry model behind it
+
+
+async def resolve_model(pool: ModelPool, store: Store, account: AccountInfo, name: str) -> ResolvedModel:
+    """The running model `name` addresses for `account`, loading it on first use."""
+    if pool.registry.resolve(name) is None:
+        raise ModelNotFound(name)
+    return ResolvedModel(name, await run_in_threadpool(pool.get, name))
+
+
+def available_models(pool: ModelPool, store: Store, account: AccountInfo) -> list[ModelInfo]:
+    """Every name `account` may put in `model`: each general model and its aliases."""
+    return [ModelInfo(name, "amber", spec.name)
+            for spec in pool.registry.models.values() for name in (spec.name, *spec.aliases)]
