@@ -7,7 +7,8 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 
 url, key = sys.argv[1], sys.argv[2]
-llm = ChatOpenAI(model="j2-light", base_url=f"{url}/v1", api_key=key, temperature=0, max_tokens=24, max_retries=0)
+llm = ChatOpenAI(model="j2-light", base_url=f"{url}/v1", api_key=key, temperature=0, max_tokens=24, max_retries=0,
+                 stream_usage=True)
 messages = [SystemMessage("You are a concise assistant."), HumanMessage("What is the capital of France?")]
 answer = llm.invoke(messages)
 chunks = list(llm.stream(messages))

@@ -33,9 +33,14 @@ def body(status: int, message: str, param: str | None = None, code: str | None =
 
 
 def _param(loc: tuple) -> str | None:
-    """FastAPI's ("body", "messages", 0, "role") as OpenAI's "messages.0.role"."""
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else [str(p) for p in loc]
+    """FastAPI's ("body", "messages", 0, "role") as OpenAI's "messages.0.role", without the
+    branch tags pydantic adds inside a union ("stop", "list[...]", 0 -> "stop.0")."""
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] == "body" else loc)
+             if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
     return ".".join(parts) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -49,7 +54,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    # the most specific error: inside a union, pydantic reports every branch's ("stop": not a string;
+    # "stop.1": too short), and the deepest is the one that says what is wrong
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
     param = _param(tuple(first.get("loc", ())))
     message = f"{param}: {first['msg']}" if param else first["msg"]
     return JSONResponse(body(400, message, param), status_code=400)
