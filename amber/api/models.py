@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
 
+from amber.engine.types import GenerationRequest, SamplingParams
 from amber.serving import LoadedModel, ModelPool
 from amber.store.repo import AccountInfo, Store
 
@@ -22,6 +23,12 @@ class ModelNotFound(Exception):
 class ResolvedModel:
     name: str               # as the caller wrote it; responses echo it
     loaded: LoadedModel     # the running base model
+
+    def request(self, request_id: str, prompt_ids: list[int] | tuple[int, ...], params: SamplingParams,
+                score_prompt: bool = True) -> GenerationRequest:
+        """An engine request for this model: every route builds its requests here, so what a
+        custom model adds to them (its adapter) is added once."""
+        return GenerationRequest(request_id, tuple(prompt_ids), params, score_prompt)
 
 
 @dataclass(frozen=True)

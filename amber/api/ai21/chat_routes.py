@@ -19,7 +19,6 @@ from amber.api.generation import generate_all, open_streams
 from amber.api.models import ModelNotFound, ResolvedModel, resolve_model
 from amber.api.streaming import Usage, deltas, event_stream
 from amber.engine.chat_template import NoChatTemplate
-from amber.engine.types import GenerationRequest
 
 router = APIRouter(prefix="/studio/v1")
 
@@ -62,7 +61,7 @@ async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, po
     _check_batch(model, body.n, "n")
     ids, max_tokens = await _prompt(model, cc.jamba_messages(body), body.max_tokens)
     rid = f"chat-{uuid.uuid4().hex}"
-    request = GenerationRequest(rid, ids, cc.jamba_params(body, max_tokens), score_prompt=False)
+    request = model.request(rid, ids, cc.jamba_params(body, max_tokens), score_prompt=False)
     usage = Usage()
     if not body.stream:
         (out,) = await generate_all(http, model.loaded.engine, [request])
@@ -86,5 +85,5 @@ async def j2_chat(model: str, body: cs.J2ChatRequest, account: Account, pool: Po
     ids, _ = await _prompt(resolved, cc.j2_messages(body), body.maxTokens)
     params = convert.sampling_params(body, resolved.loaded.tokenizer)
     rid = str(uuid.uuid4())
-    (out,) = await generate_all(http, resolved.loaded.engine, [GenerationRequest(rid, ids, params, score_prompt=False)])
+    (out,) = await generate_all(http, resolved.loaded.engine, [resolved.request(rid, ids, params, score_prompt=False)])
     return cc.j2_response(rid, out)

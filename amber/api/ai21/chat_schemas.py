@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from amber.api.ai21.schemas import LIMITS, CompleteRequest, Int
 
-Stop = str | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
-                       Field(max_length=LIMITS.max_stop_sequences)]
+Stop = Annotated[str, Field(max_length=200)] | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
+                                                     Field(max_length=LIMITS.max_stop_sequences)]
 
 
 class JambaMessage(BaseModel):

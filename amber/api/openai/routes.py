@@ -19,7 +19,6 @@ from amber.api.openai import schemas as s
 from amber.api.openai.errors import OpenAIError, invalid
 from amber.api.streaming import Usage, deltas, event_stream
 from amber.engine.chat_template import NoChatTemplate
-from amber.engine.types import GenerationRequest
 from amber.serving import LoadedModel
 
 router = APIRouter()
@@ -72,8 +71,7 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
         _check_size(loaded, ids, body.max_tokens, body.n, "prompt")
     params = c.sampling_params(body, tokenizer, max_tokens=body.max_tokens, top_k=body.logprobs or 0)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    requests = [GenerationRequest(f"{rid}-{i}", tuple(ids), params,
-                                  score_prompt=body.echo and body.logprobs is not None)
+    requests = [model.request(f"{rid}-{i}", ids, params, score_prompt=body.echo and body.logprobs is not None)
                 for i, (_, ids, _) in enumerate(prompts)]
     usage = Usage()
     if not body.stream:
@@ -111,8 +109,8 @@ async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool
     _check_size(loaded, ids, max_tokens, body.n, "messages")
     top_k = (body.top_logprobs or 0) if body.logprobs else 0
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    request = GenerationRequest(rid, tuple(ids), c.sampling_params(body, tokenizer, max_tokens=max_tokens, top_k=top_k),
-                                score_prompt=False)
+    request = model.request(rid, ids, c.sampling_params(body, tokenizer, max_tokens=max_tokens, top_k=top_k),
+                            score_prompt=False)
     usage = Usage()
     if not body.stream:
         (out,) = await generate_all(http, loaded.engine, [request])

@@ -17,8 +17,8 @@ from amber.config import Limits
 LIMITS = Limits()
 
 Finite = dict(allow_inf_nan=False)
-Stop = str | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
-                       Field(max_length=LIMITS.max_stop_sequences)]
+Stop = Annotated[str, Field(max_length=200)] | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
+                                                     Field(max_length=LIMITS.max_stop_sequences)]
 Bias = dict[str, Annotated[float, Field(ge=-100, le=100, **Finite)]]
 
 
