@@ -7,13 +7,18 @@ A request goes out on a kept-alive connection; the clock stops at the first SSE 
 generated text (not the role-only event chat streams open with). Every run has its own ~30-token
 prompt (consecutive words of the SST-2 sample's sentences), so neither the prefix cache nor a
 repeated prompt helps. Measured idle, and again while 8 other streams are decoding (a new request joins their
-batch). Medians (and p90) over --runs, after two warm-up requests per endpoint.
+batch). Medians (and p90) over --runs, after two warm-up requests per endpoint. On a shared
+machine the figures mean little while another process computes (two torch threads on two busy
+cores slow down many times over), so the share of CPU time used by other processes during the run
+is measured and reported beside them.
 Writes bench/results/ttft_stream.json and the ttft-stream section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import sys
 import threading
@@ -31,6 +36,32 @@ WORDS = [word for name in ("train", "dev", "test")
          for word in line.split("\t")[-1].split()]
 STRIDE = 25  # words per prompt: ~30 tokens
 NO_EOS = {"2": -100}  # the background streams must not end early
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time used so far by process `pid` (with its threads), or by the whole machine."""
+    if pid is None:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, open("/proc/stat").readline().split()[1:9])
+        busy = user + nice + system + irq + softirq + steal
+    else:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        busy = int(fields[11]) + int(fields[12])  # utime + stime
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """The share of the machine's CPU that processes other than this one and the server use."""
+
+    def __init__(self, server_pid: int):
+        self.pid, self.began = server_pid, time.monotonic()
+        self.machine, self.ours = cpu_seconds(), self._ours()
+
+    def _ours(self) -> float:
+        return cpu_seconds(self.pid) + cpu_seconds(os.getpid())
+
+    def share(self) -> float:
+        foreign = (cpu_seconds() - self.machine) - (self._ours() - self.ours)
+        return round(max(0.0, foreign) / ((time.monotonic() - self.began) * os.cpu_count()), 3)
 
 
 def prompt(i: int) -> str:
@@ -96,24 +127,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the server on the way out
     (HOME / "models.toml").unlink(missing_ok=True)  # always today's default registry
     endpoints = ["/v1/completions", "/v1/chat/completions", "/studio/v1/chat/completions"]
     result: dict = {"runs": args.runs, "idle": {}, "beside_8_streams": {}}
-    with amber_server(HOME) as (url, key, _):
+    result["foreign_cpu_share"] = {}
+    with amber_server(HOME) as (url, key, server):
+        foreign = ForeignLoad(server.pid)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as client:
             for k, endpoint in enumerate(endpoints):
                 result["idle"][endpoint] = measure(client, endpoint, args.runs, (args.runs + 2) * k)
+            result["foreign_cpu_share"]["idle"] = foreign.share()
             stop = threading.Event()
             threads = background(url, key, 8, stop)
             time.sleep(3)  # all 8 decoding
+            foreign = ForeignLoad(server.pid)
             try:
                 for k, endpoint in enumerate(endpoints):
                     result["beside_8_streams"][endpoint] = measure(client, endpoint, args.runs,
                                                                    (args.runs + 2) * (3 + k))
             finally:
+                result["foreign_cpu_share"]["beside_8_streams"] = foreign.share()
                 stop.set()
                 for t in threads:
                     t.join(30)
+    if max(result["foreign_cpu_share"].values()) > 0.05:
+        print(f"warning: other processes used CPU during the run: {result['foreign_cpu_share']}", file=sys.stderr)
     (REPO / "bench/results").mkdir(exist_ok=True)
     (REPO / "bench/results/ttft_stream.json").write_text(json.dumps(result, indent=2) + "\n")
     update_doc_section("ttft-stream", render(result))
@@ -124,8 +163,10 @@ def render(r: dict) -> str:
     rows = ["Default model and precision, CPU, 2 threads. Clock: request sent on a kept-alive connection ->",
             "first SSE event with generated text. Prompts ~30 tokens, each run its own (no prefix-cache hits);",
             "a chat prompt also holds the chat template's tokens (SmolLM2's default system prompt included).",
-            f"Median (p90) of {r['runs']} runs.", "",
-            "| endpoint | prompt tokens | idle | beside 8 decoding streams |", "|---|---|---|---|"]
+            f"Median (p90) of {r['runs']} runs. Other processes' share of the CPU meanwhile: "
+            f"{r['foreign_cpu_share']['idle']:.0%} (idle), {r['foreign_cpu_share']['beside_8_streams']:.0%} (beside).",
+            "",
+            "| endpoint | prompt tokens (BOS included) | idle | beside 8 decoding streams |", "|---|---|---|---|"]
     for endpoint, idle in r["idle"].items():
         busy = r["beside_8_streams"][endpoint]
         rows.append(f"| `POST {endpoint}` (stream) | {idle['prompt_tokens']:.0f} | "
