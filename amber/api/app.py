@@ -1,4 +1,8 @@
-"""The FastAPI application: routers, state and the default model's start-up."""
+"""The FastAPI application: routers, state and the default model's start-up.
+
+The AI21 API lives under /studio/v1; the OpenAI-compatible one is its own sub-application at /v1,
+so that its errors take OpenAI's shape while the AI21 API keeps FastAPI's.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,10 +13,13 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
 from amber.api.studio.custom_models import router as custom_models_router
 from amber.api.studio.datasets import router as datasets_router
 from amber.api.errors import validation_error
+from amber.api.openai import errors as openai_errors
+from amber.api.openai.routes import router as openai_router
 from amber.serving import ModelPool
 from amber.store.repo import Store
 
@@ -25,10 +32,16 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
 
     def load_default() -> None:
         try:
-            pool.get(pool.registry.default)
+            loaded = pool.get(pool.registry.default)
         except BaseException as exc:  # reported by /health; the server stays up to say so
             log.exception("loading the default model failed")
             load_error.append(exc)
+            return
+        if loaded.chat.available:  # after /health turns 200: chat's first request need not pay for it
+            try:
+                loaded.chat.load()
+            except Exception:
+                log.exception("loading the default model's chat template failed")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,8 +53,10 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.state.pool, app.state.store = pool, store
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
     app.include_router(custom_models_router)
+    app.include_router(ai21_chat_router)
     app.include_router(ai21_router)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.mount("/v1", openai_app(pool, store))
 
     @app.get("/health")
     def health():
@@ -53,3 +68,12 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
         return JSONResponse({"status": "loading", "model": default}, status_code=503)
 
     return app
+
+
+def openai_app(pool: ModelPool, store: Store) -> FastAPI:
+    """The OpenAI-compatible API, mounted at /v1 (same keys, same models)."""
+    v1 = FastAPI(title="Amber (OpenAI-compatible)", version="0.1.0")
+    v1.state.pool, v1.state.store = pool, store
+    v1.include_router(openai_router)
+    openai_errors.install(v1)
+    return v1

@@ -1,7 +1,8 @@
 """The engine: one background thread that owns the model, the KV cache and the running batch.
 
 Callers `submit` token-id requests from any thread (or `await generate(...)` from asyncio) and get
-a RequestOutput back through a callback; the HTTP event loop never runs a forward pass. Each step:
+a RequestOutput back through a callback, or `stream(...)` them and get each step's new tokens as
+they come; the HTTP event loop never runs a forward pass. Each step:
 
     admit  -> waiting requests whose prompts together fit one chunk are prefilled in one forward
               pass; otherwise the next one starts prefilling (from the prefix cache where it can)
@@ -18,7 +19,7 @@ import collections
 import logging
 import queue
 import threading
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -31,7 +32,7 @@ from amber.engine.sampling import make_generator, penalty_mask
 from amber.engine.sequence import RequestState, Sample, length_finish
 from amber.engine.stops import check_finish, completion_output
 from amber.engine.tokenizer import Tokenizer
-from amber.engine.types import GenerationRequest, RequestOutput
+from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Engine:
         self._rows: list[Sample] = []  # running samples; _rows[i] holds cache slot i
         self._wake = threading.Condition()
         self._stopping = False
+        self._steps = 0
         self._thread = threading.Thread(target=self._loop, name="amber-engine", daemon=True)
 
     # ---- public API, any thread ----
@@ -107,14 +109,16 @@ class Engine:
             self._wake.notify()
         self._thread.join()
 
-    def submit(self, request: GenerationRequest,
-               on_done: Callable[[RequestOutput | BaseException], None]) -> None:
+    def submit(self, request: GenerationRequest, on_done: Callable[[RequestOutput | BaseException], None],
+               on_tokens: Callable[[list[tuple[int, TokenLogprob]]], None] | None = None) -> None:
+        """Queue a request. `on_done` gets its RequestOutput (or the exception that ended it);
+        `on_tokens`, if given, gets each step's new tokens as (sample index, token) before that."""
         assert 1 <= request.params.num_results <= self.max_batch, "numResults exceeds the batch"
         assert 1 + len(request.prompt_ids) + request.params.max_tokens <= self.max_context, "too long"
         with self._wake:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
-            self._waiting.append(RequestState(request, on_done))
+            self._waiting.append(RequestState(request, on_done, on_tokens))
             self._wake.notify()
 
     def abort(self, request_id: str) -> None:
@@ -140,9 +144,38 @@ class Engine:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it now
             raise
 
+    def stream(self, request: GenerationRequest
+               ) -> AsyncIterator[list[tuple[int, TokenLogprob]] | RequestOutput]:
+        """Submit now (QueueFull is raised here, before any response starts) and return the
+        request's events: after each step its new tokens as (sample index, token), last the
+        RequestOutput. Leaving the iteration early (cancelled, closed) aborts the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        self.submit(request, put, put)
+        return self._events(request.request_id, events)
+
+    async def _events(self, request_id: str, events: asyncio.Queue):
+        finished = False
+        try:
+            while not finished:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = isinstance(item, RequestOutput)
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
     def stats(self) -> dict[str, int]:
         return {"waiting": len(self._waiting), "prefilling": int(self._prefilling is not None),
-                "running_samples": len(self._rows), "prefix_blocks": len(self.prefixes)}
+                "running_samples": len(self._rows), "prefix_blocks": len(self.prefixes),
+                "steps": self._steps}
 
     @property
     def busy(self) -> bool:
@@ -170,6 +203,7 @@ class Engine:
 
     def _step(self) -> None:
         with self._wake:
+            self._steps += 1
             self._drop_aborted()
             group = self._take_short_prompts()
             if not group and self._prefilling is None and self._waiting and self._fits(self._waiting[0]):
@@ -272,7 +306,7 @@ class Engine:
         `source` (unless it is that slot), and its first token."""
         req, params = state.request, state.request.params
         self._prepare_sampling(state)
-        counts = torch.bincount(torch.tensor(req.prompt_ids, dtype=torch.long),
+        counts = torch.bincount(torch.tensor(req.prompt_ids if params.penalize_prompt else [], dtype=torch.long),
                                 minlength=self.model.config.vocab_size).float().to(self.device)
         state.samples = [Sample(i, -1, len(state.ids), counts.clone(), make_generator(params.seed, i, self.device),
                                 owner=state) for i in range(params.num_results)]
@@ -306,13 +340,21 @@ class Engine:
         self._accept(rows, self.runner.sample(logits, rows))
 
     def _accept(self, rows, chosen) -> None:
-        """Append each row's new token, then retire what ended and hand back what is complete."""
+        """Append each row's new token, tell streaming callers, then retire what ended and hand
+        back what is complete."""
+        new: dict[RequestState, list[tuple[int, TokenLogprob]]] = {}
         for (state, sample), token in zip(rows, chosen):
             sample.tokens.append(token)
             sample.length += 1
             sample.counts[token.token_id] += 1
             check_finish(state.request.params, sample, self.tokenizer)
-        for state in {id(st): st for st, _ in rows}.values():
+            new.setdefault(state, []).append((sample.index, token))
+        for state, tokens in new.items():
+            if state.on_tokens is not None:
+                try:
+                    state.on_tokens(tokens)
+                except Exception:
+                    log.exception("token callback failed")
             for s in state.samples:
                 if s.finish is not None:
                     self._free_slot(s)

@@ -89,7 +89,11 @@ class ModelRunner:
         chosen = out.logprobs.gather(-1, out.token_ids.unsqueeze(-1)).flatten().tolist()
         raw = out.raw_logprobs.gather(-1, out.token_ids.unsqueeze(-1)).flatten().tolist()
         top_k = max(r.request.params.top_k_return for r, _ in rows)
-        tops = top_alternatives(out.logprobs, top_k)
+        ranked = out.logprobs
+        if top_k and any(r.request.params.top_from_raw for r, _ in rows):
+            raw_rows = torch.tensor([r.request.params.top_from_raw for r, _ in rows], device=self.device)
+            ranked = torch.where(raw_rows.unsqueeze(-1), out.raw_logprobs, out.logprobs)
+        tops = top_alternatives(ranked, top_k)
         return [TokenLogprob(i, lp, rlp, top[:r.request.params.top_k_return])
                 for i, lp, rlp, top, (r, _) in zip(ids, chosen, raw, tops, rows)]
 

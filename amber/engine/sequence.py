@@ -33,6 +33,7 @@ class Sample:
 class RequestState:
     request: GenerationRequest
     on_done: Callable[[RequestOutput | BaseException], None]
+    on_tokens: Callable[[list[tuple[int, TokenLogprob]]], None] | None = None  # (sample index, token) per step
     penalty_masks: torch.Tensor | None = None   # (3, vocab) presence, count, frequency
     bias: torch.Tensor | None = None            # (vocab,)
     prompt: list[TokenLogprob] = field(default_factory=list)

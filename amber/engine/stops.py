@@ -54,3 +54,20 @@ def completion_output(sample: Sample, tokenizer: Tokenizer) -> CompletionOutput:
         starts = [start for start, _ in tokenizer.offsets(text_ids)]
         tokens = [t for t, start in zip(tokens, starts) if start < sample.cut_at]
     return CompletionOutput(sample.index, tokens, text, sample.finish)
+
+
+def settled_length(text: str, stops: tuple[str, ...], start: int = 0) -> int:
+    """How much of a growing `text` no stop sequence can cut any more: it ends where a complete
+    stop sequence begins, or where a suffix that may grow into one begins. A stream sends that
+    much and holds the rest until the next token (or the finish) settles it. `text[:start]` is
+    known to be settled already."""
+    settled = len(text)
+    for seq in stops:
+        found = text.find(seq, start)
+        if found != -1:
+            settled = min(settled, found)
+        for k in range(min(len(seq) - 1, len(text) - start), 0, -1):  # longest partial match first
+            if text.endswith(seq[:k]):
+                settled = min(settled, len(text) - k)
+                break
+    return settled

@@ -41,7 +41,10 @@ class SamplingParams:
     frequency_penalty: Penalty = Penalty()
     presence_penalty: Penalty = Penalty()
     count_penalty: Penalty = Penalty()
-    seed: int | None = None
+    seed: int | None = None           # a seeded request samples the same tokens whatever shares the batch
+    penalize_prompt: bool = True      # penalties count prompt tokens too (AI21); False: generated only (OpenAI)
+    top_from_raw: bool = False        # top_k_return alternatives from the model's own distribution
+                                      # (OpenAI) rather than the one sampled from (AI21)
 
 
 @dataclass(frozen=True)

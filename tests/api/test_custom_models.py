@@ -182,3 +182,22 @@ def test_export_loads_in_peft_with_the_same_outputs(server, trained, tiny_checkp
         lp = peft_model(torch.tensor([[1, *ids]])).logits[0].log_softmax(-1)
     expected = [float(lp[i, t]) for i, t in enumerate(ids)]
     assert [t["generatedToken"]["logprob"] for t in tokens] == pytest.approx(expected, abs=1e-4)
+
+
+def test_custom_models_answer_on_the_openai_api_by_name_and_only_to_their_account(server, trained):
+    prompt = "Review: a gentle comedy\nSentiment:"
+    v1 = httpx.post(f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+                    json={"model": "sentiment", "prompt": prompt, "max_tokens": 3, "temperature": 0,
+                          "logprobs": 1}).json()
+    j2 = httpx.post(f"{server.url}/studio/v1/tiny/sentiment/complete", headers=server.headers, timeout=60,
+                    json={"prompt": prompt, "maxTokens": 3, "temperature": 0}).json()
+    assert v1["model"] == "sentiment"
+    assert v1["choices"][0]["text"] == j2["completions"][0]["data"]["text"]
+    assert v1["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+        [t["generatedToken"]["raw_logprob"] for t in j2["completions"][0]["data"]["tokens"]], abs=1e-4)
+    mine = [m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"]]
+    bob = {"Authorization": f"Bearer {server.other_key}"}
+    theirs = [m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=bob).json()["data"]]
+    assert "sentiment" in mine and "sentiment" not in theirs
+    r = httpx.post(f"{server.url}/v1/completions", headers=bob, json={"model": "sentiment", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -1,30 +1,17 @@
-"""The official ai21==2.15.2 SDK, unchanged, against a live server. It lives in its own venv
-(`make clients`) because it pins httpx<0.28; the test runs a script there."""
+"""The official ai21 SDKs, unchanged, against a live server: 2.15.2 (J2 complete and J2 chat; it
+pins httpx<0.28) and 4.x (Jamba-style chat completions, streamed and not), each from its own venv."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.api.sdk import REPO, run_client
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-CLIENT = Path(os.environ.get("AMBER_CLIENT_AI21_V2", REPO / ".venv-clients/ai21-2.15.2/bin/python"))
-
-
-def run_client(script: str, server) -> dict:
-    assert CLIENT.exists(), f"{CLIENT} is missing: run `make clients` (make test does)"
-    out = subprocess.run([CLIENT, REPO / "tests/clients" / script, server.url, server.key],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def test_completion_create_with_every_parameter(server):
-    report = run_client("ai21_v2_complete.py", server)
+    report = run_client("ai21-v2", "ai21_v2_complete.py", server)
     first, second = report["runs"]
     assert first["completions"] == second["completions"], "greedy answers must repeat"
     assert len(first["completions"]) == 2
@@ -54,15 +41,34 @@ def test_completion_create_with_every_parameter(server):
                                 "bad_value": ["UnprocessableEntity", 422]}
 
 
+def test_j2_chat_create(server):
+    report = run_client("ai21-v2", "ai21_v2_chat.py", server)
+    assert len(report["outputs"]) == 2 and report["id"]
+    first, second = report["outputs"]
+    assert first["text"] and first == second  # greedy
+    assert first["role"] == "assistant" and first["finishReason"]["reason"] in ("endoftext", "length", "stop")
+
+
+def test_v4_chat_completions(server):
+    report = run_client("ai21-v4", "ai21_v4_chat.py", server)
+    chat = report["chat"]
+    answer = chat["choices"][0]["message"]["content"]
+    assert "Paris" in answer and chat["choices"][0]["finish_reason"] == "stop"
+    assert chat["usage"]["total_tokens"] == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"]
+    assert len(report["chat_n"]["choices"]) == 2
+    stream = report["stream"]
+    assert stream[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"]["content"] or "" for c in stream) == answer
+    assert stream[-1]["choices"][0]["finish_reason"] == "stop" and stream[-1]["usage"] == chat["usage"]
+    assert report["stream_plain"][-1]["usage"]["completion_tokens"] > 0
+    assert report["errors"] == {"unknown_model": ["AI21APIError", 404], "bad_value": ["UnprocessableEntity", 422]}
+
+
 def test_custom_models_with_the_sdk(server):
     """dataset.create/list/get, custom_model.create/list/get and completion.create(custom_model=,
     epoch=) as the SDK does them; another account's client sees nothing."""
-    assert CLIENT.exists(), f"{CLIENT} is missing: run `make clients` (make test does)"
-    out = subprocess.run([CLIENT, REPO / "tests/clients/ai21_v2_custom.py", server.url, server.key,
-                          REPO / "tests/data/sst2/train.jsonl", server.other_key],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    report = run_client("ai21-v2", "ai21_v2_custom.py", server, REPO / "tests/data/sst2/train.jsonl",
+                        server.other_key)
     assert report["dataset"]["numExamples"] == 100 and report["dataset"]["trainNumExamples"] == 90
     model = report["model"]
     assert model["status"] == "COMPLETED" and model["currentEpoch"] == 2 and model["datasetName"] == "sdk-sst2"

@@ -1,0 +1,87 @@
+"""Running a route's engine requests: all at once, abandoned when the client goes away.
+
+Shared by every API that generates; knows engine requests and HTTP exceptions (429 when the
+queue is full, 499 when the client left), never a wire format.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from fastapi import HTTPException, Request
+
+from amber.engine.engine import Engine, QueueFull
+from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
+
+Event = list[tuple[int, TokenLogprob]] | RequestOutput  # what Engine.stream yields
+
+
+def busy(exc: QueueFull) -> HTTPException:
+    return HTTPException(429, f"server busy: {exc}", headers={"Retry-After": "1"})
+
+
+async def generate_all(http: Request, engine: Engine, requests: list[GenerationRequest]) -> list[RequestOutput]:
+    """Every request's output, in order. If the client disconnects first, all are abandoned
+    (they leave the batch at the next engine step)."""
+    tasks = [asyncio.ensure_future(engine.generate(r)) for r in requests]
+    try:
+        while True:
+            done, pending = await asyncio.wait(tasks, timeout=0.2, return_when=asyncio.FIRST_EXCEPTION)
+            if not pending or any(t.exception() for t in done):
+                return [t.result() for t in tasks]  # raises the first failure
+            if await http.is_disconnected():
+                raise HTTPException(499, "client closed the request")
+    except QueueFull as exc:
+        raise busy(exc) from exc
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op for finished ones; aborts the rest in the engine
+
+
+def open_streams(engine: Engine, requests: list[GenerationRequest]) -> list[AsyncIterator[Event]]:
+    """Submit every request now, so a full queue is a 429 before any response starts."""
+    streams = []
+    try:
+        for request in requests:
+            streams.append(engine.stream(request))
+    except QueueFull as exc:
+        for request in requests[:len(streams)]:
+            engine.abort(request.request_id)
+        raise busy(exc) from exc
+    return streams
+
+
+async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """Events of several streams as they come, as (stream index, event). Leaving early (the
+    client went away) cancels every stream, which aborts its request."""
+    if len(streams) == 1:  # the common case needs no tasks
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Event]) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((i, event))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, event = await queue.get()
+            if event is None:
+                running -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,129 @@
+"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions): validate,
+convert, call the engine, convert back. Mounted as its own sub-application, whose errors take
+OpenAI's shape (errors.py). Same keys and models as the AI21 API.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from amber.api.deps import Account, Pool, Store
+from amber.api.generation import generate_all, open_streams
+from amber.api.models import ModelNotFound, ResolvedModel, available_models, resolve_model
+from amber.api.openai import convert as c
+from amber.api.openai import schemas as s
+from amber.api.openai.errors import OpenAIError, invalid
+from amber.api.streaming import Usage, deltas, event_stream
+from amber.engine.chat_template import NoChatTemplate
+from amber.serving import LoadedModel
+
+router = APIRouter()
+
+
+async def _model(pool: Pool, store: Store, account: Account, name: str) -> ResolvedModel:
+    try:
+        return await resolve_model(pool, store, account, name)
+    except ModelNotFound:
+        raise OpenAIError(404, f"The model {name!r} does not exist (GET /v1/models lists them)", "model",
+                          "model_not_found") from None
+
+
+def _check_size(loaded: LoadedModel, ids: list[int], max_tokens: int, n: int, param: str) -> None:
+    if n > loaded.engine.max_batch:
+        raise invalid("n", f"n {n} exceeds this server's batch of {loaded.engine.max_batch} (amber serve --max-batch)")
+    limit = loaded.spec.max_context
+    if 1 + len(ids) + max_tokens > limit:
+        raise invalid(param, f"This model's maximum context length is {limit} tokens. However, you requested "
+                             f"{1 + len(ids) + max_tokens} tokens ({1 + len(ids)} in the {param}, {max_tokens} in "
+                             "the completion). Please reduce the length of the prompt or completion.",
+                      "context_length_exceeded")
+
+
+def _include_usage(body: s.Sampling) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+@router.get("/models")
+async def list_models(account: Account, pool: Pool, store: Store) -> dict:
+    created = int(time.time())
+    return {"object": "list", "data": [c.model_card(m, created) for m in available_models(pool, store, account)]}
+
+
+@router.get("/models/{model}")
+async def get_model(model: str, account: Account, pool: Pool, store: Store) -> dict:
+    for m in available_models(pool, store, account):
+        if m.id == model:
+            return c.model_card(m, int(time.time()))
+    raise OpenAIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
+
+
+@router.post("/completions")
+async def completions(body: s.CompletionRequest, account: Account, pool: Pool, store: Store, http: Request):
+    c.refuse_unsupported(body)
+    model = await _model(pool, store, account, body.model)
+    loaded, tokenizer = model.loaded, model.loaded.tokenizer
+    prompts = await run_in_threadpool(c.prompts, body.prompt, tokenizer)
+    for _, ids, _ in prompts:
+        _check_size(loaded, ids, body.max_tokens, body.n, "prompt")
+    params = c.sampling_params(body, tokenizer, max_tokens=body.max_tokens, top_k=body.logprobs or 0)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    requests = [model.request(f"{rid}-{i}", ids, params, score_prompt=body.echo and body.logprobs is not None)
+                for i, (_, ids, _) in enumerate(prompts)]
+    usage = Usage()
+    if not body.stream:
+        outputs = await generate_all(http, loaded.engine, requests)
+        choices = await run_in_threadpool(c.completion_choices, outputs, prompts, body, tokenizer, usage)
+        return c.completion_body(rid, created, model.name, choices, usage.as_dict())
+    streams = open_streams(loaded.engine, requests)
+
+    async def chunks() -> AsyncIterator[dict]:
+        if body.echo:
+            yield c.completion_body(rid, created, model.name, c.echo_choices(prompts, body.n), None)
+        sent: dict[int, int] = {}
+        async for d in deltas(streams, requests, tokenizer, usage):
+            base = sent.get(d.choice, len(prompts[d.choice // body.n][0]) if body.echo else 0)
+            sent[d.choice] = base + len(d.text)
+            yield c.completion_body(rid, created, model.name, [c.completion_delta(d, base, body, tokenizer)], None)
+        if _include_usage(body):
+            yield c.completion_body(rid, created, model.name, [], usage.as_dict())
+
+    return event_stream(chunks())
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool: Pool, store: Store,
+                           http: Request):
+    c.refuse_unsupported(body)
+    model = await _model(pool, store, account, body.model)
+    loaded, tokenizer = model.loaded, model.loaded.tokenizer
+    try:
+        ids = await run_in_threadpool(loaded.chat.render, c.messages(body))
+    except NoChatTemplate:
+        raise invalid("model", f"model {body.model!r} has no chat template; use /v1/completions") from None
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(
+        1, min(s.LIMITS.max_tokens, loaded.spec.max_context - 1 - len(ids)))
+    _check_size(loaded, ids, max_tokens, body.n, "messages")
+    top_k = (body.top_logprobs or 0) if body.logprobs else 0
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    request = model.request(rid, ids, c.sampling_params(body, tokenizer, max_tokens=max_tokens, top_k=top_k),
+                            score_prompt=False)
+    usage = Usage()
+    if not body.stream:
+        (out,) = await generate_all(http, loaded.engine, [request])
+        choices = c.chat_choices(out, request.prompt_ids, body.logprobs, tokenizer, usage)
+        return c.chat_body(rid, created, model.name, choices, usage.as_dict())
+    streams = open_streams(loaded.engine, [request])
+
+    async def chunks() -> AsyncIterator[dict]:
+        for j in range(body.n):
+            yield c.chat_chunk(rid, created, model.name, [c.chat_role_choice(j)])
+        async for d in deltas(streams, [request], tokenizer, usage):
+            yield c.chat_chunk(rid, created, model.name, [c.chat_delta_choice(d, tokenizer, body.logprobs)])
+        if _include_usage(body):
+            yield c.chat_chunk(rid, created, model.name, [], usage.as_dict())
+
+    return event_stream(chunks())

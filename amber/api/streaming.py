@@ -1,0 +1,122 @@
+"""Streamed generations: the engine's token events as text deltas per choice, framed as SSE.
+
+Both chat APIs and /v1/completions stream through here. A delta never splits a UTF-8 character
+(a token's bytes wait in an incremental decoder until their character is whole) and never shows
+text that a stop sequence may still cut (it waits until a later token or the finish settles it).
+The finish hands over the rest of the engine's own final text, so a choice's deltas always add
+up to exactly the text the same request returns unstreamed. Protocol shapes are not known here:
+each API turns a Delta into its own chunk.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from amber.api.generation import Event, merge
+from amber.engine.stops import settled_length
+from amber.engine.tokenizer import Tokenizer
+from amber.engine.types import CompletionOutput, FinishReason, GenerationRequest, RequestOutput, TokenLogprob
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class Delta:
+    choice: int                        # request index * n + sample index
+    text: str
+    tokens: list[TokenLogprob]         # the tokens behind `text` (and, at the finish, any left)
+    finish: FinishReason | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0             # BOS + prompt: what the model read
+    completion_tokens: int = 0
+
+    def add(self, prompt_ids: tuple[int, ...], out: RequestOutput) -> None:
+        """Count a finished request: its prompt once, every completion's tokens."""
+        self.prompt_tokens += 1 + len(prompt_ids)
+        self.completion_tokens += sum(len(c.tokens) for c in out.completions)
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class TextStream:
+    """One sample's text as its tokens arrive."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
+        self._tokenizer, self._stops = tokenizer, stops
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""                                    # whole characters decoded so far
+        self._sent = 0                                     # characters already handed out
+        self._pending: list[tuple[int, TokenLogprob]] = []  # (first character, token), not handed out
+        self._released = 0                                 # tokens handed out
+
+    def push(self, token: TokenLogprob) -> None:
+        self._pending.append((len(self._text), token))
+        if token.token_id not in self._tokenizer.eos_ids:  # end-of-text adds no text
+            self._text += self._decoder.decode(self._tokenizer.token_bytes(token.token_id))
+
+    def take(self) -> tuple[str, list[TokenLogprob]]:
+        """New settled text, and the tokens it starts in; ("", []) while nothing is settled."""
+        settled = settled_length(self._text, self._stops, self._sent) if self._stops else len(self._text)
+        if settled <= self._sent:
+            return "", []
+        text, self._sent = self._text[self._sent:settled], settled
+        tokens = [t for start, t in self._pending if start < settled]
+        self._pending = self._pending[len(tokens):]
+        self._released += len(tokens)
+        return text, tokens
+
+    def finish(self, completion: CompletionOutput) -> tuple[str, list[TokenLogprob]]:
+        """What is left of the engine's final text (cut at a stop sequence) and tokens."""
+        return completion.text[self._sent:], completion.tokens[self._released:]
+
+
+async def deltas(streams: list[AsyncIterator[Event]], requests: list[GenerationRequest],
+                 tokenizer: Tokenizer, usage: Usage) -> AsyncIterator[Delta]:
+    """Deltas of every choice of every request, as the engine steps; fills `usage` as requests end."""
+    n = requests[0].params.num_results
+    texts = [[TextStream(tokenizer, r.params.stop_sequences) for _ in range(n)] for r in requests]
+    async for i, event in merge(streams):
+        if isinstance(event, RequestOutput):
+            usage.add(requests[i].prompt_ids, event)
+            for c in event.completions:
+                text, tokens = texts[i][c.index].finish(c)
+                yield Delta(i * n + c.index, text, tokens, c.finish)
+            continue
+        for index, token in event:
+            texts[i][index].push(token)
+        for index in dict.fromkeys(index for index, _ in event):
+            text, tokens = texts[i][index].take()
+            if text:
+                yield Delta(i * n + index, text, tokens)
+
+
+def sse(payload: dict) -> str:
+    """One server-sent event: a single `data: ` line (the ai21 SDK rejects any other kind)."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Chunks as SSE, then `[DONE]`. A failure after the response has started can only be told in
+    the stream: an `error` event (which the openai SDK raises as an APIError), and no `[DONE]`."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except Exception as exc:
+        yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
+                             "param": None, "code": None}})
+        return
+    yield DONE
+
+
+def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    return StreamingResponse(sse_events(chunks), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
