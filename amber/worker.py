@@ -25,6 +25,10 @@ from amber.store.repo import Store
 log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(minutes=10)   # for a worker on another host, whose pid we cannot check
 REPORT_EVERY_S = 1.0
+# Training is background work: at a low priority the scheduler runs the server's engine threads
+# first. Both use OpenMP with a thread per core, and an engine step whose threads must wait for
+# cores the trainer holds was seen to run ~50x slower.
+NICENESS = 15
 
 
 class JobGone(Exception):
@@ -56,6 +60,7 @@ class Worker:
         """`with_parent`: stop when the process that started this one is gone (a killed server
         leaves no worker behind)."""
         log.info("worker %s waiting for training jobs", self.name)
+        os.nice(NICENESS)
         parent = os.getppid()
         while not (with_parent and os.getppid() != parent):
             job = self.store.custom_models.claim(self.name, is_alive, STALE_AFTER)
