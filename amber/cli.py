@@ -35,9 +35,10 @@ console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-                 max_batch: int = 16, max_queue: int = 256) -> Config:
+                 max_batch: int = 16, max_queue: int = 256, prefix_blocks: int = 256) -> Config:
     from amber.serving import pick_device  # torch import only for commands that need it
-    engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue)
+    engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue,
+                     prefix_blocks=prefix_blocks)
     return Config(home=_home_config().home, host=host, port=port, engine=engine)
 
 
@@ -52,6 +53,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
           device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda if present")] = None,
           max_batch: Annotated[int, typer.Option(min=1, max=256, help="sequences decoded together")] = 16,
           max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 429")] = 256,
+          prefix_cache_blocks: Annotated[int, typer.Option(min=0, help="32-token prompt blocks kept; 0: off")] = 256,
           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
           worker: Annotated[bool, typer.Option(help="start a training worker process beside the server")] = True
           ) -> None:
@@ -66,7 +68,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     from amber.worker import WorkerProcess
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(host, port, device, max_batch, max_queue)
+    config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks)
     registry = load_registry(config.registry_path)
     store = Store(open_database(config.database_url))
     app_ = create_app(ModelPool(config, registry), store)

@@ -91,6 +91,7 @@ class EngineConfig:
     max_batch: int = 16          # sequences decoded together (numResults rows count one each)
     prefill_chunk: int = 512     # prompt tokens per forward pass, so a long prompt cannot stall decoding
     max_queue: int = 256         # requests waiting beyond this are refused (429)
+    prefix_blocks: int = 256     # 32-token prompt blocks the prefix cache keeps; 0 turns it off
     device: str = "cpu"
     threads: int | None = None   # torch intra-op threads; None keeps torch's choice
 

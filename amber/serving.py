@@ -60,7 +60,8 @@ class ModelPool:
             return load_model(checkpoint, spec.dtype, device), Tokenizer.from_pretrained(checkpoint)
 
         engine = Engine.launch(build, max_batch=cfg.max_batch, max_context=spec.max_context,
-                               prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue)
+                               prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue,
+                               prefix_blocks=cfg.prefix_blocks)
         log.info("model %s ready on %s in %.1f s", spec.name, device, time.perf_counter() - started)
         chat = ChatTemplate(ensure_checkpoint(spec, self.config.checkpoints_dir), engine.bos_id)  # converted by now
         return LoadedModel(spec, engine.tokenizer, engine, chat)

@@ -44,11 +44,11 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @contextmanager
-def amber_server(home: Path):
-    """`amber serve` on AMBER_HOME=home and a fresh key: yields (url, key, process)."""
+def amber_server(home: Path, *options: str):
+    """`amber serve` on AMBER_HOME=home (with `options`) and a fresh key: yields (url, key, process)."""
     env = {**os.environ, "AMBER_HOME": str(home)}
     port = free_port()
-    proc = subprocess.Popen([AMBER, "serve", "--port", str(port), "--log-level", "warning"], env=env,
+    proc = subprocess.Popen([AMBER, "serve", "--port", str(port), "--log-level", "warning", *options], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"

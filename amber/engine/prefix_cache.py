@@ -56,6 +56,8 @@ class PrefixCache:
     def store(self, ids: list[int], cache: KVCache, slot: int, scores: list[TokenLogprob] | None,
               top_k: int, namespace: str | None = None) -> None:
         """Keep the full blocks of a prefilled prompt. scores[i] belongs to ids[i + 1]."""
+        if self.max_blocks == 0:  # turned off
+            return
         bs = self.block_size
         for b, key in self._keys(ids, namespace):
             if key in self._blocks:
