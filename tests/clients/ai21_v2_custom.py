@@ -39,6 +39,7 @@ for name, call in {"dataset.get": lambda: other.dataset.get(dataset.id),
         hidden[name] = getattr(exc, "status_code", None)
 print(json.dumps({
     "dataset": fetched.to_dict(), "num_datasets": len(datasets),
-    "model": model.to_dict(), "other_sees": {"datasets": len(other.dataset.list()),
-                                              "models": len(other.custom_model.list()), **hidden},
+    "model": model.to_dict(), "other_sees": {"datasets": [d.id for d in other.dataset.list()],
+                                              "models": [m.id for m in other.custom_model.list()], **hidden},
+    "ids": {"dataset": dataset.id, "model": model.id},
     "answers": answers, "default": default}, default=str))
