@@ -27,7 +27,8 @@ STALE_AFTER = timedelta(minutes=10)   # for a worker on another host, whose pid 
 REPORT_EVERY_S = 1.0
 # Training is background work: at a low priority the scheduler runs the server's engine threads
 # first. Both use OpenMP with a thread per core, and an engine step whose threads must wait for
-# cores the trainer holds was seen to run ~50x slower.
+# cores the trainer holds runs far slower. Measured (a 32-token completion, int8, 2 cores): 0.85 s
+# idle; 3.8 s while a job trained at normal priority; 0.88 s at this one (training then waits).
 NICENESS = 15
 
 
