@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from amber.engine.model import FUSED, LORA_TARGETS as TARGETS, O_PROJ, LlamaForCausalLM
+from amber.engine.model import FUSED, LORA_TARGETS as TARGETS, LlamaForCausalLM
 from amber.engine.types import AdapterRef
 
 PEFT_PREFIX = "base_model.model."
