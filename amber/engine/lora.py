@@ -6,16 +6,16 @@ have an adapter add (alpha / r) B A x on top, as LoRAX and S-LoRA do. So a batch
 models and the base model, and a row without an adapter computes exactly what the base computes.
 
 `AdapterSlots` owns the loaded adapters: slot 0 is "no adapter", slots 1.. hold adapters in least
-recently used order, pinned while a request uses them. Adapters are stored per layer and per
-*fused* projection (the model fuses q/k/v and gate/up): A is the parts' A matrices stacked (k*r, in),
-and B^T is block-diagonal (k*r, out) with the scale folded in, so one pair of small matmuls serves
-q, k and v at once. A projection the adapter does not train gets zero blocks.
+recently used order, pinned while a request uses them. Adapters are stored per *fused* projection
+(the model fuses q/k/v and gate/up): A holds the parts' A matrices one after another, so one matmul
+serves q, k and v at once, and B^T (scale folded in) is kept per part. A projection the adapter
+does not train gets zeros.
 
 `LoraBatch` is one forward pass's view: the batch's adapters side by side (copied once per change
 in which adapters the batch holds, so steady decoding copies nothing), and a mask that keeps each
-row's own adapter. Every projection then costs three kernels however many adapters the batch mixes:
-per-adapter matmuls were measured at 2x the base step's time for 8 rows over 4 adapters, because
-each tiny kernel costs ~20 us to launch here.
+row's own adapter. A projection then costs one matmul for A, the mask, and one matmul per part for
+B, however many adapters the batch mixes. Measured, 8 decode rows over 4 adapters: per-adapter
+matmuls cost 2x the base step (each tiny kernel costs ~20 us to launch here); this costs 1.4x.
 """
 from __future__ import annotations
 
