@@ -36,6 +36,10 @@ class JobGone(Exception):
     """The job was deleted, or another worker took it over."""
 
 
+class ParentGone(Exception):
+    """The server that started this worker is gone: stop, leaving the job to be resumed."""
+
+
 def is_alive(worker: str | None) -> bool:
     """Whether the worker `host:pid` still runs; a worker elsewhere is judged by its heartbeat."""
     if not worker:
@@ -56,17 +60,25 @@ class Worker:
     def __init__(self, config: Config, registry: Registry, store: Store):
         self.config, self.registry, self.store = config, registry, store
         self.name = worker_name(os.getpid())
+        self.parent: int | None = None  # with a parent to follow: its pid
+
+    def _parent_gone(self) -> bool:
+        return self.parent is not None and os.getppid() != self.parent
 
     def run(self, poll_seconds: float = 1.0, once: bool = False, with_parent: bool = False) -> None:
         """`with_parent`: stop when the process that started this one is gone (a killed server
         leaves no worker behind)."""
         log.info("worker %s waiting for training jobs", self.name)
         os.nice(NICENESS)
-        parent = os.getppid()
-        while not (with_parent and os.getppid() != parent):
+        self.parent = os.getppid() if with_parent else None
+        while not self._parent_gone():
             job = self.store.custom_models.claim(self.name, is_alive, STALE_AFTER)
             if job is not None:
-                self.run_job(job)
+                try:
+                    self.run_job(job)
+                except ParentGone:
+                    log.info("server gone; custom model %d will resume from its last epoch", job.id)
+                    return
             elif once:
                 return
             else:
@@ -78,6 +90,8 @@ class Worker:
         log.info("training custom model %s (id %d) on %s", job.name, job.id, job.base_model)
         try:
             self._train_and_evaluate(job)
+        except ParentGone:
+            raise
         except JobGone:
             log.info("custom model %d was deleted or taken over; dropped", job.id)
             if self.store.custom_models.get_any(job.id) is None:
@@ -109,6 +123,8 @@ class Worker:
 
         def on_progress(p) -> None:
             nonlocal last_report
+            if self._parent_gone():
+                raise ParentGone()
             if time.monotonic() - last_report < REPORT_EVERY_S and p.step < p.total_steps:
                 return
             last_report = time.monotonic()
