@@ -83,7 +83,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
 
 @app.command("worker")
 def run_worker(once: Annotated[bool, typer.Option(help="exit when no job is waiting")] = False,
-               with_parent: Annotated[bool, typer.Option(hidden=True)] = False,
+               parent: Annotated[Optional[int], typer.Option(hidden=True, help="exit when this pid is gone")] = None,
                log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
     """Train queued custom models, one at a time; takes over jobs whose worker died."""
     from amber.store.repo import Store
@@ -92,7 +92,7 @@ def run_worker(once: Annotated[bool, typer.Option(help="exit when no job is wait
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _home_config()
     Worker(config, load_registry(config.registry_path), Store.open(config.database_url)).run(
-        once=once, with_parent=with_parent)
+        once=once, parent=parent)
 
 
 @models_app.callback()

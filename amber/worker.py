@@ -63,14 +63,23 @@ class Worker:
         self.parent: int | None = None  # with a parent to follow: its pid
 
     def _parent_gone(self) -> bool:
-        return self.parent is not None and os.getppid() != self.parent
+        if self.parent is None:
+            return False
+        try:
+            os.kill(self.parent, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            return False
+        return False
 
-    def run(self, poll_seconds: float = 1.0, once: bool = False, with_parent: bool = False) -> None:
-        """`with_parent`: stop when the process that started this one is gone (a killed server
-        leaves no worker behind)."""
+    def run(self, poll_seconds: float = 1.0, once: bool = False, parent: int | None = None) -> None:
+        """`parent`: the pid of the server that started this worker; stop when it is gone (a
+        killed server leaves no worker behind). Passed in rather than read here, since the server
+        may die before this process gets that far."""
         log.info("worker %s waiting for training jobs", self.name)
         os.nice(NICENESS)
-        self.parent = os.getppid() if with_parent else None
+        self.parent = parent
         while not self._parent_gone():
             job = self.store.custom_models.claim(self.name, is_alive, STALE_AFTER)
             if job is not None:
@@ -191,7 +200,8 @@ class WorkerProcess:
     killed mid-job is replaced, and the new one resumes the job from its last epoch)."""
 
     def __init__(self, log_level: str = "info"):
-        self.command = [sys.executable, "-m", "amber.cli", "worker", "--with-parent", "--log-level", log_level]
+        self.command = [sys.executable, "-m", "amber.cli", "worker", "--parent", str(os.getpid()),
+                        "--log-level", log_level]
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._watch = threading.Thread(target=self._keep_alive, name="amber-worker-watch", daemon=True)

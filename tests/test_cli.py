@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 AMBER = Path(sys.executable).parent / "amber"
@@ -61,3 +62,16 @@ def test_upload_train_follow_show_and_export_from_the_command_line(tmp_path, tin
     out = amber(tmp_path, "models", "export", "cli-model", str(tmp_path / "export"), "--account", "carol")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "export/adapter_model.safetensors").exists()
+
+
+def test_a_worker_started_by_a_server_exits_when_the_server_is_gone(tmp_path):
+    """`amber serve` starts its worker with --parent; a killed server leaves no worker behind."""
+    server = subprocess.Popen(["sleep", "5"])  # stands in for the server
+    worker = subprocess.Popen([AMBER, "worker", "--parent", str(server.pid)], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "AMBER_HOME": str(tmp_path)})
+    time.sleep(3)
+    assert worker.poll() is None, worker.stderr.read()  # waits for jobs while its server lives
+    server.kill()
+    server.wait()
+    assert worker.wait(timeout=30) == 0
+    assert "waiting for training jobs" in worker.stderr.read()
