@@ -39,10 +39,10 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
     from amber.serving import pick_device  # torch import only for commands that need it
     engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue,
                      prefix_blocks=prefix_blocks)
-    return Config(home=_home_config().home, host=host, port=port, engine=engine)
+    return Config(home=home_config().home, host=host, port=port, engine=engine)
 
 
-def _home_config() -> Config:
+def home_config() -> Config:
     home = Path(os.environ.get("AMBER_HOME", "~/.amber")).expanduser()
     return Config(home=home)
 
@@ -90,7 +90,7 @@ def run_worker(once: Annotated[bool, typer.Option(help="exit when no job is wait
     from amber.worker import Worker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = _home_config()
+    config = home_config()
     Worker(config, load_registry(config.registry_path), Store.open(config.database_url)).run(
         once=once, parent=parent)
 
@@ -100,7 +100,7 @@ def list_models(ctx: typer.Context) -> None:
     """List the models in the registry (AMBER_HOME/models.toml)."""
     if ctx.invoked_subcommand is not None:
         return
-    config = _home_config()
+    config = home_config()
     registry = load_registry(config.registry_path)
     table = Table("name", "aliases", "dtype", "context", "source")
     for spec in registry.models.values():
@@ -113,7 +113,7 @@ def list_models(ctx: typer.Context) -> None:
 def _store():
     from amber.store.db import open_database
     from amber.store.repo import Store
-    return Store(open_database(_home_config().database_url))
+    return Store(open_database(home_config().database_url))
 
 
 @keys_app.command("create")

@@ -7,7 +7,6 @@ process: `amber serve` starts one; `models train` starts its own if no worker ta
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from amber.config import Config, load_registry
+from amber.config import load_registry
 
 datasets_app = typer.Typer(help="Training datasets.", no_args_is_help=True)
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -28,9 +27,9 @@ AccountOpt = Annotated[str, typer.Option("--account", envvar="AMBER_ACCOUNT", he
 
 
 def _context(account: str):
+    from amber.cli import home_config  # cli.py reads the environment; it imports this module first
     from amber.store.repo import Store
-    home = Path(os.environ.get("AMBER_HOME", "~/.amber")).expanduser()
-    config = Config(home=home)
+    config = home_config()
     store = Store.open(config.database_url)
     try:
         return config, store, store.ensure_account(account)

@@ -40,20 +40,23 @@ class ParentGone(Exception):
     """The server that started this worker is gone: stop, leaving the job to be resumed."""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` on this host exists (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def is_alive(worker: str | None) -> bool:
     """Whether the worker `host:pid` still runs; a worker elsewhere is judged by its heartbeat."""
     if not worker:
         return False
     host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
+    return host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))
 
 
 class Worker:
@@ -63,15 +66,7 @@ class Worker:
         self.parent: int | None = None  # with a parent to follow: its pid
 
     def _parent_gone(self) -> bool:
-        if self.parent is None:
-            return False
-        try:
-            os.kill(self.parent, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, someone else's
-            return False
-        return False
+        return self.parent is not None and not pid_alive(self.parent)
 
     def run(self, poll_seconds: float = 1.0, once: bool = False, parent: int | None = None) -> None:
         """`parent`: the pid of the server that started this worker; stop when it is gone (a

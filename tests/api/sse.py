@@ -16,3 +16,12 @@ def stream_events(server, path: str, body: dict) -> list[dict]:
     assert all(line.startswith("data: ") for line in data), data
     assert data[-1] == "data: [DONE]"
     return [json.loads(line[len("data: "):]) for line in data[:-1]]
+
+
+def is_whole_utf8(data: bytes) -> bool:
+    """Whether `data` decodes on its own, i.e. splits no character."""
+    try:
+        data.decode()
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from amber.engine.tokenizer import Tokenizer
-from tests.api.sse import stream_events
+from tests.api.sse import is_whole_utf8, stream_events
 
 pytestmark = pytest.mark.slow
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -191,7 +191,7 @@ def test_streamed_chat_never_splits_a_character(server):
             "max_tokens": 12, "temperature": 0, "logprobs": True}
     plain = ok(server, CHAT, body)["choices"][0]
     pieces = [bytes(t["bytes"]) for t in plain["logprobs"]["content"]]
-    assert any(not _whole(p) for p in pieces), "this answer should hold characters split across tokens"
+    assert any(not is_whole_utf8(p) for p in pieces), "this answer should hold characters split across tokens"
     chunks = stream_events(server, CHAT, {**body, "stream": True})
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks[1:]]
@@ -199,14 +199,6 @@ def test_streamed_chat_never_splits_a_character(server):
     assert "".join(deltas) == plain["message"]["content"]
     streamed = [t["token"] for c in chunks[1:] for t in (c["choices"][0]["logprobs"] or {"content": []})["content"]]
     assert streamed == [t["token"] for t in plain["logprobs"]["content"]]
-
-
-def _whole(data: bytes) -> bool:
-    try:
-        data.decode()
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_chat_shape_and_usage(server):

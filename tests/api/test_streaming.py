@@ -8,6 +8,7 @@ from amber.api.streaming import TextStream
 from amber.engine.stops import settled_length
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import CompletionOutput, FinishKind, FinishReason, TokenLogprob
+from tests.api.sse import is_whole_utf8
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +33,11 @@ def test_deltas_never_split_a_character(tok):
     text = "Sea 🌊🐚 and 海 — naïve café 👩‍👩‍👧"
     ids = tok.encode(text)
     assert len(ids) > len(text.split()) + 6, "the text should hold characters split across tokens"
-    assert any(not _whole(tok.token_bytes(i)) for i in ids)
+    assert any(not is_whole_utf8(tok.token_bytes(i)) for i in ids)
     _, deltas = stream(tok, text)
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
     assert "" in deltas  # some tokens ended mid-character and had to wait
-
-
-def _whole(data: bytes) -> bool:
-    try:
-        data.decode()
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_text_a_stop_sequence_may_cut_is_held_back(tok):
