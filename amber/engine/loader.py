@@ -12,14 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from amber.engine.model import FUSED, LlamaConfig, LlamaForCausalLM, rope_tables
-from amber.engine.quantize import quantize_int8
+from amber.engine.quantize import quantize
 
-# int8 modes are weight-only: int8 matrices, activations in higher precision (the idea behind
-# Jamba's ExpertsInt8). "int8" keeps the residual stream in fp32 with attention and the KV cache
-# in bf16 (fp32 attention made its prefill 2x slower, and the cache twice the size); "int8-bf16"
-# runs all activations in bf16.
+# int8 and int4 modes are weight-only: low-bit matrices, activations in higher precision (the idea
+# behind Jamba's ExpertsInt8). "int8" and "int4" keep the residual stream in fp32 with attention
+# and the KV cache in bf16 (fp32 attention made its prefill 2x slower, and the cache twice the
+# size); "int8-bf16" runs all activations in bf16. quantize.py says why int4 is exact for Q4 GGUFs.
 ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                     "int8": torch.float32, "int8-bf16": torch.bfloat16}
+                     "int8": torch.float32, "int8-bf16": torch.bfloat16, "int4": torch.float32}
+WEIGHT_BITS = {"int8": 8, "int8-bf16": 8, "int4": 4}
+# scale groups of the int8 LM head (quantize.py): the fewest that keep the mode under 0.05 nats
+HEAD_GROUPS = {"int8": 4, "int8-bf16": 4, "int4": 1}
 LLAMA_TYPES = {"llama", "mistral"}
 
 
@@ -65,7 +68,7 @@ def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu") ->
     model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_position_embeddings)  # were on meta
     model = model.to(device=device, dtype=ACTIVATION_DTYPES[dtype]).eval().requires_grad_(False)
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
-    if dtype.startswith("int8"):
-        quantize_int8(model)
+    if dtype in WEIGHT_BITS:
+        quantize(model, WEIGHT_BITS[dtype], HEAD_GROUPS[dtype])
         model.kv_dtype = torch.bfloat16
     return model

@@ -217,7 +217,9 @@ class LoraBatch:
         One matmul for A, one per part for B, however many adapters the batch mixes: each row is
         multiplied by every adapter's A and masked, cheap at LoRA ranks. B^T is kept per part, not
         block-diagonal, because its bytes are what a step pays for."""
-        h = x.reshape(-1, x.shape[-1]) @ self.a[target][layer].t()          # (rows, parts * n * r)
+        a = self.a[target][layer]
+        h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()                   # (rows, parts * n * r)
+        y = y.to(a.dtype)  # quantized layers answer in bf16; the update is added in the adapters' dtype
         y2, parts = y.view(-1, y.shape[-1]), self.bt[target]
         h = h.view(h.shape[0], len(parts), -1)
         if self.mask is not None:

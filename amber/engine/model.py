@@ -74,14 +74,27 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self._doubled: torch.Tensor | None = None  # [weight, weight], made at first use (after loading)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; the same arithmetic as below
+        if x.dtype == torch.float32:
+            if x.shape[0] == 1:  # one token: single-stream decode's hot path
+                return self._one_row(x)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Reduced precision: normalise in fp32, as the reference implementation does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of one fp32 row in one kernel. torch's rms_norm is ~8 ops on CPU, which for a
+        single row cost more than their arithmetic (~13 us against ~6, 61 times a decode step);
+        layer_norm is one kernel. [x, -x] has mean 0 and variance mean(x^2), so the first half of
+        its layer norm is x * rsqrt(mean(x^2) + eps), scaled by the first half of the weight."""
+        if self._doubled is None or self._doubled.device != x.device:
+            self._doubled = torch.cat([self.weight, self.weight]).detach()
+        twice = torch.cat([x, -x], dim=-1)
+        return F.layer_norm(twice, self._doubled.shape, self._doubled, None, self.eps)[:, :x.shape[-1]]
 
 
 def rope_tables(cfg: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +114,8 @@ def attention_mask(positions: torch.Tensor, context: int) -> torch.Tensor | None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, 1, head_dim) in x's dtype, with
-    sin's first half negated. HF's rotate-half layout."""
+    """x: (tokens, heads, head_dim); cos/sin: (tokens, 1, head_dim) in x's dtype, with sin's first
+    half negated. HF's rotate-half layout."""
     half = x.shape[-1] // 2
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
 
@@ -121,15 +134,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache: BatchCache, mask, lora: LoraBatch | None) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x)).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :, :self.heads + self.kv_heads], cos, sin)  # q and k rotate together
-        q, k, v = qk[:, :, :self.heads], qk[:, :, self.heads:], qkv[:, :, self.heads + self.kv_heads:]
-        keys, values = cache.write_and_read(self.layer, k, v)  # (batch, kv_heads, ctx, head_dim)
-        out = F.scaled_dot_product_attention(  # in the cache's dtype, which may be below x's
-            q.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        out = out.transpose(1, 2).reshape(batch, seq, -1).to(x.dtype)
-        return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (batch, seq, hidden)
+        """x: (tokens, hidden), the batch's rows one after another; attention alone needs them
+        as (batch, seq), which `cache.shape` holds."""
+        batch, seq = cache.shape
+        qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x)).view(-1, self.heads + 2 * self.kv_heads, self.head_dim)
+        # q and k rotate together, in the residual stream's dtype (cos's): in fp32 beside int8 or
+        # int4 weights, whose outputs come in bf16 (rotating in bf16 moved int8's logprobs 7% more).
+        # Attention then runs in the cache's dtype, which may be below it.
+        qk = apply_rope(qkv[:, :self.heads + self.kv_heads], cos, sin)
+        v = qkv[:, self.heads + self.kv_heads:]
+        if qk.dtype != cache.dtype:
+            qk = qk.to(cache.dtype)
+        if v.dtype != cache.dtype:
+            v = v.to(cache.dtype)
+        keys, values = cache.write_and_read(self.layer, qk[:, self.heads:], v)
+        q = qk[:, :self.heads].view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        out = out.transpose(1, 2).reshape(batch * seq, -1)
+        return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (tokens, hidden)
 
 
 class MLP(nn.Module):
@@ -187,13 +209,44 @@ class LlamaForCausalLM(nn.Module):
         slots: the cache slot of each row, (batch,), or a slice for consecutive slots (no gather).
         Row b attends to its slot's positions <= its own. `lora`: the rows' adapters, if any has one.
         """
-        x = self.model.embed_tokens(input_ids)
+        # Rows travel as (tokens, hidden): every layer but attention treats tokens alike, and the
+        # matmul kernels take 2-D inputs, so no reshape is paid per projection.
+        x = self.model.embed_tokens(input_ids.flatten())
         batch = cache.batch(slots, positions)
         mask = attention_mask(positions, batch.context)
-        cos = self.rope_cos[positions].unsqueeze(2).to(x.dtype)  # (batch, seq, 1, head_dim)
-        sin = self.rope_sin[positions].unsqueeze(2).to(x.dtype)
+        cos = self.rope_cos[positions.flatten()].unsqueeze(1).to(x.dtype)  # (tokens, 1, head_dim)
+        sin = self.rope_sin[positions.flatten()].unsqueeze(1).to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, mask, lora)
+        return self.model.norm(x).view(*input_ids.shape, -1)
+
+    def forward_one(self, token: int, position: int, slot: int, cache: KVCache) -> torch.Tensor:
+        """forward() for one token of one sequence with no adapter: hidden (1, hidden).
+
+        Single-stream decode is the one case where per-op cost, not arithmetic, sets the speed:
+        a step is ~1,100 small ops around 121 matmuls. This path runs the same ops on the same
+        values as forward() (tests/engine/test_precision.py checks they agree bit for bit), minus the
+        batch bookkeeping: no index tensors, masks or reshapes for rows and sequences, and plain
+        slice writes into the cache. Measured: ~1 ms of a ~14 ms step (bench/engine.py)."""
+        x = self.model.embed_tokens.weight[token].unsqueeze(0)
+        cos = self.rope_cos[position].to(x.dtype)  # (head_dim,), broadcast over heads
+        sin = self.rope_sin[position].to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            heads, kv_heads = attn.heads, attn.kv_heads
+            qkv = attn.qkv_proj(layer.input_layernorm(x)).view(heads + 2 * kv_heads, attn.head_dim)
+            qk, v = apply_rope(qkv[:heads + kv_heads], cos, sin), qkv[heads + kv_heads:]
+            if qk.dtype != cache.dtype:
+                qk = qk.to(cache.dtype)
+            keys, values = cache.layer_keys[i], cache.layer_values[i]  # (slots, kv_heads, len, head_dim)
+            keys[slot, :, position] = qk[heads:]
+            values[slot, :, position] = v
+            out = F.scaled_dot_product_attention(
+                qk[:heads].view(1, heads, 1, attn.head_dim), keys[slot:slot + 1, :, :position + 1],
+                values[slot:slot + 1, :, :position + 1], enable_gqa=heads != kv_heads)
+            x = x + attn.o_proj(out.view(1, -1))
+            gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
+            x = x + mlp.down_proj(F.silu(gate) * up)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,20 @@
-"""Weight-only int8: applied to a built model from outside (gpt-fast's convert_for_runtime idea).
+"""Weight-only quantization: applied to a built model from outside (gpt-fast's convert_for_runtime idea).
 
-Each nn.Linear becomes an Int8Linear: per-output-channel symmetric int8 weights with bf16 scales.
+Each nn.Linear becomes an Int8Linear (per-output-channel symmetric int8, bf16 scales) or an
+Int4Linear (groups of 32 input columns, each with its own bf16 scale and zero point).
 Activations stay in the model's dtype; matmul inputs go in as bf16.
 
-Measured on this 2-core AVX-512/AMX machine (bench/engine.py): torch's fused int8 kernel
-(`_weight_int8pack_mm`) reads a quarter of fp32's bytes and wins for up to 4 rows (single-sequence
-decode: 576x3072 in ~50 us against ~130 us in bf16), but loses to a bf16 GEMM from 8 rows up, and
-is ~10x slower still with fp32 inputs. So each layer also keeps its weights dequantized to bf16 -
-the same values the int8 kernel multiplies by - for batches and prefill. Both paths compute with
-identical weights, so a request's tokens do not depend on what shares its batch; the price is
-memory (int8 + bf16 copies, 3 bytes a weight) for speed.
+Measured on this 2-core AVX-512/AMX machine (bench/engine.py): torch's fused kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) win for up to 4 rows (single-sequence
+decode: 576x3072 in ~50 us against ~130 us in bf16), but lose to a bf16 GEMM from 8 rows up, and
+are 10-30x slower still with fp32 inputs. So each layer also keeps its weights dequantized to bf16
+for batches and prefill. The price is memory (a bf16 copy beside the packed weights) for speed.
+
+Why int4 is not lossy for the default model: SmolLM2's GGUF stores every block linear as Q4_1,
+32 weights sharing a scale and a minimum, which is exactly Int4Linear's grid. Recovering the grid
+from the dequantized checkpoint (min and max of each group) gives back the same weights in fp32;
+only the bf16 rounding of scales and zero points remains. On weights that were never 4-bit it is
+an ordinary (lossy) 4-bit quantization: the registry's `dtype` is per model for that reason.
 """
 from __future__ import annotations
 
@@ -17,16 +22,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_INT8_MAX_ROWS = 4  # above this many rows the bf16 GEMM on the dequantized copy is faster
+FUSED_MAX_ROWS = 4  # above this many rows the bf16 GEMM on the dequantized copy is faster
+# the ops' overloads, looked up once: calling the packet costs a lookup per call
+INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+INT4_GROUP = 32     # Q4_0/Q4_1's block size; the CPU kernel also takes 64, 128, 256
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """A linear layer with packed low-bit weights for few rows and their bf16 dequantization for
+    many. Subclasses pack the weights and run the fused kernel."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+
+    def fused(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (n, in) bf16 -> (n, out) bf16, with the packed weights."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) in any float dtype -> (rows, out) in bf16, which is what the next matmul,
+        RoPE and attention take; the residual stream adds it in its own dtype (type promotion), so
+        no step spends a cast on the way back. Few rows are a decode step's hot path: kept lean."""
+        if x.dim() != 2:
+            return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        rows = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        return self.fused(rows) if rows.shape[0] <= FUSED_MAX_ROWS else F.linear(rows, self.dense)
+
+
+class Int8Linear(QuantizedLinear):
     """int8 weights with one bf16 scale per output channel and input group of `in / groups`
     columns (groups > 1: finer scales, less error, one more kernel call per group)."""
 
     def __init__(self, weight: torch.Tensor, groups: int = 1):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+        super().__init__(weight)
         assert self.in_features % groups == 0, "groups must divide the input width"
         w = weight.detach().float().view(self.out_features, groups, -1).transpose(0, 1)  # (groups, out, in/groups)
         scales = (w.abs().amax(dim=2).clamp(min=1e-8) / 127.0).to(torch.bfloat16)          # (groups, out)
@@ -40,28 +70,70 @@ class Int8Linear(nn.Module):
         w = self.weight.to(torch.bfloat16) * self.scales.unsqueeze(2)
         return w.transpose(0, 1).reshape(self.out_features, self.in_features).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= FUSED_INT8_MAX_ROWS:
-            width = self.weight.shape[2]
-            out = sum(torch.ops.aten._weight_int8pack_mm(rows[:, g * width:(g + 1) * width].contiguous(),
-                                                         self.weight[g], self.scales[g])
-                      for g in range(self.weight.shape[0]))
-        else:
-            out = F.linear(rows, self.dense)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+    def fused(self, rows: torch.Tensor) -> torch.Tensor:
+        width = self.weight.shape[2]
+        if self.weight.shape[0] == 1:
+            return INT8_MM(rows, self.weight[0], self.scales[0])
+        return sum(INT8_MM(rows[:, g * width:(g + 1) * width].contiguous(), self.weight[g], self.scales[g])
+                   for g in range(self.weight.shape[0]))
 
 
-def quantize_int8(model: nn.Module, groups: dict[str, int] | None = None) -> nn.Module:
-    """Replace every nn.Linear in place by an Int8Linear; `groups` gives finer scales by name.
+class Int4Linear(QuantizedLinear):
+    """4-bit weights q in [0, 15], in groups of `group` input columns: w = (q - 8) * scale + zero,
+    scale and zero in bf16 per (group, output channel), as torch's CPU int4 kernel defines them.
+    Each group's grid runs from its minimum to its maximum (Q4_1's rule)."""
 
-    The LM head gets 4 groups by default: with one scale per row, int8 there moves logprobs most
-    (SmolLM2-135M, mean |logprob - fp32|: 0.051 with 1 group, 0.048 with 4, 0.041 left in bf16),
-    and 4 groups cost ~0.2 ms a decode step where bf16 would cost ~3 ms."""
-    groups = {"lm_head": 4} if groups is None else groups
+    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP):
+        super().__init__(weight)
+        assert fits_int4(weight, group), "int4 needs in % group == 0 and out % 16 == 0"
+        self.group = group
+        w = weight.detach().float().view(self.out_features, -1, group)     # (out, groups, group)
+        low, high = w.amin(dim=2), w.amax(dim=2)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = torch.round((w - low.unsqueeze(2)) / scale.unsqueeze(2)).clamp(0, 15)
+        # the kernel's zero is the value at q = 8
+        scales_zeros = torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(torch.bfloat16)
+        # torch's CPU kernel has its own packing; elsewhere (CUDA) the layer runs its bf16 copy
+        packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.view(self.out_features, self.in_features).to(torch.int32), 1) if weight.is_cpu else None)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros.contiguous())   # (groups, out, 2)
+        # what the kernel multiplies by (in fp32), rounded to bf16
+        scale, zero = scales_zeros.float().unbind(-1)                       # (groups, out)
+        dense = (q - 8) * scale.T.unsqueeze(2) + zero.T.unsqueeze(2)
+        self.register_buffer("dense", dense.view(self.out_features, self.in_features).to(torch.bfloat16))
+
+    def fused(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(rows, self.dense)
+        return INT4_MM(rows, self.packed, self.group, self.scales_zeros)
+
+
+def fits_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> bool:
+    """The CPU int4 kernel's shape rules."""
+    out_features, in_features = weight.shape
+    return in_features % group == 0 and out_features % 16 == 0
+
+
+def quantize(model: nn.Module, bits: int, head_groups: int = 4) -> nn.Module:
+    """Replace every nn.Linear in place by an Int8Linear (bits=8) or an Int4Linear (bits=4).
+
+    The LM head stays int8 in both: it is the tied embedding, which GGUF files keep at 8 bits
+    (Q8_0), and int4 there moves logprobs far more (SmolLM2-135M: 0.17 nats). It gets
+    `head_groups` scale groups: with one scale per row int8 there moves logprobs most
+    (SmolLM2-135M with int8 layers, mean |logprob - fp32|: 0.051 with 1 group, 0.048 with 4,
+    0.041 left in bf16; with int4 layers 0.032 with 1 group, 0.030 with 4), and each group is one
+    more kernel call over the 49,152 x 576 matrix (4 groups cost ~0.4 ms more a decode step than
+    1). An int4 layer whose shape the kernel cannot take falls back to int8."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child.weight, groups.get(full, 1)))
+            if not isinstance(child, nn.Linear):
+                continue
+            if full == "lm_head":
+                setattr(module, child_name, Int8Linear(child.weight, head_groups))
+            elif bits == 4 and fits_int4(child.weight):
+                setattr(module, child_name, Int4Linear(child.weight))
+            else:
+                setattr(module, child_name, Int8Linear(child.weight))
     return model

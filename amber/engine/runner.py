@@ -73,6 +73,9 @@ class ModelRunner:
         """One forward step for every sample, which sit in slots 0..n-1 in order; fp32 logits
         (batch, vocab) for each one's next token."""
         assert all(s.slot == i for i, s in enumerate(samples)), "decode rows must fill slots 0..n-1"
+        if len(samples) == 1 and samples[0].owner.adapter_slot == 0:
+            sample = samples[0]
+            return self.model.logits(self.model.forward_one(sample.last_token, sample.length - 1, 0, self.cache))
         ids = torch.tensor([[s.last_token] for s in samples], device=self.device)
         positions = torch.tensor([[s.length - 1] for s in samples], device=self.device)
         lora = self.adapters.batch([s.owner.adapter_slot for s in samples], 1)
@@ -82,7 +85,7 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, rows: list[tuple[RequestState, Sample]]) -> list[TokenLogprob]:
         """Pick each row's next token; logits (batch, vocab) fp32."""
         batch = self._sampling_batch(rows)
-        counts = torch.stack([s.counts for _, s in rows])
+        counts = None if batch.penalty_scales is None else torch.stack([s.counts for _, s in rows])
         lengths = torch.tensor([s.length - 1 for _, s in rows], device=self.device)  # BOS not counted
         out = sample(logits, batch, counts, lengths, [s.generator for _, s in rows])
         ids = out.token_ids.tolist()
@@ -100,10 +103,12 @@ class ModelRunner:
     def _sampling_batch(self, rows: list[tuple[RequestState, Sample]]) -> SamplingBatch:
         params = [r.request.params for r, _ in rows]
         f32 = dict(dtype=torch.float32, device=self.device)
-        scales = torch.tensor([[p.presence_penalty.scale, p.count_penalty.scale, p.frequency_penalty.scale]
-                               for p in params], **f32)
-        ones = torch.ones(3, self.vocab_size, **f32)
-        masks = torch.stack([r.penalty_masks if r.penalty_masks is not None else ones for r, _ in rows])
+        scales = masks = None
+        if any(p.presence_penalty.scale or p.count_penalty.scale or p.frequency_penalty.scale for p in params):
+            scales = torch.tensor([[p.presence_penalty.scale, p.count_penalty.scale, p.frequency_penalty.scale]
+                                   for p in params], **f32)
+            ones = torch.ones(3, self.vocab_size, **f32)
+            masks = torch.stack([r.penalty_masks if r.penalty_masks is not None else ones for r, _ in rows])
         bias = None
         if any(r.bias is not None for r, _ in rows):
             zeros = torch.zeros(self.vocab_size, **f32)

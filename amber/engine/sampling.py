@@ -26,8 +26,8 @@ class SamplingBatch:
     """Per-row sampling parameters as tensors; row b of every field belongs to one sequence."""
     temperature: torch.Tensor        # (batch,) float; 0 = greedy
     top_p: torch.Tensor              # (batch,) float in (0, 1]
-    penalty_scales: torch.Tensor     # (batch, 3) presence, count, frequency
-    penalty_masks: torch.Tensor      # (batch, 3, vocab) float: 1 where that penalty applies
+    penalty_scales: torch.Tensor | None  # (batch, 3) presence, count, frequency; None: no row has any
+    penalty_masks: torch.Tensor | None   # (batch, 3, vocab) float: 1 where that penalty applies
     bias: torch.Tensor | None        # (batch, vocab) added to logits, or None
     banned: torch.Tensor | None      # (batch, vocab) bool: forbidden tokens (end-of-text before minTokens)
 
@@ -48,11 +48,12 @@ def penalty_mask(penalty: Penalty, category_masks: torch.Tensor) -> torch.Tensor
     return (~exempt).float()
 
 
-def adjust_logits(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor,
+def adjust_logits(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor | None,
                   lengths: torch.Tensor) -> torch.Tensor:
-    """Bias, penalties and bans applied to fp32 logits (batch, vocab); counts (batch, vocab)."""
+    """Bias, penalties and bans applied to fp32 logits (batch, vocab); counts (batch, vocab), or
+    None when no row has a penalty. Returns `logits` itself when nothing applies."""
     out = logits if batch.bias is None else logits + batch.bias
-    if bool(batch.penalty_scales.any()):
+    if batch.penalty_scales is not None and bool(batch.penalty_scales.any()):
         per_token = torch.stack([
             (counts > 0).float(),                                  # presence
             counts,                                                # count
@@ -75,22 +76,30 @@ def top_p_filter(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return scaled.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor, lengths: torch.Tensor,
+def sample(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor | None, lengths: torch.Tensor,
            generators: list[torch.Generator]) -> Sampled:
     """Choose one token per row. logits: (batch, vocab) fp32; lengths: tokens so far per row."""
     raw = logits.log_softmax(-1)
     adjusted = adjust_logits(logits, batch, counts, lengths)
     greedy = batch.temperature <= 0
+    if adjusted is logits and bool(greedy.all()):  # plain greedy decoding: the model's own distribution
+        return Sampled(token_ids=argmax(logits), logprobs=raw, raw_logprobs=raw)
     temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
     scaled = adjusted / temperature.unsqueeze(-1)
     nucleus = (~greedy & (batch.top_p < 1)).nonzero().flatten()
     if len(nucleus):  # sorting the vocabulary costs ~2 ms a row: only rows that need top-p pay it
         scaled[nucleus] = top_p_filter(scaled[nucleus], batch.top_p[nucleus])
     logprobs = scaled.log_softmax(-1)
-    chosen = adjusted.argmax(-1)
+    chosen = argmax(adjusted)
     for row in (~greedy).nonzero().flatten().tolist():
         chosen[row] = torch.multinomial(logprobs[row].exp(), 1, generator=generators[row])[0]
     return Sampled(token_ids=chosen, logprobs=logprobs, raw_logprobs=raw)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first largest index, as argmax; max's indices cost a third of argmax's on CPU
+    (49,152 logits: ~25 us against ~70)."""
+    return logits.max(-1).indices
 
 
 def top_alternatives(logprobs: torch.Tensor, k: int) -> list[tuple[tuple[int, float], ...]]:

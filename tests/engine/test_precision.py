@@ -1,5 +1,5 @@
 """Every precision mode: the batched engine still equals the slow loop on the same weights, int8
-matrices are what they claim, and the real model stays close to fp32."""
+and int4 matrices are what they claim, and the real model stays close to fp32."""
 from __future__ import annotations
 
 import threading
@@ -10,11 +10,11 @@ import torch
 from amber.engine.engine import Engine
 from amber.engine.kv_cache import KVCache
 from amber.engine.loader import load_model
-from amber.engine.quantize import FUSED_INT8_MAX_ROWS, Int8Linear
+from amber.engine.quantize import FUSED_MAX_ROWS, Int4Linear, Int8Linear
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, SamplingParams
 
-MODES = ["float32", "bfloat16", "int8", "int8-bf16"]
+MODES = ["float32", "bfloat16", "int8", "int8-bf16", "int4"]
 
 
 def run(engine, requests):
@@ -53,8 +53,8 @@ def test_batched_engine_equals_the_slow_loop_in_every_mode(tiny_checkpoint, mode
                             for i, p in enumerate(prompts)])
     finally:
         engine.stop()
-    # int8: the one-row decode kernel rounds its inputs and outputs to bf16, the many-row path
-    # multiplies the same int8 weights as bf16; the two differ by bf16 noise
+    # int8, int4: the one-row decode kernel rounds its inputs and outputs to bf16, the many-row
+    # path multiplies the same weights as bf16; the two differ by bf16 noise
     # (this random model's logits are scaled x40, which magnifies that noise)
     tol = {"float32": 1e-4, "bfloat16": 0.05}.get(mode, 0.3)
     for i, (p, out) in enumerate(zip(prompts, outs)):
@@ -67,6 +67,21 @@ def test_batched_engine_equals_the_slow_loop_in_every_mode(tiny_checkpoint, mode
                     break
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode):
+    model = load_model(tiny_checkpoint, mode)
+    cfg = model.config
+    batched, single = (KVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 64, cfg.head_dim,
+                               model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+    with torch.inference_mode():
+        for cache in (batched, single):
+            model(torch.tensor([[1, 5, 9, 13, 17]]), torch.arange(5)[None], cache, slice(1, 2))
+        for position, token in enumerate([21, 4, 8, 30000], start=5):
+            expected = model(torch.tensor([[token]]), torch.tensor([[position]]), batched, slice(1, 2))[0]
+            assert torch.equal(model.forward_one(token, position, 1, single), expected)
+    assert torch.equal(batched.keys, single.keys) and torch.equal(batched.values, single.values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_per_channel_symmetric_and_both_paths_agree(dtype):
     torch.manual_seed(0)
@@ -76,12 +91,57 @@ def test_int8_linear_is_per_channel_symmetric_and_both_paths_agree(dtype):
     error = (q.dequantized().float() - weight.float()).abs().amax(dim=1)
     assert torch.all(error <= q.scales.float() * 0.5 + 1e-2 * weight.float().abs().amax(dim=1))
     with torch.inference_mode():
-        x = torch.randn(FUSED_INT8_MAX_ROWS * 2, 64).to(dtype)
+        x = torch.randn(FUSED_MAX_ROWS * 2, 64).to(dtype)
         fused = torch.cat([q(x[i:i + 1]) for i in range(len(x))])   # one row: the int8 kernel
         dense = q(x)                                                # many rows: dequantized GEMM
         # matmul inputs go in as bf16 in both paths; outputs reach ~25, where bf16 rounding is ~0.1
         torch.testing.assert_close(fused.float(), dense.float(), atol=0.25, rtol=0.02)
         torch.testing.assert_close(dense.float(), (x.float() @ weight.float().T), atol=0.5, rtol=0.05)
+
+
+def q4_1_weight(out_features: int, in_features: int) -> torch.Tensor:
+    """Weights as a Q4_1 GGUF stores them: per 32 inputs, a minimum plus 0..15 steps of a scale."""
+    groups = in_features // 32
+    low = torch.randn(out_features, groups, 1) * 0.02
+    step = torch.rand(out_features, groups, 1) * 0.02 + 0.02
+    codes = torch.randint(0, 16, (out_features, groups, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # llama.cpp's grid spans each group's min..max
+    return (low + codes * step).view(out_features, in_features)
+
+
+def test_int4_linear_keeps_q4_1_weights_and_both_paths_agree():
+    torch.manual_seed(0)
+    weight = q4_1_weight(96, 128)
+    q = Int4Linear(weight)
+    # The grid is recovered exactly; only bf16 rounding (relative 2^-8) remains: of the scale s
+    # (times |q - 8| <= 8), of the zero z, and of the result. A wrong grid would be off by up to s / 2.
+    groups = weight.view(96, 4, 32)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    zero = groups.amin(-1) + 8 * step
+    bound = 2 ** -8 * (8 * step + zero.abs() + groups.abs().amax(-1))
+    error = (q.dense.float() - weight).abs().view(96, 4, 32).amax(-1)
+    assert torch.all(error <= bound) and bound.max() < step.min() / 2
+    # on weights that were never 4-bit it is a plain round-to-nearest on each group's grid
+    other = torch.randn(96, 128)
+    lossy = Int4Linear(other)
+    grid_step = (other.view(96, 4, 32).amax(-1) - other.view(96, 4, 32).amin(-1)) / 15
+    assert torch.all((lossy.dense.float() - other).abs().view(96, 4, 32).amax(-1) <= grid_step * 0.55 + 0.02)
+    with torch.inference_mode():
+        x = torch.randn(FUSED_MAX_ROWS * 2, 128)
+        fused = torch.cat([q(x[i:i + 1]) for i in range(len(x))])   # one row: the int4 kernel
+        dense = q(x)                                                # many rows: the bf16 copy
+        assert fused.dtype == dense.dtype == torch.bfloat16
+        reference = x.float() @ weight.T
+        torch.testing.assert_close(fused.float(), reference, atol=0.03, rtol=0.02)
+        torch.testing.assert_close(dense.float(), reference, atol=0.03, rtol=0.02)
+
+
+def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape():
+    from amber.engine.quantize import quantize
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 40, bias=False))
+    quantize(model, 4)
+    assert isinstance(model[0], Int4Linear)      # 64 inputs, 96 outputs: the kernel's shape rules hold
+    assert isinstance(model[1], Int8Linear)      # 96 inputs are 3 groups of 32, but 40 outputs are not x16
 
 
 @pytest.mark.slow
@@ -99,5 +159,5 @@ def test_real_model_precision_modes_stay_close_to_fp32(default_checkpoint):
         scores[mode] = lp.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     dev = {m: float((scores[m] - scores["float32"]).abs().mean()) for m in MODES}
     print("mean |logprob - fp32|:", dev)
-    assert dev["bfloat16"] < 0.05 and dev["int8"] < 0.05
+    assert dev["bfloat16"] < 0.05 and dev["int8"] < 0.05 and dev["int4"] < 0.05
     assert dev["int8-bf16"] < 0.1
