@@ -5,9 +5,9 @@ Int4Linear (groups of 32 input columns, each with its own bf16 scale and zero po
 Activations stay in the model's dtype; matmul inputs go in as bf16.
 
 Measured on this 2-core AVX-512/AMX machine (bench/engine.py): torch's fused kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) win for up to 4 rows (single-sequence
-decode: 576x3072 in ~50 us against ~130 us in bf16), but lose to a bf16 GEMM from 8 rows up, and
-are 10-30x slower still with fp32 inputs. So each layer also keeps its weights dequantized to bf16
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) win for few rows (single-sequence decode:
+576x3072 in ~50 us against ~130 us in bf16; up to 4 rows for int8, 8 for int4), but lose to a
+bf16 GEMM above that, and are 10-30x slower still with fp32 inputs. So each layer also keeps its weights dequantized to bf16
 for batches and prefill. The price is memory (a bf16 copy beside the packed weights) for speed.
 
 Why int4 is not lossy for the default model: SmolLM2's GGUF stores every block linear as Q4_1,
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_MAX_ROWS = 4  # above this many rows the bf16 GEMM on the dequantized copy is faster
+FUSED_MAX_ROWS = 4  # above this many rows the bf16 GEMM on the dequantized copy is faster (int8)
 # the ops' overloads, looked up once: calling the packet costs a lookup per call
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -32,6 +32,7 @@ INT4_GROUP = 32     # Q4_0/Q4_1's block size; the CPU kernel also takes 64, 128,
 class QuantizedLinear(nn.Module):
     """A linear layer with packed low-bit weights for few rows and their bf16 dequantization for
     many. Subclasses pack the weights and run the fused kernel."""
+    fused_max_rows = FUSED_MAX_ROWS
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -48,7 +49,7 @@ class QuantizedLinear(nn.Module):
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         rows = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-        return self.fused(rows) if rows.shape[0] <= FUSED_MAX_ROWS else F.linear(rows, self.dense)
+        return self.fused(rows) if rows.shape[0] <= self.fused_max_rows else F.linear(rows, self.dense)
 
 
 class Int8Linear(QuantizedLinear):
@@ -82,6 +83,11 @@ class Int4Linear(QuantizedLinear):
     """4-bit weights q in [0, 15], in groups of `group` input columns: w = (q - 8) * scale + zero,
     scale and zero in bf16 per (group, output channel), as torch's CPU int4 kernel defines them.
     Each group's grid runs from its minimum to its maximum (Q4_1's rule)."""
+
+    # A decode step of 8 rows through the whole model (SmolLM2-135M): 28 ms with the int4 kernel,
+    # 36 ms with the bf16 copy, whose twice larger weights a step reads from memory; 12 rows: 40
+    # against 38. (int8's kernel loses from 8 rows: 40 ms against 37.)
+    fused_max_rows = 8
 
     def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP):
         super().__init__(weight)

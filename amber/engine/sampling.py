@@ -91,9 +91,24 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor | No
         scaled[nucleus] = top_p_filter(scaled[nucleus], batch.top_p[nucleus])
     logprobs = scaled.log_softmax(-1)
     chosen = argmax(adjusted)
-    for row in (~greedy).nonzero().flatten().tolist():
-        chosen[row] = torch.multinomial(logprobs[row].exp(), 1, generator=generators[row])[0]
+    drawn = (~greedy).nonzero().flatten()
+    if len(drawn):
+        chosen[drawn] = draw(logprobs[drawn].exp(), [generators[row] for row in drawn.tolist()])
     return Sampled(token_ids=chosen, logprobs=logprobs, raw_logprobs=raw)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (rows, vocab), each from its row's generator, by inverting the
+    cumulative distribution at one uniform draw. torch.multinomial draws one exponential per
+    vocabulary entry from the generator instead (~1 ms a row for 49,152 tokens, against ~0.1 ms
+    here). The sum runs in float64 so that rounding cannot shift mass between tokens."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device)
+                     for g in generators]).to(cdf.device)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    # u * total can round up to the total itself: then take the row's last possible token
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(picked, last)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

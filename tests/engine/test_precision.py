@@ -10,7 +10,7 @@ import torch
 from amber.engine.engine import Engine
 from amber.engine.kv_cache import KVCache
 from amber.engine.loader import load_model
-from amber.engine.quantize import FUSED_MAX_ROWS, Int4Linear, Int8Linear
+from amber.engine.quantize import Int4Linear, Int8Linear
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, SamplingParams
 
@@ -91,7 +91,7 @@ def test_int8_linear_is_per_channel_symmetric_and_both_paths_agree(dtype):
     error = (q.dequantized().float() - weight.float()).abs().amax(dim=1)
     assert torch.all(error <= q.scales.float() * 0.5 + 1e-2 * weight.float().abs().amax(dim=1))
     with torch.inference_mode():
-        x = torch.randn(FUSED_MAX_ROWS * 2, 64).to(dtype)
+        x = torch.randn(q.fused_max_rows * 2, 64).to(dtype)
         fused = torch.cat([q(x[i:i + 1]) for i in range(len(x))])   # one row: the int8 kernel
         dense = q(x)                                                # many rows: dequantized GEMM
         # matmul inputs go in as bf16 in both paths; outputs reach ~25, where bf16 rounding is ~0.1
@@ -127,7 +127,7 @@ def test_int4_linear_keeps_q4_1_weights_and_both_paths_agree():
     grid_step = (other.view(96, 4, 32).amax(-1) - other.view(96, 4, 32).amin(-1)) / 15
     assert torch.all((lossy.dense.float() - other).abs().view(96, 4, 32).amax(-1) <= grid_step * 0.55 + 0.02)
     with torch.inference_mode():
-        x = torch.randn(FUSED_MAX_ROWS * 2, 128)
+        x = torch.randn(q.fused_max_rows * 2, 128)
         fused = torch.cat([q(x[i:i + 1]) for i in range(len(x))])   # one row: the int4 kernel
         dense = q(x)                                                # many rows: the bf16 copy
         assert fused.dtype == dense.dtype == torch.bfloat16
