@@ -79,18 +79,20 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             if x.shape[0] == 1:  # one token: single-stream decode's hot path
-                return self._one_row(x)
+                return self.one_row(x)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Reduced precision: normalise in fp32, as the reference implementation does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of one fp32 row in one kernel. torch's rms_norm is ~8 ops on CPU, which for a
-        single row cost more than their arithmetic (~13 us against ~6, 61 times a decode step);
-        layer_norm is one kernel. [x, -x] has mean 0 and variance mean(x^2), so the first half of
-        its layer norm is x * rsqrt(mean(x^2) + eps), scaled by the first half of the weight."""
+    def one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of one row (1, dim). In fp32, in one kernel: torch's rms_norm is ~8 ops on CPU,
+        which for a single row cost more than their arithmetic (~13 us against ~6, 61 times a
+        decode step); layer_norm is one kernel. [x, -x] has mean 0 and variance mean(x^2), so the
+        first half of its layer norm is x * rsqrt(mean(x^2) + eps), scaled by the weight."""
+        if x.dtype != torch.float32:
+            return self(x)
         if self._doubled is None or self._doubled.device != x.device:
             self._doubled = torch.cat([self.weight, self.weight]).detach()
         twice = torch.cat([x, -x], dim=-1)
@@ -118,6 +120,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half negated. HF's rotate-half layout."""
     half = x.shape[-1] // 2
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
+
+
+def one_row_call(linear: nn.Module):
+    """The cheapest callable for linear(x) on one row: a quantized layer's own kernel call."""
+    return getattr(linear, "one_row", linear)
 
 
 def with_lora(lora: LoraBatch | None, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -197,6 +204,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._plan: list[tuple] | None = None  # forward_one's, made at its first call
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -228,26 +236,36 @@ class LlamaForCausalLM(nn.Module):
         values as forward() (tests/engine/test_precision.py checks they agree bit for bit), minus the
         batch bookkeeping: no index tensors, masks or reshapes for rows and sequences, and plain
         slice writes into the cache. Measured: ~1 ms of a ~14 ms step (bench/engine.py)."""
+        cfg = self.config
+        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         x = self.model.embed_tokens.weight[token].unsqueeze(0)
         cos = self.rope_cos[position].to(x.dtype)  # (head_dim,), broadcast over heads
         sin = self.rope_sin[position].to(x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            heads, kv_heads = attn.heads, attn.kv_heads
-            qkv = attn.qkv_proj(layer.input_layernorm(x)).view(heads + 2 * kv_heads, attn.head_dim)
+        for (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj), keys, values in zip(
+                self._one_token_plan(), cache.layer_keys, cache.layer_values):
+            qkv = qkv_proj(norm1(x)).view(heads + 2 * kv_heads, head_dim)
             qk, v = apply_rope(qkv[:heads + kv_heads], cos, sin), qkv[heads + kv_heads:]
             if qk.dtype != cache.dtype:
                 qk = qk.to(cache.dtype)
-            keys, values = cache.layer_keys[i], cache.layer_values[i]  # (slots, kv_heads, len, head_dim)
-            keys[slot, :, position] = qk[heads:]
+            keys[slot, :, position] = qk[heads:]  # keys, values: (slots, kv_heads, len, head_dim)
             values[slot, :, position] = v
             out = F.scaled_dot_product_attention(
-                qk[:heads].view(1, heads, 1, attn.head_dim), keys[slot:slot + 1, :, :position + 1],
+                qk[:heads].view(1, heads, 1, head_dim), keys[slot:slot + 1, :, :position + 1],
                 values[slot:slot + 1, :, :position + 1], enable_gqa=heads != kv_heads)
-            x = x + attn.o_proj(out.view(1, -1))
-            gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
-            x = x + mlp.down_proj(F.silu(gate) * up)
-        return self.model.norm(x)
+            x = x + o_proj(out.view(1, -1))
+            gate, up = gate_up_proj(norm2(x)).chunk(2, dim=-1)
+            x = x + down_proj(F.silu(gate) * up)
+        return self.model.norm.one_row(x)
+
+    def _one_token_plan(self) -> list[tuple]:
+        """Per layer, what forward_one calls, looked up once: module attribute lookups and calls
+        cost ~1-2 us each, ~20 a layer. Built at first use, after loading and quantization."""
+        if self._plan is None:
+            self._plan = [(layer.input_layernorm.one_row, one_row_call(layer.self_attn.qkv_proj),
+                           one_row_call(layer.self_attn.o_proj), layer.post_attention_layernorm.one_row,
+                           one_row_call(layer.mlp.gate_up_proj), one_row_call(layer.mlp.down_proj))
+                          for layer in self.model.layers]
+        return self._plan
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits in fp32, whatever the weights' dtype."""

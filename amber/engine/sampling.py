@@ -82,8 +82,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor | No
     raw = logits.log_softmax(-1)
     adjusted = adjust_logits(logits, batch, counts, lengths)
     greedy = batch.temperature <= 0
-    if adjusted is logits and bool(greedy.all()):  # plain greedy decoding: the model's own distribution
-        return Sampled(token_ids=argmax(logits), logprobs=raw, raw_logprobs=raw)
+    if bool(greedy.all()):  # what the general path below computes for greedy rows, in fewer ops
+        logprobs = raw if adjusted is logits else adjusted.log_softmax(-1)
+        return Sampled(token_ids=argmax(adjusted), logprobs=logprobs, raw_logprobs=raw)
     temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
     scaled = adjusted / temperature.unsqueeze(-1)
     nucleus = (~greedy & (batch.top_p < 1)).nonzero().flatten()
