@@ -49,7 +49,8 @@ class KVCache:
         a view, no copy), else a tensor (batch,). positions: (batch, seq)."""
         rows = (torch.arange(slots.start, slots.stop, device=positions.device) if isinstance(slots, slice)
                 else slots)
-        return BatchCache(self, slots, self.dtype, positions.shape, int(positions.max()) + 1, (rows.unsqueeze(1), positions))
+        return BatchCache(self, slots, self.dtype, positions.shape, int(positions.max()) + 1,
+                          (rows.unsqueeze(1), positions))
 
 
 @dataclass
@@ -64,8 +65,8 @@ class BatchCache:
 
     def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (tokens, kv_heads, head_dim) in the cache's dtype, the rows' tokens one after
-        another, at each row's positions, then return each row's keys and values for positions [0, context) as
-        (batch, kv_heads, context, head_dim)."""
+        another, at each row's positions, then return each row's keys and values for positions
+        [0, context) as (batch, kv_heads, context, head_dim)."""
         cache, shape = self.cache, (*self.shape, *k.shape[1:])
         # one index_put_ per tensor on a (slot, position, head, dim) view: a decode step's hot path,
         # where Python's indexing syntax would parse the index tuple anew in every layer

@@ -7,8 +7,9 @@ Activations stay in the model's dtype; matmul inputs go in as bf16.
 Measured on this 2-core AVX-512/AMX machine (bench/engine.py): torch's fused kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) win for few rows (single-sequence decode:
 576x3072 in ~50 us against ~130 us in bf16; up to 4 rows for int8, 8 for int4), but lose to a
-bf16 GEMM above that, and are 10-30x slower still with fp32 inputs. So each layer also keeps its weights dequantized to bf16
-for batches and prefill. The price is memory (a bf16 copy beside the packed weights) for speed.
+bf16 GEMM above that, and are 10-30x slower still with fp32 inputs. So each layer also keeps its
+weights dequantized to bf16 for batches and prefill. The price is memory (a bf16 copy beside the
+packed weights) for speed.
 
 Why int4 is not lossy for the default model: SmolLM2's GGUF stores every block linear as Q4_1,
 32 weights sharing a scale and a minimum, which is exactly Int4Linear's grid. Recovering the grid
