@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amber.engine.decode_one import DecodePlan, build_plan, compiled_decode_layers
 from amber.engine.kv_cache import BatchCache, KVCache
 
 if TYPE_CHECKING:
@@ -93,10 +94,15 @@ class RMSNorm(nn.Module):
         first half of its layer norm is x * rsqrt(mean(x^2) + eps), scaled by the weight."""
         if x.dtype != torch.float32:
             return self(x)
-        if self._doubled is None or self._doubled.device != x.device:
-            self._doubled = torch.cat([self.weight, self.weight]).detach()
+        doubled = self.doubled()
         twice = torch.cat([x, -x], dim=-1)
-        return F.layer_norm(twice, self._doubled.shape, self._doubled, None, self.eps)[:, :x.shape[-1]]
+        return F.layer_norm(twice, doubled.shape, doubled, None, self.eps)[:, :x.shape[-1]]
+
+    def doubled(self) -> torch.Tensor:
+        """[weight, weight], one_row's layer_norm weight; made at first use (after loading)."""
+        if self._doubled is None or self._doubled.device != self.weight.device:
+            self._doubled = torch.cat([self.weight, self.weight]).detach()
+        return self._doubled
 
 
 def rope_tables(cfg: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,11 +126,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half negated. HF's rotate-half layout."""
     half = x.shape[-1] // 2
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
-
-
-def one_row_call(linear: nn.Module):
-    """The cheapest callable for linear(x) on one row: a quantized layer's own kernel call."""
-    return getattr(linear, "one_row", linear)
 
 
 def with_lora(lora: LoraBatch | None, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._plan: list[tuple] | None = None  # forward_one's, made at its first call
+        self._plan: DecodePlan | None = None  # forward_one's, made at its first call
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -230,44 +231,18 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x).view(*input_ids.shape, -1)
 
     def forward_one(self, token: int, position: int, slot: int, cache: KVCache) -> torch.Tensor:
-        """forward() for one token of one sequence with no adapter: hidden (1, hidden).
-
-        Single-stream decode is the one case where per-op cost, not arithmetic, sets the speed:
-        a step is ~1,100 small ops around 121 matmuls. This path runs the same ops on the same
-        values as forward() (tests/engine/test_precision.py checks they agree bit for bit), minus
-        the batch bookkeeping: no index tensors, masks or reshapes for rows and sequences, plain
-        slice writes into the cache, and each layer's callables looked up once. Measured: ~1.5 ms
-        of a ~14 ms step (bench/engine.py)."""
-        cfg = self.config
-        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        """forward() for one token of one sequence with no adapter: hidden (1, hidden), computed
+        op for op as forward() computes it, by one TorchScript function (decode_one.py): the
+        single-stream decode step, where per-op cost sets the speed."""
+        if self._plan is None:  # at first use: after loading and quantization
+            self._plan = build_plan(self.model.layers)
+        cfg, plan = self.config, self._plan
         x = self.model.embed_tokens.weight[token].unsqueeze(0)
-        cos = self.rope_cos[position].to(x.dtype)  # (head_dim,), broadcast over heads
-        sin = self.rope_sin[position].to(x.dtype)
-        for (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj), keys, values in zip(
-                self._one_token_plan(), cache.layer_keys, cache.layer_values):
-            qkv = qkv_proj(norm1(x)).view(heads + 2 * kv_heads, head_dim)
-            qk, v = apply_rope(qkv[:heads + kv_heads], cos, sin), qkv[heads + kv_heads:]
-            if qk.dtype != cache.dtype:
-                qk = qk.to(cache.dtype)
-            keys[slot, :, position] = qk[heads:]  # keys, values: (slots, kv_heads, len, head_dim)
-            values[slot, :, position] = v
-            out = F.scaled_dot_product_attention(
-                qk[:heads].view(1, heads, 1, head_dim), keys[slot:slot + 1, :, :position + 1],
-                values[slot:slot + 1, :, :position + 1], enable_gqa=heads != kv_heads)
-            x = x + o_proj(out.view(1, -1))
-            gate, up = gate_up_proj(norm2(x)).chunk(2, dim=-1)
-            x = x + down_proj(F.silu(gate) * up)
+        x = compiled_decode_layers()(
+            x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), position, slot,
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
+            plan.kinds, plan.weights, plan.scales, plan.norms, cache.layer_keys, cache.layer_values)
         return self.model.norm.one_row(x)
-
-    def _one_token_plan(self) -> list[tuple]:
-        """Per layer, what forward_one calls, looked up once: module attribute lookups and calls
-        cost ~1-2 us each, ~20 a layer. Built at first use, after loading and quantization."""
-        if self._plan is None:
-            self._plan = [(layer.input_layernorm.one_row, one_row_call(layer.self_attn.qkv_proj),
-                           one_row_call(layer.self_attn.o_proj), layer.post_attention_layernorm.one_row,
-                           one_row_call(layer.mlp.gate_up_proj), one_row_call(layer.mlp.down_proj))
-                          for layer in self.model.layers]
-        return self._plan
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits in fp32, whatever the weights' dtype."""

@@ -43,11 +43,6 @@ class QuantizedLinear(nn.Module):
         """rows (n, in) bf16 -> (n, out) bf16, with the packed weights."""
         raise NotImplementedError
 
-    def one_row(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() of one row (1, in), without the module call and its checks: single-stream
-        decode's hot path (model.forward_one)."""
-        return self.fused(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) in any float dtype -> (rows, out) in bf16, which is what the next matmul,
         RoPE and attention take; the residual stream adds it in its own dtype (type promotion), so

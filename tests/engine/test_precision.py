@@ -68,7 +68,13 @@ def test_batched_engine_equals_the_slow_loop_in_every_mode(tiny_checkpoint, mode
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode):
+@pytest.mark.parametrize("scripted", [True, False])
+def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, monkeypatch):
+    import amber.engine.decode_one as decode_one
+    if not scripted:  # the fallback where TorchScript is unavailable: the same function in Python
+        monkeypatch.setattr(decode_one, "_compiled", decode_one.decode_layers)
+    else:
+        assert decode_one.compiled_decode_layers() is not decode_one.decode_layers, "TorchScript compiled it"
     model = load_model(tiny_checkpoint, mode)
     cfg = model.config
     batched, single = (KVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 64, cfg.head_dim,
