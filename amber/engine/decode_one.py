@@ -82,7 +82,69 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
     return x
 
 
+def _norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of several rows, as model.RMSNorm computes it."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, [weight.shape[0]], weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _project_rows(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
+                  max_rows: int, group: int) -> torch.Tensor:
+    """A projection of several rows, as quantize.py's layers choose: their kernel for up to
+    `max_rows` rows, else their bf16 copy."""
+    if kind == 0:  # PLAIN
+        return F.linear(x, weight)
+    if x.dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16)
+    if kind == 1 or x.shape[0] > max_rows:
+        return F.linear(x, dense)
+    if kind == 4:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scales)
+    return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
+
+
+def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+                positions: torch.Tensor, context: int, mask: torch.Tensor,
+                heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
+                weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
+                max_rows: List[int], norms: List[torch.Tensor], token_keys: List[torch.Tensor],
+                token_values: List[torch.Tensor], keys: List[torch.Tensor],
+                values: List[torch.Tensor]) -> torch.Tensor:
+    """x (batch, hidden): one new token for each of `batch` sequences in slots 0..batch-1, at
+    `positions` (batch, 1); rows (batch, 1) their slots; mask (batch, 1, 1, context)."""
+    half, batch = head_dim // 2, x.shape[0]
+    for i in range(len(keys)):
+        p = 4 * i
+        qkv = _project_rows(kinds[p], _norm_rows(x, norms[2 * i], eps), weights[p], scales[p], dense[p],
+                            max_rows[p], group)
+        qkv = qkv.view(-1, heads + 2 * kv_heads, head_dim)
+        qk = qkv[:, :heads + kv_heads]
+        qk = torch.addcmul(qk * cos, torch.cat([qk[:, :, half:], qk[:, :, :half]], dim=-1), sin)
+        v = qkv[:, heads + kv_heads:]
+        if qk.dtype != keys[i].dtype:
+            qk = qk.to(keys[i].dtype)
+        if v.dtype != values[i].dtype:
+            v = v.to(values[i].dtype)
+        token_keys[i].index_put_([rows, positions], qk[:, heads:].view(batch, 1, kv_heads, head_dim))
+        token_values[i].index_put_([rows, positions], v.view(batch, 1, kv_heads, head_dim))
+        q = qk[:, :heads].view(batch, 1, heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys[i][0:batch, :, :context], values[i][0:batch, :, :context],
+                                             attn_mask=mask, enable_gqa=heads != kv_heads)
+        out = out.transpose(1, 2).reshape(batch, -1)
+        x = x + _project_rows(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
+        gate_up = _project_rows(kinds[p + 2], _norm_rows(x, norms[2 * i + 1], eps), weights[p + 2], scales[p + 2],
+                                dense[p + 2], max_rows[p + 2], group)
+        gate, up = gate_up.chunk(2, dim=-1)
+        x = x + _project_rows(kinds[p + 3], F.silu(gate) * up, weights[p + 3], scales[p + 3], dense[p + 3],
+                              max_rows[p + 3], group)
+    return x
+
+
 _compiled = None
+_compiled_rows = None
 
 
 def compiled_decode_layers():
@@ -100,6 +162,20 @@ def compiled_decode_layers():
     return _compiled
 
 
+def compiled_decode_rows():
+    """decode_rows compiled by TorchScript once per process, or itself if that fails."""
+    global _compiled_rows
+    if _compiled_rows is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _compiled_rows = torch.jit.script(decode_rows)
+        except Exception:
+            log.warning("TorchScript could not compile decode_rows; batched decode runs eagerly", exc_info=True)
+            _compiled_rows = decode_rows
+    return _compiled_rows
+
+
 @dataclass
 class DecodePlan:
     """The model's layers as decode_layers takes them, flattened once."""
@@ -107,32 +183,40 @@ class DecodePlan:
     kinds: list[int]
     weights: list[torch.Tensor]
     scales: list[torch.Tensor]
-    norms: list[torch.Tensor]
+    dense: list[torch.Tensor]       # what a projection multiplies by above max_rows rows
+    max_rows: list[int]
+    norms: list[torch.Tensor]       # one_row's: [w, w] in fp32
+    row_norms: list[torch.Tensor]   # the weights themselves
 
 
-def _projection(linear: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, int]:
-    """(kind, weight, scales, int4 group) for one projection, computing what its forward() does."""
-    none = torch.empty(0)
+def _projection(linear: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """(kind, weight, scales, dense copy, kernel's row limit, int4 group) for one projection,
+    computing what its forward() does."""
+    none, unlimited = torch.empty(0), 1 << 30
     if isinstance(linear, Int4Linear):
         if linear.packed is None:  # off CPU: the bf16 copy
-            return DENSE_BF16, linear.dense, none, 0
-        return INT4, linear.packed, linear.scales_zeros, linear.group
+            return DENSE_BF16, linear.dense, none, linear.dense, 0, 0
+        return INT4, linear.packed, linear.scales_zeros, linear.dense, linear.fused_max_rows, linear.group
     if isinstance(linear, Int8Linear):
         assert linear.weight.shape[0] == 1, "block projections have one scale group"
-        return INT8, linear.weight[0], linear.scales[0], 0
-    return PLAIN, linear.weight, none, 0
+        return INT8, linear.weight[0], linear.scales[0], linear.dense, linear.fused_max_rows, 0
+    return PLAIN, linear.weight, none, linear.weight, unlimited, 0
 
 
 def build_plan(layers: nn.ModuleList) -> DecodePlan:
-    kinds, weights, scales, norms, groups = [], [], [], [], {0}
+    plan, groups = DecodePlan(0, [], [], [], [], [], [], []), {0}
     for layer in layers:
         for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            kind, weight, scale, group = _projection(linear)
-            kinds.append(kind)
-            weights.append(weight)
-            scales.append(scale)
+            kind, weight, scales, dense, max_rows, group = _projection(linear)
+            plan.kinds.append(kind)
+            plan.weights.append(weight)
+            plan.scales.append(scales)
+            plan.dense.append(dense)
+            plan.max_rows.append(max_rows)
             groups.add(group)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norms.append(norm.doubled() if norm.weight.dtype == torch.float32 else norm.weight)
+            plan.norms.append(norm.doubled() if norm.weight.dtype == torch.float32 else norm.weight)
+            plan.row_norms.append(norm.weight)
     assert len(groups) <= 2, "one int4 group size per model"
-    return DecodePlan(max(groups), kinds, weights, scales, norms)
+    plan.group = max(groups)
+    return plan

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.decode_one import DecodePlan, build_plan, compiled_decode_layers
+from amber.engine.decode_one import DecodePlan, build_plan, compiled_decode_layers, compiled_decode_rows
 from amber.engine.kv_cache import BatchCache, KVCache
 
 if TYPE_CHECKING:
@@ -234,15 +234,34 @@ class LlamaForCausalLM(nn.Module):
         """forward() for one token of one sequence with no adapter: hidden (1, hidden), computed
         op for op as forward() computes it, by one TorchScript function (decode_one.py): the
         single-stream decode step, where per-op cost sets the speed."""
-        if self._plan is None:  # at first use: after loading and quantization
-            self._plan = build_plan(self.model.layers)
-        cfg, plan = self.config, self._plan
+        cfg, plan = self.config, self._decode_plan()
         x = self.model.embed_tokens.weight[token].unsqueeze(0)
         x = compiled_decode_layers()(
             x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), position, slot,
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.norms, cache.layer_keys, cache.layer_values)
         return self.model.norm.one_row(x)
+
+    def forward_rows(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
+        """forward() for one new token of each of several sequences, in cache slots 0..n-1, with no
+        adapters: hidden (n, hidden), op for op as forward() computes it, by one TorchScript
+        function (decode_one.py): a decode step of a batch."""
+        cfg, plan, device = self.config, self._decode_plan(), self.rope_cos.device
+        at = torch.tensor(positions, device=device).unsqueeze(1)  # (batch, 1)
+        context = max(positions) + 1
+        x = self.model.embed_tokens(torch.tensor(tokens, device=device))
+        x = compiled_decode_rows()(
+            x, self.rope_cos[at.flatten()].unsqueeze(1).to(x.dtype), self.rope_sin[at.flatten()].unsqueeze(1).to(x.dtype),
+            torch.arange(len(tokens), device=device).unsqueeze(1), at, context, attention_mask(at, context),
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
+            plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.row_norms,
+            cache.token_keys, cache.token_values, cache.layer_keys, cache.layer_values)
+        return self.model.norm(x)
+
+    def _decode_plan(self) -> DecodePlan:
+        if self._plan is None:  # at first use: after loading and quantization
+            self._plan = build_plan(self.model.layers)
+        return self._plan
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits in fp32, whatever the weights' dtype."""

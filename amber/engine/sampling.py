@@ -91,9 +91,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor | No
     if len(nucleus):  # sorting the vocabulary costs ~2 ms a row: only rows that need top-p pay it
         scaled[nucleus] = top_p_filter(scaled[nucleus], batch.top_p[nucleus])
     logprobs = scaled.log_softmax(-1)
-    chosen = argmax(adjusted)
     drawn = (~greedy).nonzero().flatten()
-    if len(drawn):
+    if len(drawn) == len(greedy):  # every row draws (numResults > 1 sampling): no copies, no argmax
+        chosen = draw(logprobs.exp(), generators)
+    else:
+        chosen = argmax(adjusted)
         chosen[drawn] = draw(logprobs[drawn].exp(), [generators[row] for row in drawn.tolist()])
     return Sampled(token_ids=chosen, logprobs=logprobs, raw_logprobs=raw)
 
@@ -107,9 +109,12 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor
     u = torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device)
                      for g in generators]).to(cdf.device)
     picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    # u * total can round up to the total itself: then take the row's last possible token
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(picked, last)
+    # Below the total, the interval found always belongs to a token of nonzero probability; u * total
+    # can round up to the total itself, and then the row takes its last possible token.
+    past = (picked >= probs.shape[-1]).nonzero().flatten()
+    if len(past):
+        picked[past] = probs.shape[-1] - 1 - (probs[past].flip(-1) > 0).int().argmax(-1)
+    return picked
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,29 @@ def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_check
     assert torch.equal(batched.keys, single.keys) and torch.equal(batched.values, single.values)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scripted", [True, False])
+def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, monkeypatch):
+    import amber.engine.decode_one as decode_one
+    if not scripted:
+        monkeypatch.setattr(decode_one, "_compiled_rows", decode_one.decode_rows)
+    model = load_model(tiny_checkpoint, mode)
+    cfg = model.config
+    general, fast = (KVCache(cfg.num_hidden_layers, 12, cfg.num_key_value_heads, 64, cfg.head_dim,
+                             model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+    with torch.inference_mode():
+        for cache in (general, fast):  # 12 rows of different lengths: 3..14 prompt tokens
+            for slot in range(12):
+                model(torch.arange(1, 4 + slot)[None], torch.arange(3 + slot)[None], cache, slice(slot, slot + 1))
+        for rows in (2, 5, 8, 12):  # either side of the kernels' row limits (4 for int8, 8 for int4)
+            tokens = [7 * r + rows for r in range(rows)]
+            positions = [3 + r for r in range(rows)]
+            expected = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], general,
+                             slice(0, rows))[:, 0]
+            assert torch.equal(model.forward_rows(tokens, positions, fast), expected)
+    assert torch.equal(general.keys, fast.keys) and torch.equal(general.values, fast.values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_per_channel_symmetric_and_both_paths_agree(dtype):
     torch.manual_seed(0)

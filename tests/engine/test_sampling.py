@@ -125,3 +125,11 @@ def test_top_alternatives_are_sorted_and_skip_impossible_tokens():
     assert top_alternatives(lp, 3) == [((2, -0.5), (0, -1.0), (3, -3.0))]
     assert top_alternatives(lp, 4) == [((2, -0.5), (0, -1.0), (3, -3.0))]
     assert top_alternatives(lp, 0) == [()]
+
+
+def test_a_draw_at_the_very_top_of_the_distribution_takes_the_last_possible_token(monkeypatch):
+    from amber.engine.sampling import draw
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.0, 0.75, 0.0]])
+    # a uniform so close to 1 that u * total rounds to the total: past every token of the row
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0 - 2.0 ** -60, dtype=torch.float64))
+    assert draw(probs, [torch.Generator(), torch.Generator()]).tolist() == [1, 2]
