@@ -1,14 +1,17 @@
-"""Single-stream decode: one token of one sequence through every layer, as one TorchScript function.
+"""Decode steps without adapters: one new token per sequence through every layer, as one
+TorchScript function (`decode_layers` for a single sequence, `decode_rows` for a batch).
 
-This is the one case where per-op cost, not arithmetic, sets the speed: a step is ~1,000 small ops
+These steps are where per-op cost, not arithmetic, sets the speed: a step is ~1,000 small ops
 around 121 matmuls, and in eager mode each op costs ~2-3 us of Python and dispatch. Run by
-TorchScript's interpreter, the layers of SmolLM2-135M int4 take 6.8 ms instead of 9.0 ms, and a
-whole decode step 10.7 ms instead of 12.7 (measured; torch.compile was slower here: 16 ms a step
-compiled layer by layer, after 30-90 s of compiling on 2 cores). It computes exactly what `LlamaForCausalLM.forward` computes for that token,
-op for op (tests/engine/test_precision.py checks they agree bit for bit, in every precision mode).
+TorchScript's interpreter, the layers of SmolLM2-135M int4 take 6.8 ms instead of 9.0 ms for one
+sequence, and a whole single-stream step 10.7 ms instead of 12.7 (measured; torch.compile was
+slower here: 16 ms a step compiled layer by layer, after 30-90 s of compiling on 2 cores). Each
+function computes exactly what `LlamaForCausalLM.forward` computes for those tokens, op for op
+(tests/engine/test_precision.py checks they agree bit for bit, in every precision mode).
 TorchScript releases the GIL while it runs, as eager ops do, so the HTTP thread is not held up.
+Rows with an adapter take forward() (LoRA is not scripted).
 
-torch 2.13 marks torch.jit.script deprecated: if a later torch drops it, the same function runs as
+torch 2.13 marks torch.jit.script deprecated: if a later torch drops it, the same functions run as
 plain Python, correct and ~2 ms a step slower.
 
 The model's layers are flattened once into lists (`DecodePlan`): per projection a kind, its
