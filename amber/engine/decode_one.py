@@ -9,7 +9,7 @@ slower here: 16 ms a step compiled layer by layer, after 30-90 s of compiling on
 function computes exactly what `LlamaForCausalLM.forward` computes for those tokens, op for op
 (tests/engine/test_precision.py checks they agree bit for bit, in every precision mode).
 TorchScript releases the GIL while it runs, as eager ops do, so the HTTP thread is not held up.
-Rows with an adapter take forward() (LoRA is not scripted).
+LoRA adapters' updates run inside the batch function, as lora.LoraBatch.add computes them.
 
 torch 2.13 marks torch.jit.script deprecated: if a later torch drops it, the same functions run as
 plain Python, correct and ~2 ms a step slower.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +85,11 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
     return x
 
 
-def _norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of several rows, as model.RMSNorm computes it."""
+def _norm_rows(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of any number of rows, as model.RMSNorm computes it (one_row's kernel for one)."""
     if x.dtype == torch.float32:
+        if x.shape[0] == 1:
+            return _norm(x, doubled, eps)
         return F.rms_norm(x, [weight.shape[0]], weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -109,20 +111,45 @@ def _project_rows(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torc
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
 
 
+def _lora_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bts: List[torch.Tensor], layer: int,
+              mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """lora.LoraBatch.add: y plus each row's adapter update; a (parts * n * r, in) this layer's,
+    bts per part (layers, n * r, out of the part)."""
+    h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()
+    y = y.to(a.dtype)
+    y2 = y.view(-1, y.shape[-1])
+    h = h.view(h.shape[0], len(bts), -1)
+    if mask is not None:
+        h.mul_(mask.unsqueeze(1))
+    column = 0
+    for part in range(len(bts)):
+        bt = bts[part][layer]
+        out = bt.shape[-1]
+        y2[:, column:column + out].addmm_(h[:, part], bt)
+        column += out
+    return y
+
+
 def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
-                positions: torch.Tensor, context: int, mask: torch.Tensor,
+                positions: torch.Tensor, context: int, mask: Optional[torch.Tensor],
                 heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
                 weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
-                max_rows: List[int], norms: List[torch.Tensor], token_keys: List[torch.Tensor],
-                token_values: List[torch.Tensor], keys: List[torch.Tensor],
-                values: List[torch.Tensor]) -> torch.Tensor:
+                max_rows: List[int], norms: List[torch.Tensor], doubled_norms: List[torch.Tensor],
+                token_keys: List[torch.Tensor], token_values: List[torch.Tensor], keys: List[torch.Tensor],
+                values: List[torch.Tensor],
+                lora_a: List[torch.Tensor], lora_bt: List[List[torch.Tensor]],
+                lora_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """x (batch, hidden): one new token for each of `batch` sequences in slots 0..batch-1, at
-    `positions` (batch, 1); rows (batch, 1) their slots; mask (batch, 1, 1, context)."""
-    half, batch = head_dim // 2, x.shape[0]
+    `positions` (batch, 1); rows (batch, 1) their slots; mask (batch, 1, 1, context) or None.
+    lora_a, lora_bt, lora_mask: a LoraBatch's a, bt and mask per projection (qkv, o, gate_up,
+    down), or empty lists when no row has an adapter."""
+    half, batch, lora = head_dim // 2, x.shape[0], len(lora_a) > 0
     for i in range(len(keys)):
         p = 4 * i
-        qkv = _project_rows(kinds[p], _norm_rows(x, norms[2 * i], eps), weights[p], scales[p], dense[p],
-                            max_rows[p], group)
+        h = _norm_rows(x, norms[2 * i], doubled_norms[2 * i], eps)
+        qkv = _project_rows(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group)
+        if lora:
+            qkv = _lora_add(h, qkv, lora_a[0][i], lora_bt[0], i, lora_mask)
         qkv = qkv.view(-1, heads + 2 * kv_heads, head_dim)
         qk = qkv[:, :heads + kv_heads]
         qk = torch.addcmul(qk * cos, torch.cat([qk[:, :, half:], qk[:, :, :half]], dim=-1), sin)
@@ -137,12 +164,21 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: tor
         out = F.scaled_dot_product_attention(q, keys[i][0:batch, :, :context], values[i][0:batch, :, :context],
                                              attn_mask=mask, enable_gqa=heads != kv_heads)
         out = out.transpose(1, 2).reshape(batch, -1)
-        x = x + _project_rows(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
-        gate_up = _project_rows(kinds[p + 2], _norm_rows(x, norms[2 * i + 1], eps), weights[p + 2], scales[p + 2],
-                                dense[p + 2], max_rows[p + 2], group)
+        o = _project_rows(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
+        if lora:
+            o = _lora_add(out, o, lora_a[1][i], lora_bt[1], i, lora_mask)
+        x = x + o
+        h = _norm_rows(x, norms[2 * i + 1], doubled_norms[2 * i + 1], eps)
+        gate_up = _project_rows(kinds[p + 2], h, weights[p + 2], scales[p + 2], dense[p + 2], max_rows[p + 2], group)
+        if lora:
+            gate_up = _lora_add(h, gate_up, lora_a[2][i], lora_bt[2], i, lora_mask)
         gate, up = gate_up.chunk(2, dim=-1)
-        x = x + _project_rows(kinds[p + 3], F.silu(gate) * up, weights[p + 3], scales[p + 3], dense[p + 3],
-                              max_rows[p + 3], group)
+        hidden = F.silu(gate) * up
+        down = _project_rows(kinds[p + 3], hidden, weights[p + 3], scales[p + 3], dense[p + 3], max_rows[p + 3],
+                             group)
+        if lora:
+            down = _lora_add(hidden, down, lora_a[3][i], lora_bt[3], i, lora_mask)
+        x = x + down
     return x
 
 

@@ -242,10 +242,11 @@ class LlamaForCausalLM(nn.Module):
             plan.kinds, plan.weights, plan.scales, plan.norms, cache.layer_keys, cache.layer_values)
         return self.model.norm.one_row(x)
 
-    def forward_rows(self, tokens: list[int], positions: list[int], cache: KVCache) -> torch.Tensor:
-        """forward() for one new token of each of several sequences, in cache slots 0..n-1, with no
-        adapters: hidden (n, hidden), op for op as forward() computes it, by one TorchScript
-        function (decode_one.py): a decode step of a batch."""
+    def forward_rows(self, tokens: list[int], positions: list[int], cache: KVCache,
+                     lora: LoraBatch | None = None) -> torch.Tensor:
+        """forward() for one new token of each of n sequences, in cache slots 0..n-1, with the rows'
+        adapters if any: hidden (n, hidden), op for op as forward() computes it, by one
+        TorchScript function (decode_one.py): a decode step of a batch."""
         cfg, plan, device = self.config, self._decode_plan(), self.rope_cos.device
         at = torch.tensor(positions, device=device).unsqueeze(1)  # (batch, 1)
         context = max(positions) + 1
@@ -254,8 +255,9 @@ class LlamaForCausalLM(nn.Module):
             x, self.rope_cos[at.flatten()].unsqueeze(1).to(x.dtype), self.rope_sin[at.flatten()].unsqueeze(1).to(x.dtype),
             torch.arange(len(tokens), device=device).unsqueeze(1), at, context, attention_mask(at, context),
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
-            plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.row_norms,
-            cache.token_keys, cache.token_values, cache.layer_keys, cache.layer_values)
+            plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.row_norms, plan.norms,
+            cache.token_keys, cache.token_values, cache.layer_keys, cache.layer_values,
+            lora.a if lora else [], lora.bt if lora else [], lora.mask if lora else None)
         return self.model.norm(x)
 
     def _decode_plan(self) -> DecodePlan:

@@ -120,3 +120,32 @@ def test_least_recently_used_adapters_are_evicted_and_reloaded(tiny_checkpoint, 
         assert first == again
     finally:
         small.stop()
+
+
+@pytest.mark.parametrize("mode", ["float32", "int4"])
+@pytest.mark.parametrize("scripted", [True, False])
+def test_the_scripted_decode_step_adds_adapters_as_forward_does_bit_for_bit(tiny_checkpoint, adapters, mode,
+                                                                            scripted, monkeypatch):
+    import amber.engine.decode_one as decode_one
+    from amber.engine.kv_cache import KVCache
+    from amber.engine.lora import AdapterSlots
+    if not scripted:
+        monkeypatch.setattr(decode_one, "_compiled_rows", decode_one.decode_rows)
+    model = load_model(tiny_checkpoint, mode)
+    cfg = model.config
+    slots = AdapterSlots(model, 4)
+    loaded = [slots.acquire(a) for a in adapters]
+    general, fast = (KVCache(cfg.num_hidden_layers, 6, cfg.num_key_value_heads, 64, cfg.head_dim,
+                             model.kv_dtype or torch.float32) for _ in range(2))
+    with torch.inference_mode():
+        for cache in (general, fast):
+            for slot in range(6):
+                model(torch.arange(1, 4 + slot)[None], torch.arange(3 + slot)[None], cache, slice(slot, slot + 1))
+        for row_slots in ([loaded[0]], [loaded[1], 0], [0, loaded[2], loaded[0], loaded[2], 0, loaded[1]]):
+            rows = len(row_slots)
+            tokens, positions = [5 * r + 2 for r in range(rows)], [3 + r for r in range(rows)]
+            lora = slots.batch(row_slots, 1)
+            expected = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], general,
+                             slice(0, rows), lora)[:, 0]
+            assert torch.equal(model.forward_rows(tokens, positions, fast, lora), expected)
+    assert torch.equal(general.keys, fast.keys) and torch.equal(general.values, fast.values)
