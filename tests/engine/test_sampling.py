@@ -129,7 +129,7 @@ def test_top_alternatives_are_sorted_and_skip_impossible_tokens():
 
 def test_a_draw_at_the_very_top_of_the_distribution_takes_the_last_possible_token(monkeypatch):
     from amber.engine.sampling import draw
-    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.0, 0.75, 0.0]])
+    logprobs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.0, 0.75, 0.0]]).log()
     # a uniform so close to 1 that u * total rounds to the total: past every token of the row
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0 - 2.0 ** -60, dtype=torch.float64))
-    assert draw(probs, [torch.Generator(), torch.Generator()]).tolist() == [1, 2]
+    assert draw(logprobs, [torch.Generator(), torch.Generator()]).tolist() == [1, 2]
