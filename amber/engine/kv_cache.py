@@ -49,7 +49,7 @@ class KVCache:
         a view, no copy), else a tensor (batch,). positions: (batch, seq)."""
         rows = (torch.arange(slots.start, slots.stop, device=positions.device) if isinstance(slots, slice)
                 else slots)
-        return BatchCache(self, slots, self.dtype, positions.shape, int(positions.max()) + 1,
+        return BatchCache(self, slots, positions.shape, int(positions.max()) + 1,
                           (rows.unsqueeze(1), positions))
 
 
@@ -58,10 +58,14 @@ class BatchCache:
     """One forward pass's rows of the cache, worked out once rather than in every layer."""
     cache: KVCache
     slots: torch.Tensor | slice
-    dtype: torch.dtype           # the cache's: keys and values come in it
     shape: torch.Size            # (batch, seq)
     context: int                 # max position + 1: how much of each slot attention reads
     where: tuple[torch.Tensor, torch.Tensor]  # (slot (batch, 1), position (batch, seq)) of each new token
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The cache's: keys and values are stored in it."""
+        return self.cache.dtype
 
     def write_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (tokens, kv_heads, head_dim) in the cache's dtype, the rows' tokens one after

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from amber.engine.decode_step import lora_add
 from amber.engine.model import FUSED, LORA_TARGETS as TARGETS, LlamaForCausalLM
 from amber.engine.types import AdapterRef
 
@@ -213,20 +214,6 @@ class LoraBatch:
     mask: torch.Tensor | None
 
     def add(self, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y += (scaled) B A x for every row that has an adapter; x (batch, seq, in), y (batch, seq, out).
-        One matmul for A, one per part for B, however many adapters the batch mixes: each row is
-        multiplied by every adapter's A and masked, cheap at LoRA ranks. B^T is kept per part, not
-        block-diagonal, because its bytes are what a step pays for."""
-        a = self.a[target][layer]
-        h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()                   # (rows, parts * n * r)
-        y = y.to(a.dtype)  # quantized layers answer in bf16; the update is added in the adapters' dtype
-        y2, parts = y.view(-1, y.shape[-1]), self.bt[target]
-        h = h.view(h.shape[0], len(parts), -1)
-        if self.mask is not None:
-            h.mul_(self.mask.unsqueeze(1))
-        column = 0
-        for p, bt in enumerate(parts):
-            out = bt.shape[-1]
-            y2[:, column:column + out].addmm_(h[:, p], bt[layer])
-            column += out
-        return y
+        """y plus (scaled) B A x for every row that has an adapter; x (rows, in), y (rows, out).
+        The arithmetic is decode_step.lora_add's, which the scripted decode step runs too."""
+        return lora_add(x, y, self.a[target][layer], self.bt[target], layer, self.mask)

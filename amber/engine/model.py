@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.decode_one import DecodePlan, build_plan, compiled_decode_layers, compiled_decode_rows
+from amber.engine.decode_step import DecodePlan, build_plan, compiled_decode_rows, rms_norm
 from amber.engine.kv_cache import BatchCache, KVCache
 
 if TYPE_CHECKING:
@@ -78,28 +78,10 @@ class RMSNorm(nn.Module):
         self._doubled: torch.Tensor | None = None  # [weight, weight], made at first use (after loading)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            if x.shape[0] == 1:  # one token: single-stream decode's hot path
-                return self.one_row(x)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Reduced precision: normalise in fp32, as the reference implementation does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    def one_row(self, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of one row (1, dim). In fp32, in one kernel: torch's rms_norm is ~8 ops on CPU,
-        which for a single row cost more than their arithmetic (~13 us against ~6, 61 times a
-        decode step); layer_norm is one kernel. [x, -x] has mean 0 and variance mean(x^2), so the
-        first half of its layer norm is x * rsqrt(mean(x^2) + eps), scaled by the weight."""
-        if x.dtype != torch.float32:
-            return self(x)
-        doubled = self.doubled()
-        twice = torch.cat([x, -x], dim=-1)
-        return F.layer_norm(twice, doubled.shape, doubled, None, self.eps)[:, :x.shape[-1]]
+        return rms_norm(x, self.weight, self.doubled(), self.eps)  # decode_step.py, which says how
 
     def doubled(self) -> torch.Tensor:
-        """[weight, weight], one_row's layer_norm weight; made at first use (after loading)."""
+        """[weight, weight], the one-row kernel's layer_norm weight; made at first use (after loading)."""
         if self._doubled is None or self._doubled.device != self.weight.device:
             self._doubled = torch.cat([self.weight, self.weight]).detach()
         return self._doubled
@@ -206,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._plan: DecodePlan | None = None  # forward_one's, made at its first call
+        self._plan: DecodePlan | None = None  # forward_rows', made at its first call
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -230,23 +212,11 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, batch, mask, lora)
         return self.model.norm(x).view(*input_ids.shape, -1)
 
-    def forward_one(self, token: int, position: int, slot: int, cache: KVCache) -> torch.Tensor:
-        """forward() for one token of one sequence with no adapter: hidden (1, hidden), computed
-        op for op as forward() computes it, by one TorchScript function (decode_one.py): the
-        single-stream decode step, where per-op cost sets the speed."""
-        cfg, plan = self.config, self._decode_plan()
-        x = self.model.embed_tokens.weight[token].unsqueeze(0)
-        x = compiled_decode_layers()(
-            x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), position, slot,
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
-            plan.kinds, plan.weights, plan.scales, plan.norms, cache.layer_keys, cache.layer_values)
-        return self.model.norm.one_row(x)
-
     def forward_rows(self, tokens: list[int], positions: list[int], cache: KVCache,
                      lora: LoraBatch | None = None) -> torch.Tensor:
         """forward() for one new token of each of n sequences, in cache slots 0..n-1, with the rows'
         adapters if any: hidden (n, hidden), op for op as forward() computes it, by one
-        TorchScript function (decode_one.py): a decode step of a batch."""
+        TorchScript function (decode_step.py): a decode step, where per-op cost sets the speed."""
         cfg, plan, device = self.config, self._decode_plan(), self.rope_cos.device
         at = torch.tensor(positions, device=device).unsqueeze(1)  # (batch, 1)
         context = max(positions) + 1
@@ -255,7 +225,7 @@ class LlamaForCausalLM(nn.Module):
             x, self.rope_cos[at.flatten()].unsqueeze(1).to(x.dtype), self.rope_sin[at.flatten()].unsqueeze(1).to(x.dtype),
             torch.arange(len(tokens), device=device).unsqueeze(1), at, context, attention_mask(at, context),
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
-            plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.row_norms, plan.norms,
+            plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
             cache.token_keys, cache.token_values, cache.layer_keys, cache.layer_values,
             lora.a if lora else [], lora.bt if lora else [], lora.mask if lora else None)
         return self.model.norm(x)

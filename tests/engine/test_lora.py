@@ -126,11 +126,11 @@ def test_least_recently_used_adapters_are_evicted_and_reloaded(tiny_checkpoint, 
 @pytest.mark.parametrize("scripted", [True, False])
 def test_the_scripted_decode_step_adds_adapters_as_forward_does_bit_for_bit(tiny_checkpoint, adapters, mode,
                                                                             scripted, monkeypatch):
-    import amber.engine.decode_one as decode_one
+    import amber.engine.decode_step as decode_step
     from amber.engine.kv_cache import KVCache
     from amber.engine.lora import AdapterSlots
     if not scripted:
-        monkeypatch.setattr(decode_one, "_compiled_rows", decode_one.decode_rows)
+        monkeypatch.setattr(decode_step, "_compiled_rows", decode_step.decode_rows)
     model = load_model(tiny_checkpoint, mode)
     cfg = model.config
     slots = AdapterSlots(model, 4)
