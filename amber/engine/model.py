@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.decode_step import DecodePlan, build_plan, compiled_decode_rows, rms_norm
+from amber.engine.decode_step import DecodePlan, build_plan, decode_layers, decode_rows, rms_norm, scripted
 from amber.engine.kv_cache import BatchCache, KVCache
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._plan: DecodePlan | None = None  # forward_rows', made at its first call
+        self._plan: DecodePlan | None = None  # forward_one's and forward_rows', made at first use
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -212,6 +212,18 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, batch, mask, lora)
         return self.model.norm(x).view(*input_ids.shape, -1)
 
+    def forward_one(self, token: int, position: int, slot: int, cache: KVCache) -> torch.Tensor:
+        """forward_rows for one sequence without an adapter, in any slot: hidden (1, hidden), by
+        decode_step.decode_layers (single-stream decode)."""
+        cfg, plan = self.config, self._decode_plan()
+        x = self.model.embed_tokens.weight[token].unsqueeze(0)
+        x = scripted(decode_layers)(
+            x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), position, slot,
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
+            plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
+            cache.layer_keys, cache.layer_values)
+        return self.model.norm(x)
+
     def forward_rows(self, tokens: list[int], positions: list[int], cache: KVCache,
                      lora: LoraBatch | None = None) -> torch.Tensor:
         """forward() for one new token of each of n sequences, in cache slots 0..n-1, with the rows'
@@ -221,7 +233,7 @@ class LlamaForCausalLM(nn.Module):
         at = torch.tensor(positions, device=device).unsqueeze(1)  # (batch, 1)
         context = max(positions) + 1
         x = self.model.embed_tokens(torch.tensor(tokens, device=device))
-        x = compiled_decode_rows()(
+        x = scripted(decode_rows)(
             x, self.rope_cos[at.flatten()].unsqueeze(1).to(x.dtype), self.rope_sin[at.flatten()].unsqueeze(1).to(x.dtype),
             torch.arange(len(tokens), device=device).unsqueeze(1), at, context, attention_mask(at, context),
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,

@@ -73,8 +73,11 @@ class ModelRunner:
         """One forward step for every sample, which sit in slots 0..n-1 in order; fp32 logits
         (batch, vocab) for each one's next token."""
         assert all(s.slot == i for i, s in enumerate(samples)), "decode rows must fill slots 0..n-1"
-        hidden = self.model.forward_rows([s.last_token for s in samples], [s.length - 1 for s in samples],
-                                         self.cache, self.adapters.batch([s.owner.adapter_slot for s in samples], 1))
+        if len(samples) == 1 and samples[0].owner.adapter_slot == 0:  # single-stream decode
+            hidden = self.model.forward_one(samples[0].last_token, samples[0].length - 1, 0, self.cache)
+        else:
+            hidden = self.model.forward_rows([s.last_token for s in samples], [s.length - 1 for s in samples],
+                                             self.cache, self.adapters.batch([s.owner.adapter_slot for s in samples], 1))
         return self.model.logits(hidden)
 
     def sample(self, logits: torch.Tensor, rows: list[tuple[RequestState, Sample]]) -> list[TokenLogprob]:

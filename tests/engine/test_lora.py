@@ -130,7 +130,7 @@ def test_the_scripted_decode_step_adds_adapters_as_forward_does_bit_for_bit(tiny
     from amber.engine.kv_cache import KVCache
     from amber.engine.lora import AdapterSlots
     if not scripted:
-        monkeypatch.setattr(decode_step, "_compiled_rows", decode_step.decode_rows)
+        monkeypatch.setitem(decode_step._scripted, "decode_rows", decode_step.decode_rows)
     model = load_model(tiny_checkpoint, mode)
     cfg = model.config
     slots = AdapterSlots(model, 4)

@@ -72,19 +72,19 @@ def test_batched_engine_equals_the_slow_loop_in_every_mode(tiny_checkpoint, mode
 def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, monkeypatch):
     import amber.engine.decode_step as decode_step
     if not scripted:  # the fallback where TorchScript is unavailable: the same function in Python
-        monkeypatch.setattr(decode_step, "_compiled_rows", decode_step.decode_rows)
+        monkeypatch.setitem(decode_step._scripted, "decode_layers", decode_step.decode_layers)
     else:
-        assert decode_step.compiled_decode_rows() is not decode_step.decode_rows, "TorchScript compiled it"
+        assert decode_step.scripted(decode_step.decode_layers) is not decode_step.decode_layers, "TorchScript compiled it"
     model = load_model(tiny_checkpoint, mode)
     cfg = model.config
     batched, single = (KVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 64, cfg.head_dim,
                                model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
     with torch.inference_mode():
         for cache in (batched, single):
-            model(torch.tensor([[1, 5, 9, 13, 17]]), torch.arange(5)[None], cache, slice(0, 1))
+            model(torch.tensor([[1, 5, 9, 13, 17]]), torch.arange(5)[None], cache, slice(1, 2))
         for position, token in enumerate([21, 4, 8, 30000], start=5):
-            expected = model(torch.tensor([[token]]), torch.tensor([[position]]), batched, slice(0, 1))[0]
-            assert torch.equal(model.forward_rows([token], [position], single), expected)
+            expected = model(torch.tensor([[token]]), torch.tensor([[position]]), batched, slice(1, 2))[0]
+            assert torch.equal(model.forward_one(token, position, 1, single), expected)
     assert torch.equal(batched.keys, single.keys) and torch.equal(batched.values, single.values)
 
 
@@ -93,7 +93,7 @@ def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_check
 def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, monkeypatch):
     import amber.engine.decode_step as decode_step
     if not scripted:
-        monkeypatch.setattr(decode_step, "_compiled_rows", decode_step.decode_rows)
+        monkeypatch.setitem(decode_step._scripted, "decode_rows", decode_step.decode_rows)
     model = load_model(tiny_checkpoint, mode)
     cfg = model.config
     general, fast = (KVCache(cfg.num_hidden_layers, 12, cfg.num_key_value_heads, 64, cfg.head_dim,
