@@ -1,7 +1,8 @@
 """Running a route's engine requests: all at once, abandoned when the client goes away.
 
 Shared by every API that generates; knows engine requests and HTTP exceptions (429 when the
-queue is full, 499 when the client left), never a wire format.
+queue is full, 499 when the client left, 500 when a custom model cannot be loaded), never a wire
+format.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import AsyncIterator
 from fastapi import HTTPException, Request
 
 from amber.engine.engine import Engine, QueueFull
+from amber.engine.lora import AdapterError
 from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
 
 Event = list[tuple[int, TokenLogprob]] | RequestOutput  # what Engine.stream yields
@@ -33,6 +35,8 @@ async def generate_all(http: Request, engine: Engine, requests: list[GenerationR
                 raise HTTPException(499, "client closed the request")
     except QueueFull as exc:
         raise busy(exc) from exc
+    except AdapterError as exc:  # a custom model's files are missing or damaged
+        raise HTTPException(500, f"could not load the custom model: {exc}") from exc
     finally:
         for task in tasks:
             task.cancel()  # no-op for finished ones; aborts the rest in the engine

@@ -1,10 +1,9 @@
 """AI21 Studio routes: validate, convert, call the engine, convert back. Nothing else."""
 from __future__ import annotations
 
-import asyncio
 import uuid
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from amber.api.ai21 import convert
@@ -12,8 +11,7 @@ from amber.api.ai21 import schemas as s
 from amber.api.custom import resolve_custom
 from amber.api.deps import Account, Pool, Store
 from amber.api.errors import invalid, not_found
-from amber.engine.engine import QueueFull
-from amber.engine.lora import AdapterError
+from amber.api.generation import generate_all
 from amber.engine.j2_tokenizer import j2_tokenize
 from amber.engine.types import AdapterRef, GenerationRequest
 from amber.serving import LoadedModel, ModelPool
@@ -55,27 +53,9 @@ async def _complete(loaded: LoadedModel, body: s.CompleteRequest, http: Request,
                                           f"that exceeds the model's context of {limit} tokens")
     request = GenerationRequest(str(uuid.uuid4()), tuple(ids), convert.sampling_params(body, tokenizer),
                                 adapter=adapter)
-    out = await generate_for(http, loaded, request)
+    (out,) = await generate_all(http, loaded.engine, [request])
     return await run_in_threadpool(convert.complete_response, out, body.prompt, ranges, tokenizer,
                                    body.topKReturn)
-
-
-async def generate_for(http: Request, loaded: LoadedModel, request: GenerationRequest):
-    """Run a request, abandoning it (it leaves the batch at the next engine step) if the client
-    disconnects first."""
-    task = asyncio.ensure_future(loaded.engine.generate(request))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.2)
-            if done:
-                return task.result()
-            if await http.is_disconnected():
-                task.cancel()
-                raise HTTPException(499, "client closed the request")
-    except QueueFull as exc:
-        raise HTTPException(429, f"server busy: {exc}", headers={"Retry-After": "1"}) from exc
-    except AdapterError as exc:  # the custom model's files are missing or damaged
-        raise HTTPException(500, f"could not load the custom model: {exc}") from exc
 
 
 @router.post("/tokenize", response_model=s.TokenizeResponse)
