@@ -5,7 +5,7 @@ These steps are where per-op cost, not arithmetic, sets the speed: a step is ~1,
 around 121 matmuls, and in eager mode each op costs ~2-3 us of Python and dispatch. Run by
 TorchScript's interpreter, the layers of SmolLM2-135M int4 take ~7 ms instead of 9.0 ms for one
 sequence, and a whole single-stream step ~11 ms instead of 12.7 (measured; torch.compile was
-slower here: 16 ms a step compiled layer by layer, after 30-90 s of compiling on 2 cores). It
+slower here: 16 ms a step compiled layer by layer, after 30-90 s of compiling on 2 cores). Each
 computes exactly what `LlamaForCausalLM.forward` computes for those tokens, op for op
 (tests/engine/test_precision.py and test_lora.py check they agree bit for bit, in every precision
 mode, with and without adapters), sharing its RMSNorm (`rms_norm`) and LoRA update (`lora_add`).
