@@ -4,10 +4,13 @@
     adjusted      = logits + logit_bias
                     - presence * [n > 0] - count * n - frequency * n / L   (per penalty, only where it applies)
                     ; end-of-text banned (-inf) before minTokens
-    temperature 0 : the token is argmax(adjusted); reported logprobs are log_softmax(adjusted)
+    temperature 0 : the token is argmax(adjusted); reported logprobs are log_softmax(adjusted).
+                    Any temperature below MIN_TEMPERATURE is greedy too (dividing by 1e-38
+                    overflows float32; below 1e-5 a draw is argmax in all but name).
     temperature t : scaled = adjusted / t; top-p keeps the smallest most-likely set whose mass
-                    reaches top_p; reported logprobs are log_softmax over that set, and the token is
-                    drawn from exactly that distribution with the row's own generator.
+                    reaches top_p (top_p 0: the most likely token alone); reported logprobs are
+                    log_softmax over that set, and the token is drawn from exactly that
+                    distribution with the row's own generator.
 
 n counts a token's occurrences in the prompt and the completion so far, L their total length
 (AI21's penalties count both, unlike OpenAI's). Nothing here knows about requests or text.
@@ -21,11 +24,14 @@ import torch
 from amber.engine.types import Penalty
 
 
+MIN_TEMPERATURE = 1e-5  # temperatures below this sample greedily (vLLM's epsilon, too)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters as tensors; row b of every field belongs to one sequence."""
     temperature: torch.Tensor        # (batch,) float; 0 = greedy
-    top_p: torch.Tensor              # (batch,) float in (0, 1]
+    top_p: torch.Tensor              # (batch,) float in [0, 1]; 0 keeps the most likely token only
     penalty_scales: torch.Tensor | None  # (batch, 3) presence, count, frequency; None: no row has any
     penalty_masks: torch.Tensor | None   # (batch, 3, vocab) float: 1 where that penalty applies
     bias: torch.Tensor | None        # (batch, vocab) added to logits, or None
@@ -66,11 +72,13 @@ def adjust_logits(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tens
 
 
 def top_p_filter(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf every token outside each row's nucleus. The most likely token always stays."""
+    """Set to -inf every token outside each row's nucleus. The most likely token always stays
+    (so top_p 0 keeps it alone)."""
     probs = scaled.softmax(-1)
     sorted_probs, order = probs.sort(-1, descending=True)
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
     drop_sorted = mass_before >= top_p.unsqueeze(-1)
+    drop_sorted[:, 0] = False
     drop_sorted &= (top_p < 1.0).unsqueeze(-1)  # top_p = 1 keeps everything, rounding aside
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return scaled.masked_fill(drop, float("-inf"))
@@ -81,7 +89,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, counts: torch.Tensor | No
     """Choose one token per row. logits: (batch, vocab) fp32; lengths: tokens so far per row."""
     raw = logits.log_softmax(-1)
     adjusted = adjust_logits(logits, batch, counts, lengths)
-    greedy = batch.temperature <= 0
+    greedy = batch.temperature < MIN_TEMPERATURE
     if bool(greedy.all()):  # what the general path below computes for greedy rows, in fewer ops
         logprobs = raw if adjusted is logits else adjusted.log_softmax(-1)
         return Sampled(token_ids=argmax(adjusted), logprobs=logprobs, raw_logprobs=raw)

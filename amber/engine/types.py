@@ -30,8 +30,8 @@ class Penalty:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7          # 0 means argmax
-    top_p: float = 1.0
+    temperature: float = 0.7          # 0 (or under sampling.MIN_TEMPERATURE) means argmax
+    top_p: float = 1.0                # 0 keeps only the most likely token
     max_tokens: int = 16              # 0 scores the prompt and generates nothing
     min_tokens: int = 0               # end-of-text and stop sequences are ignored before this
     num_results: int = 1

@@ -14,8 +14,6 @@ from amber.api.errors import invalid
 from amber.api.streaming import Delta, Usage
 from amber.engine.types import FinishKind, FinishReason, RequestOutput, SamplingParams
 
-MIN_TOP_P = 1e-6  # top_p 0 means "only the most likely token"; 0 itself would keep none
-
 
 def refuse_unsupported(body: cs.ChatCompletionsRequest) -> None:
     if body.tools:
@@ -37,7 +35,7 @@ def jamba_params(body: cs.ChatCompletionsRequest, max_tokens: int) -> SamplingPa
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(not seq for seq in stops):
         raise invalid(("body", "stop"), "stop sequences must not be empty")
-    return SamplingParams(temperature=body.temperature, top_p=max(body.top_p, MIN_TOP_P), max_tokens=max_tokens,
+    return SamplingParams(temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
                           num_results=body.n, stop_sequences=stops, seed=body.seed)
 
 

@@ -55,7 +55,7 @@ class CompleteRequest(BaseModel):
     maxTokens: Annotated[Int, Field(ge=0, le=LIMITS.max_tokens)] = 16
     minTokens: Annotated[Int, Field(ge=0, le=LIMITS.max_tokens)] = 0
     temperature: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.7
-    topP: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    topP: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0  # 0: the most likely token only
     topKReturn: Annotated[Int, Field(ge=0, le=LIMITS.max_top_k_return)] = 0
     stopSequences: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]] | None,
                              Field(max_length=LIMITS.max_stop_sequences)] = None

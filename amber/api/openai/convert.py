@@ -18,8 +18,6 @@ from amber.engine.types import FinishKind, FinishReason, Penalty, RequestOutput,
 
 Prompt = tuple[str, list[int], list[tuple[int, int]]]  # text, ids, each id's character range
 
-MIN_TOP_P = 1e-6  # top_p 0 (allowed by OpenAI) means "only the most likely token"; 0 itself would keep none
-
 
 def refuse_unsupported(body: s.CompletionRequest | s.ChatCompletionRequest) -> None:
     if isinstance(body, s.CompletionRequest):
@@ -60,7 +58,7 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[in
 def sampling_params(body: s.CompletionRequest | s.ChatCompletionRequest, tokenizer: Tokenizer, *,
                     max_tokens: int, top_k: int) -> SamplingParams:
     return SamplingParams(
-        temperature=body.temperature, top_p=max(body.top_p, MIN_TOP_P), max_tokens=max_tokens,
+        temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
         num_results=body.n, top_k_return=top_k, stop_sequences=stop_sequences(body.stop),
         logit_bias=logit_bias(body.logit_bias, tokenizer.vocab_size),
         presence_penalty=Penalty(body.presence_penalty), count_penalty=Penalty(body.frequency_penalty),
