@@ -10,6 +10,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from amber.api.routing import without_surrogates
+
 
 def invalid(loc: tuple, msg: str) -> HTTPException:
     """A 422 naming the offending field, shaped like FastAPI's own validation errors."""
@@ -21,12 +23,14 @@ def not_found(what: str) -> HTTPException:
 
 
 def _json_safe(value: Any) -> Any:
-    """NaN and infinities (which Python's JSON parser accepts) echoed back as strings, since a
-    strict JSON response cannot carry them."""
+    """NaN and infinities (which Python's JSON parser accepts) echoed back as strings, and lone
+    surrogates as their escapes, since a strict UTF-8 JSON response cannot carry either."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return without_surrogates(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value

@@ -7,6 +7,7 @@ format.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import AsyncIterator
 
 from fastapi import HTTPException, Request
@@ -18,19 +19,32 @@ from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
 Event = list[tuple[int, TokenLogprob]] | RequestOutput  # what Engine.stream yields
 
 
+MAX_RETRY_AFTER_S = 120
+
+
+def retry_after(exc: QueueFull) -> int:
+    """Whole seconds until the requests now waiting would have finished at the engine's recent
+    pace (at least 1, at most MAX_RETRY_AFTER_S): a retry then finds a short queue."""
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil(exc.drain_seconds)))
+
+
 def busy(exc: QueueFull) -> HTTPException:
-    return HTTPException(429, f"server busy: {exc}", headers={"Retry-After": "1"})
+    return HTTPException(429, f"server busy: {exc}", headers={"Retry-After": str(retry_after(exc))})
 
 
 async def generate_all(http: Request, engine: Engine, requests: list[GenerationRequest]) -> list[RequestOutput]:
-    """Every request's output, in order. If the client disconnects first, all are abandoned
-    (they leave the batch at the next engine step)."""
+    """Every request's output, in order. If one fails (a full queue for the later prompts of a
+    multi-prompt request, say), or the client disconnects first, all are abandoned: the ones
+    already queued leave at the engine's next step."""
     tasks = [asyncio.ensure_future(engine.generate(r)) for r in requests]
     try:
         while True:
             done, pending = await asyncio.wait(tasks, timeout=0.2, return_when=asyncio.FIRST_EXCEPTION)
-            if not pending or any(t.exception() for t in done):
-                return [t.result() for t in tasks]  # raises the first failure
+            failed = [t for t in done if t.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            if not pending:
+                return [t.result() for t in tasks]
             if await http.is_disconnected():
                 raise HTTPException(499, "client closed the request")
     except QueueFull as exc:

@@ -19,6 +19,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 import torch
@@ -38,7 +39,12 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """More requests are waiting than the engine accepts; try again later."""
+    """More requests are waiting than the engine accepts; try again later. `drain_seconds`: how
+    long the requests now waiting would take to finish at the engine's recent pace."""
+
+    def __init__(self, message: str, drain_seconds: float):
+        super().__init__(message)
+        self.drain_seconds = drain_seconds
 
 
 class RequestAborted(Exception):
@@ -70,6 +76,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._steps = 0
+        self._finished_at: collections.deque[float] = collections.deque(maxlen=64)  # recent finishes
         self._thread = threading.Thread(target=self._loop, name="amber-engine", daemon=True)
 
     # ---- public API, any thread ----
@@ -117,7 +124,7 @@ class Engine:
         assert 1 + len(request.prompt_ids) + request.params.max_tokens <= self.max_context, "too long"
         with self._wake:
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting", self.drain_seconds())
             self._waiting.append(RequestState(request, on_done, on_tokens))
             self._wake.notify()
 
@@ -171,6 +178,15 @@ class Engine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def drain_seconds(self) -> float:
+        """Seconds the waiting requests would take to finish at the pace the last 64 finished
+        (the mean interval between finishes, batching included); with fewer than two finishes to
+        go by, a second per batch of waiting requests."""
+        waiting, times = len(self._waiting), list(self._finished_at)
+        if len(times) >= 2 and times[-1] > times[0]:
+            return waiting * (times[-1] - times[0]) / (len(times) - 1)
+        return waiting / self.max_batch
 
     def stats(self) -> dict[str, int]:
         return {"waiting": len(self._waiting), "prefilling": int(self._prefilling is not None),
@@ -376,6 +392,7 @@ class Engine:
         self._finish(state, state.output([completion_output(s, self.tokenizer) for s in state.samples]))
 
     def _finish(self, state: RequestState, result: RequestOutput | BaseException) -> None:
+        self._finished_at.append(time.monotonic())
         if state in self._running:
             self._running.remove(state)
         if state is self._prefilling:

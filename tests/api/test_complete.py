@@ -106,3 +106,30 @@ def test_models_list(server):
     names = {m["name"]: m for m in r.json()["models"]}
     assert names["smollm2-135m-instruct"]["aliases"] == ["j2-light", "j1-large"]
     assert names["smollm2-135m-instruct"]["default"] is True
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(server):
+    """AI21's own integration tests send temperature 1 with topP 0 (14 of them) and expect an answer:
+    greedy in effect, and logprob/topTokens those of a one-token nucleus."""
+    body = {"prompt": "The capital of France is", "maxTokens": 6, "temperature": 0, "topKReturn": 2}
+    greedy = post(server, "/j2-light/complete", body).json()["completions"][0]["data"]
+    r = post(server, "/j2-light/complete", {**body, "temperature": 1, "topP": 0, "numResults": 2})
+    assert r.status_code == 200, r.text
+    for c in r.json()["completions"]:
+        assert c["data"]["text"] == greedy["text"]
+        for t in c["data"]["tokens"]:
+            assert t["generatedToken"]["logprob"] == 0.0 and t["generatedToken"]["raw_logprob"] < 0
+            assert [top["token"] for top in t["topTokens"]] == [t["generatedToken"]["token"]]
+    chat = post(server, "/j2-light/chat", {"system": "Be brief.", "messages": [{"role": "user", "text": "Hi"}],
+                                           "maxTokens": 4, "temperature": 1, "topP": 0})
+    assert chat.status_code == 200, chat.text
+
+
+def test_a_tiny_temperature_is_greedy(server):
+    """temperature 1e-38 lies inside 0..5 and once overflowed into garbage text and null logprobs."""
+    body = {"prompt": "The capital of France is", "maxTokens": 4, "temperature": 0}
+    greedy = post(server, "/j2-light/complete", body).json()["completions"][0]["data"]
+    tiny = post(server, "/j2-light/complete", {**body, "temperature": 1e-38}).json()["completions"][0]["data"]
+    assert tiny["text"] == greedy["text"]
+    assert [t["generatedToken"]["logprob"] for t in tiny["tokens"]] == \
+        [t["generatedToken"]["logprob"] for t in greedy["tokens"]]

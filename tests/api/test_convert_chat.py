@@ -34,11 +34,12 @@ def test_openai_chat_choices(tok):
     choices = oc.chat_choices(out, (5, 6, 7), True, tok, usage)
     assert choices == [{
         "index": 0, "message": {"role": "assistant", "content": " Paris."}, "finish_reason": "stop",
-        "logprobs": {"content": [  # the model's own logprobs; the end-of-text token is not listed
+        "logprobs": {"content": [  # the model's own logprobs; end-of-text listed too, with no text
             {"token": " Paris", "logprob": -0.3, "bytes": list(b" Paris"),
              "top_logprobs": [{"token": " Paris", "logprob": -0.3, "bytes": list(b" Paris")},
                               {"token": " Rome", "logprob": -2.0, "bytes": list(b" Rome")}]},
-            {"token": ".", "logprob": -0.2, "bytes": [46], "top_logprobs": []}]}}]
+            {"token": ".", "logprob": -0.2, "bytes": [46], "top_logprobs": []},
+            {"token": "", "logprob": -0.02, "bytes": [], "top_logprobs": []}]}}]
     assert usage.as_dict() == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
 
 
@@ -62,6 +63,24 @@ def test_openai_completion_choices_with_echo(tok):
         "tokens": ["Hello", " world", "!"], "token_logprobs": [-3.0, -1.5, -0.7],
         "top_logprobs": [{"Hello": -3.0}, {"!": -0.9, " world": -1.5}, {"!": -0.7}],  # the k best and the chosen
         "text_offset": [0, 5, 11]}}
+
+
+def test_openai_completion_lists_a_generated_end_of_text(tok):
+    """lm-eval's loglikelihood request: token ids, max_tokens 1, echo, logprobs 1; it reads
+    token_logprobs[ctxlen:-1], so the generated token must be last even when it is end-of-text."""
+    ids = tok.encode("The end")
+    body = os_.CompletionRequest(model="m", prompt=ids, max_tokens=1, logprobs=1, echo=True, temperature=0)
+    prompt = oc.prompts(body.prompt, tok)
+    scored = [TokenLogprob(i, -1.0 - k, -1.0 - k) for k, i in enumerate(ids)]
+    eos = TokenLogprob(EOS, -0.25, -0.5, ((EOS, -0.5),))
+    out = RequestOutput("r", scored, [CompletionOutput(0, [eos], "", STOP)])
+    (choice,) = oc.completion_choices([out], prompt, body, tok, Usage())
+    logprobs = choice["logprobs"]
+    assert choice["text"] == "The end" and choice["finish_reason"] == "stop"
+    assert logprobs["tokens"] == ["The", " end", ""]
+    assert logprobs["token_logprobs"] == [-1.0, -2.0, -0.5]
+    assert logprobs["top_logprobs"][-1] == {"": -0.5}
+    assert logprobs["text_offset"] == [0, 3, 7]
 
 
 def test_openai_stream_delta_of_the_last_chunk(tok):

@@ -32,7 +32,7 @@ def test_unknown_model_is_404(server):
 
 @pytest.mark.parametrize("field,value", [
     ("numResults", 0), ("numResults", 17), ("maxTokens", -1), ("maxTokens", 100000), ("minTokens", -2),
-    ("temperature", -0.1), ("temperature", 6), ("topP", 0), ("topP", 1.5), ("topKReturn", 11),
+    ("temperature", -0.1), ("temperature", 6), ("topP", -0.1), ("topP", 1.5), ("topKReturn", 11),
     ("topKReturn", -1), ("stopSequences", [""]), ("stopSequences", "\n"), ("stopSequences", ["x"] * 17),
     ("frequencyPenalty", {"scale": -1}), ("presencePenalty", {"scale": 1, "applyToNumbres": False}),
     ("countPenalty", {"applyToNumbers": True}), ("countPenalty", 3), ("logitBias", {"▁Paris": 1000}),

@@ -77,6 +77,29 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     kept = top_p_filter(probs.log(), torch.tensor([0.01])).isfinite()
     assert kept.tolist() == [[True, False, False, False, False]]
     assert top_p_filter(probs.log(), torch.tensor([1.0])).isfinite().all()
+    kept = top_p_filter(probs.log(), torch.tensor([0.0])).isfinite()  # top_p 0: the most likely alone
+    assert kept.tolist() == [[True, False, False, False, False]]
+
+
+def test_top_p_zero_samples_the_most_likely_token_with_logprob_zero():
+    """AI21's own suite sends temperature 1, topP 0 and expects greedy output."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0, 0.5]]).repeat(4, 1)
+    gens = [make_generator(i, 0) for i in range(4)]
+    out = sample(logits, batch(temperature=1.0, top_p=0.0, rows=4), torch.zeros(4, V), torch.tensor([1] * 4), gens)
+    assert out.token_ids.tolist() == [1, 1, 1, 1]
+    assert out.logprobs[:, 1].tolist() == [0.0] * 4
+    assert top_alternatives(out.logprobs, 3) == [((1, 0.0),)] * 4
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-6, 0.0])
+def test_a_temperature_below_the_epsilon_is_greedy(temperature):
+    """1e-38 overflowed (logits / t = inf): text went wrong and logprobs were NaN."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0, 0.5]])
+    out = sample(logits, batch(temperature=temperature, top_p=0.9), torch.zeros(1, V), torch.tensor([1]),
+                 [make_generator(0, 0)])
+    assert out.token_ids.tolist() == [1]
+    torch.testing.assert_close(out.logprobs, logits.log_softmax(-1))
+    assert out.logprobs.isfinite().all()
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9)])

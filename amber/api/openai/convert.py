@@ -4,8 +4,10 @@ OpenAI's semantics, where they differ from AI21's: penalties count generated tok
 (`frequency_penalty` subtracts value x count, `presence_penalty` value once); logprobs are the
 model's own distribution (temperature, top-p and penalties do not change them) and so are the
 alternatives; `logit_bias` keys are token ids; a token's text is its decoded bytes, or
-`bytes:\\xNN` where they are not whole UTF-8. The end-of-text token is generated and counted in
-usage, but has no text and is not listed in logprobs.
+`bytes:\\xNN` where they are not whole UTF-8. Every generated token is listed in logprobs, the
+end-of-text token included (with empty text, its logprob and its alternatives), as OpenAI's
+legacy completions did: lm-evaluation-harness reads `token_logprobs[ctxlen:-1]` and relies on the
+generated token being last.
 """
 from __future__ import annotations
 
@@ -72,6 +74,9 @@ def prompts(prompt: str | list, tokenizer: Tokenizer) -> list[Prompt]:
         prompt = [prompt]
     if not prompt:
         raise invalid("prompt", "prompt must not be an empty list")
+    if len(prompt) > s.LIMITS.max_prompts:
+        raise invalid("prompt", f"at most {s.LIMITS.max_prompts} prompts per request (got {len(prompt)}); "
+                                "send the rest in further requests")
     out = []
     for p in prompt:
         if isinstance(p, str):
@@ -91,15 +96,16 @@ def finish_reason(f: FinishReason | None) -> str | None:
 
 
 def token_text(token_id: int, tokenizer: Tokenizer) -> str:
-    data = tokenizer.token_bytes(token_id)
+    data = _token_bytes(token_id, tokenizer)
     try:
         return data.decode()
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
-def listed(tokens: list[TokenLogprob], tokenizer: Tokenizer) -> list[TokenLogprob]:
-    return [t for t in tokens if t.token_id not in tokenizer.eos_ids]
+def _token_bytes(token_id: int, tokenizer: Tokenizer) -> bytes:
+    """A token's bytes in the text; end-of-text adds none."""
+    return b"" if token_id in tokenizer.eos_ids else tokenizer.token_bytes(token_id)
 
 
 # ---- /v1/completions ----
@@ -129,7 +135,7 @@ def completion_choices(outputs: list[RequestOutput], prompts: list[Prompt], body
         for c in out.completions:
             logprobs = None
             if body.logprobs is not None:
-                tokens = listed(c.tokens, tokenizer)
+                tokens = c.tokens
                 offsets = token_offsets(tokens, len(c.text), tokenizer, len(head))
                 if body.echo:
                     tokens, offsets = out.prompt + tokens, [start for start, _ in ranges] + offsets
@@ -147,7 +153,7 @@ def completion_delta(d: Delta, sent: int, body: s.CompletionRequest, tokenizer: 
     """A streamed choice; `sent`: characters of that choice already streamed (for text_offset)."""
     logprobs = None
     if body.logprobs is not None:
-        tokens = listed(d.tokens, tokenizer)
+        tokens = d.tokens
         logprobs = completion_logprobs(tokens, token_offsets(tokens, len(d.text), tokenizer, sent), tokenizer)
     return completion_choice(d.choice, d.text, logprobs, d.finish)
 
@@ -183,13 +189,13 @@ def messages(body: s.ChatCompletionRequest) -> list[dict[str, str]]:
 
 def _entry(token_id: int, logprob: float, tokenizer: Tokenizer) -> dict:
     return {"token": token_text(token_id, tokenizer), "logprob": logprob,
-            "bytes": list(tokenizer.token_bytes(token_id))}
+            "bytes": list(_token_bytes(token_id, tokenizer))}
 
 
 def chat_logprobs(tokens: list[TokenLogprob], tokenizer: Tokenizer) -> dict:
     return {"content": [{**_entry(t.token_id, t.raw_logprob, tokenizer),
                          "top_logprobs": [_entry(i, lp, tokenizer) for i, lp in t.top]}
-                        for t in listed(tokens, tokenizer)]}
+                        for t in tokens]}
 
 
 def chat_choice(index: int, text: str, logprobs: dict | None, finish: FinishReason | None) -> dict:

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from amber.api.routing import without_surrogates
+
 # The `code` OpenAI gives errors that other layers raise as plain HTTPExceptions, by status.
 _CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 499: "client_closed_request"}
 
@@ -28,8 +30,11 @@ def invalid(param: str, message: str, code: str | None = None) -> OpenAIError:
 
 
 def body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The error object; text the client sent (a model name, a field) may hold lone surrogates,
+    which are sent back as escapes."""
     kind = "requests" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": without_surrogates(message), "type": kind,
+                      "param": None if param is None else without_surrogates(param), "code": code}}
 
 
 def _param(loc: tuple) -> str | None:
