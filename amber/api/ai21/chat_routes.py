@@ -13,14 +13,16 @@ from fastapi.concurrency import run_in_threadpool
 from amber.api.ai21 import chat_convert as cc
 from amber.api.ai21 import chat_schemas as cs
 from amber.api.ai21 import convert
+from amber.api import docs
 from amber.api.deps import Account, Pool, Store
+from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.api.generation import generate_all, open_streams
 from amber.api.models import ModelNotFound, ResolvedModel, resolve_model
 from amber.api.streaming import Usage, deltas, event_stream
 from amber.engine.chat_template import NoChatTemplate
 
-router = APIRouter(prefix="/studio/v1")
+router = APIRouter(prefix="/studio/v1", route_class=TextRoute, responses=docs.ai21(401))
 
 
 async def _model(pool: Pool, store: Store, account: Account, name: str) -> ResolvedModel:
@@ -53,7 +55,7 @@ def _check_batch(model: ResolvedModel, n: int, field: str) -> None:
                                        "(amber serve --max-batch)")
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={**docs.STREAM, **docs.ai21(400, 404, 409, 429, 499, 500)})
 async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, pool: Pool, store: Store,
                            http: Request):
     cc.refuse_unsupported(body)
@@ -77,7 +79,7 @@ async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, po
     return event_stream(chunks())
 
 
-@router.post("/{model}/chat")
+@router.post("/{model}/chat", responses=docs.ai21(400, 404, 409, 429, 499, 500))
 async def j2_chat(model: str, body: cs.J2ChatRequest, account: Account, pool: Pool, store: Store,
                   http: Request) -> dict:
     resolved = await _model(pool, store, account, model)

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from amber.api.ai21.schemas import LIMITS, CompleteRequest, Int
+from amber.api.ai21.schemas import LIMITS, CompleteRequest, Truncate
 
 Stop = Annotated[str, Field(max_length=200)] | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
                                                      Field(max_length=LIMITS.max_stop_sequences)]
@@ -34,8 +34,8 @@ class ChatCompletionsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     messages: Annotated[list[JambaMessage], Field(min_length=1)]
-    n: Annotated[Int, Field(ge=1, le=LIMITS.max_num_results)] = 1
-    max_tokens: Annotated[Int, Field(ge=1, le=LIMITS.max_tokens)] | None = None
+    n: Annotated[int, Field(ge=1, le=LIMITS.max_num_results), Truncate] = 1
+    max_tokens: Annotated[int, Field(ge=1, le=LIMITS.max_tokens), Truncate] | None = None
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] = 0.4
     top_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0
     stop: Stop | None = None
@@ -57,4 +57,4 @@ class J2ChatRequest(CompleteRequest):
     prompt: None = Field(None, description="not used: the system text and messages make the prompt")
     system: Annotated[str, Field(max_length=LIMITS.max_prompt_chars)]
     messages: Annotated[list[J2ChatMessage], Field(min_length=1)]
-    maxTokens: Annotated[Int, Field(ge=0, le=LIMITS.max_tokens)] = 300
+    maxTokens: Annotated[int, Field(ge=0, le=LIMITS.max_tokens), Truncate] = 300

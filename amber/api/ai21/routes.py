@@ -9,14 +9,16 @@ from fastapi.concurrency import run_in_threadpool
 from amber.api.ai21 import convert
 from amber.api.ai21 import schemas as s
 from amber.api.custom import resolve_custom
+from amber.api import docs
 from amber.api.deps import Account, Pool, Store
+from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.api.generation import generate_all
 from amber.engine.j2_tokenizer import j2_tokenize
 from amber.engine.types import AdapterRef, GenerationRequest
 from amber.serving import LoadedModel, ModelPool
 
-router = APIRouter(prefix="/studio/v1")
+router = APIRouter(prefix="/studio/v1", route_class=TextRoute, responses=docs.ai21(401))
 
 
 async def _model(pool: ModelPool, name: str) -> LoadedModel:
@@ -25,13 +27,15 @@ async def _model(pool: ModelPool, name: str) -> LoadedModel:
     return await run_in_threadpool(pool.get, name)
 
 
-@router.post("/{model}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False)
+@router.post("/{model}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False,
+             responses=docs.ai21(400, 404, 429, 499))
 async def complete(model: str, body: s.CompleteRequest, account: Account, pool: Pool,
                    http: Request) -> s.CompleteResponse:
     return await _complete(await _model(pool, model), body, http, None)
 
 
-@router.post("/{model}/{custom}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False)
+@router.post("/{model}/{custom}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False,
+             responses=docs.ai21(400, 404, 409, 429, 499, 500))
 async def complete_custom(model: str, custom: str, body: s.CompleteRequest, account: Account, pool: Pool,
                           store: Store, http: Request) -> s.CompleteResponse:
     if pool.registry.resolve(model) is None:
@@ -58,7 +62,7 @@ async def _complete(loaded: LoadedModel, body: s.CompleteRequest, http: Request,
                                    body.topKReturn)
 
 
-@router.post("/tokenize", response_model=s.TokenizeResponse)
+@router.post("/tokenize", response_model=s.TokenizeResponse, responses=docs.ai21(400, 404))
 async def tokenize(body: s.TokenizeRequest, account: Account, pool: Pool) -> s.TokenizeResponse:
     if body.tokenizer == "j2":
         if body.model is not None:

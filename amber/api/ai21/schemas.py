@@ -22,7 +22,11 @@ def _int_from_number(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_int_from_number)]
+# Written after a field's bounds (`Annotated[int, Field(ge=1), Truncate]`): the bounds then stay on
+# the int and its JSON Schema says `minimum`/`maximum`. Before them, pydantic checks the bounds from
+# outside the validator and documents them as non-standard `ge`/`le` keys, which no tool reads.
+Truncate = BeforeValidator(_int_from_number)
+Int = Annotated[int, Truncate]
 
 
 def _flag(*names: str):
@@ -51,12 +55,12 @@ class PenaltyIn(BaseModel):
 class CompleteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: Annotated[str, Field(max_length=LIMITS.max_prompt_chars)]
-    numResults: Annotated[Int, Field(ge=1, le=LIMITS.max_num_results)] = 1
-    maxTokens: Annotated[Int, Field(ge=0, le=LIMITS.max_tokens)] = 16
-    minTokens: Annotated[Int, Field(ge=0, le=LIMITS.max_tokens)] = 0
+    numResults: Annotated[int, Field(ge=1, le=LIMITS.max_num_results), Truncate] = 1
+    maxTokens: Annotated[int, Field(ge=0, le=LIMITS.max_tokens), Truncate] = 16
+    minTokens: Annotated[int, Field(ge=0, le=LIMITS.max_tokens), Truncate] = 0
     temperature: Annotated[float, Field(ge=0, le=5, allow_inf_nan=False)] = 0.7
     topP: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 1.0  # 0: the most likely token only
-    topKReturn: Annotated[Int, Field(ge=0, le=LIMITS.max_top_k_return)] = 0
+    topKReturn: Annotated[int, Field(ge=0, le=LIMITS.max_top_k_return), Truncate] = 0
     stopSequences: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]] | None,
                              Field(max_length=LIMITS.max_stop_sequences)] = None
     frequencyPenalty: PenaltyIn | None = None

@@ -11,17 +11,19 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
+from amber.api import docs
 from amber.api.deps import Account, Pool, Store
 from amber.api.generation import generate_all, open_streams
 from amber.api.models import ModelNotFound, ResolvedModel, available_models, resolve_model
 from amber.api.openai import convert as c
 from amber.api.openai import schemas as s
 from amber.api.openai.errors import OpenAIError, invalid
+from amber.api.routing import TextRoute
 from amber.api.streaming import Usage, deltas, event_stream
 from amber.engine.chat_template import NoChatTemplate
 from amber.serving import LoadedModel
 
-router = APIRouter()
+router = APIRouter(route_class=TextRoute, responses=docs.openai(401))
 
 
 async def _model(pool: Pool, store: Store, account: Account, name: str) -> ResolvedModel:
@@ -53,7 +55,7 @@ async def list_models(account: Account, pool: Pool, store: Store) -> dict:
     return {"object": "list", "data": [c.model_card(m, created) for m in available_models(pool, store, account)]}
 
 
-@router.get("/models/{model}")
+@router.get("/models/{model}", responses=docs.openai(404))
 async def get_model(model: str, account: Account, pool: Pool, store: Store) -> dict:
     for m in available_models(pool, store, account):
         if m.id == model:
@@ -61,7 +63,7 @@ async def get_model(model: str, account: Account, pool: Pool, store: Store) -> d
     raise OpenAIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
 
 
-@router.post("/completions")
+@router.post("/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
 async def completions(body: s.CompletionRequest, account: Account, pool: Pool, store: Store, http: Request):
     c.refuse_unsupported(body)
     model = await _model(pool, store, account, body.model)
@@ -94,7 +96,7 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
     return event_stream(chunks())
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
 async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool: Pool, store: Store,
                            http: Request):
     c.refuse_unsupported(body)
