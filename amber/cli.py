@@ -43,7 +43,16 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
 
 
 def home_config() -> Config:
+    """AMBER_HOME (keys' hashes, datasets, adapters), private to its owner: the directory is made
+    0700, or made so if it exists, and this process (with the worker it starts, which inherits it)
+    creates files 0600 and directories 0700 (umask 077). Every command comes through here."""
     home = Path(os.environ.get("AMBER_HOME", "~/.amber")).expanduser()
+    os.umask(0o077)
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.chmod(0o700)
+    except PermissionError as exc:  # not ours: say so rather than refuse to run
+        print(f"warning: could not make {home} private to its owner: {exc}", file=sys.stderr)
     return Config(home=home)
 
 
@@ -55,7 +64,8 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
           max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 429")] = 256,
           prefix_cache_blocks: Annotated[int, typer.Option(min=0, help="32-token prompt blocks kept; 0: off")] = 256,
           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
-          worker: Annotated[bool, typer.Option(help="start a training worker process beside the server")] = True
+          worker: Annotated[bool, typer.Option(help="start a training worker process beside the server")] = True,
+          keep_alive: Annotated[int, typer.Option(min=1, help="seconds an idle client connection stays open")] = 75
           ) -> None:
     """Serve the J2 API; the default model loads in the background (/health says when)."""
 
@@ -75,7 +85,8 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     # training runs in its own process, never in the API's
     trainer = WorkerProcess(log_level).start() if worker else None
     try:
-        uvicorn.run(app_, host=config.host, port=config.port, log_level=log_level)
+        uvicorn.run(app_, host=config.host, port=config.port, log_level=log_level,
+                    timeout_keep_alive=keep_alive)
     finally:
         if trainer is not None:
             trainer.stop()

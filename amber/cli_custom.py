@@ -56,10 +56,11 @@ def datasets_upload(file: Annotated[Path, typer.Argument(exists=True, dir_okay=F
     spec = registry.models[registry.default]
     tokenizer = Tokenizer.from_pretrained(ensure_checkpoint(spec, config.checkpoints_dir))
     try:
-        info = save_dataset(store, config, who.id, name, file.name, file.read_bytes(), tokenizer,
-                            spec.max_context - 1, selected_columns=selected_columns,
-                            approve_whitespace_correction=approve_whitespace_correction,
-                            delete_long_rows=delete_long_rows, split_ratio=split_ratio)
+        with open(file, "rb") as upload:
+            info = save_dataset(store, config, who.id, name, file.name, upload, tokenizer,
+                                spec.max_context - 1, selected_columns=selected_columns,
+                                approve_whitespace_correction=approve_whitespace_correction,
+                                delete_long_rows=delete_long_rows, split_ratio=split_ratio)
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint=f"--{exc.field.replace('_', '-')}"
                                  if exc.field != "dataset_file" else "FILE") from exc
@@ -129,6 +130,8 @@ def register_model_commands(models_app: typer.Typer) -> None:
             return
         console.print(f"[bold]{model.name}[/] (id {model.id}) on {model.base_model}: {model.status}"
                       + (f" — {model.failure}" if model.failure else ""))
+        console.print(f"trained on dataset {model.dataset_name!r} (id {model.dataset_id}"
+                      f"{', since deleted' if model.dataset_deleted else ''})", highlight=False)
         epochs = Table("epoch", "train loss", "validation loss", "seconds")
         for e in model.epochs:
             mark = " *" if e["epoch"] == model.default_epoch else ""

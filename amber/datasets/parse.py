@@ -1,18 +1,24 @@
-"""Dataset uploads for custom-model training: the bytes of a CSV, TSV or JSONL file in, checked rows
-with a train/validation split out.
+"""Dataset uploads for custom-model training: a CSV, TSV or JSONL file in, checked rows with a
+train/validation split out.
 
 Owns AI21 Studio's upload rules: which columns are prompt and completion, chat rows, empty and
 duplicate rows, one prompt/completion separator for every row, rows over the model's length, a
 minimum size, and a split that the same file always gets. Knows nothing of HTTP, the store or a
-tokenizer: the caller passes `count_tokens` and `max_tokens`, and answers a DatasetError with a 422
-on its `field`.
+tokenizer: the caller passes `count_tokens` (token counts of a list of texts, asked for in batches
+so that a tokenizer can count them without holding the GIL) and `max_tokens`, and answers a
+DatasetError with a 422 on its `field`.
 
 Row numbers, in messages and in the report, are 1-based data rows as a user counts them: the line
 number in JSONL; in CSV/TSV the record after the header (the header is not a row, and a quoted field
 that spans lines still makes one row).
+
+Memory stays bounded by the row cap, not the file: the file is read twice, never whole (once in
+chunks for its digest, UTF-8 check and kind; once a line at a time for its rows), and reading stops
+at the first row past `max_rows` (blank rows count, so a file of empty lines stops there too).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -20,11 +26,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import PurePath
-from typing import Callable, Literal
+from typing import BinaryIO, Callable, Literal
 
 ROLES = ("system", "user", "assistant")
 SELECTED_FORMS = '{"prompt": "<column>", "completion": "<column>"} or "<prompt column>,<completion column>"'
 Records = list[tuple[int, dict | None]]  # (row number, the row's fields, or None for a blank line)
+MAX_ROWS = 100_000  # rows one upload may hold (README "Limits")
+_CHUNK = 1 << 20
+_TOKEN_BATCH = 1024  # texts per count_tokens call
 
 
 class DatasetError(Exception):
@@ -58,6 +67,7 @@ class ParsedDataset:
     rows: list[Row]  # in file order
     format: Literal["prompt_completion", "chat"]
     report: Report
+    kind: Literal["jsonl", "csv", "tsv"] = "jsonl"  # how the file was read
 
     @property
     def train(self) -> list[Row]:
@@ -68,20 +78,33 @@ class ParsedDataset:
         return [r for r in self.rows if r.split == "validation"]
 
 
-def parse_dataset(data: bytes, filename: str, *, selected_columns: str | None = None,
+@dataclass(frozen=True)
+class _Scan:
+    """What one pass over the file's bytes tells before any row is read."""
+    digest: bytes  # sha256 of the file, which seeds the split
+    first_char: str  # the first non-whitespace character; "" for a blank file
+    header: str  # the first line
+
+
+def parse_dataset(source: BinaryIO | bytes, filename: str, *, selected_columns: str | None = None,
                   approve_whitespace_correction: bool = False, delete_long_rows: bool = False,
-                  split_ratio: float = 0.1, count_tokens: Callable[[str], int], max_tokens: int,
-                  min_examples: int = 50) -> ParsedDataset:
+                  split_ratio: float = 0.1, count_tokens: Callable[[list[str]], list[int]], max_tokens: int,
+                  min_examples: int = 50, max_rows: int = MAX_ROWS) -> ParsedDataset:
     """Read, check and split an upload; raise DatasetError on anything the user must fix.
 
+    `source` is a seekable binary file (read from the start, left open) or the bytes themselves.
     Empty rows are skipped, the separator checked (and corrected when approved), duplicates dropped
     (compared after correction), long rows rejected or deleted, the size checked, the rest split.
     `selected_columns` "" or None means the `prompt` and `completion` columns."""
     if not 0 <= split_ratio <= 0.5:  # also rejects NaN
         raise DatasetError("split_ratio", f"split_ratio must be between 0 and 0.5, got {split_ratio}")
-    text = _decode(data)
-    kind = _kind(text, filename)
-    columns, records = _read_jsonl(text) if kind == "jsonl" else _read_delimited(text, kind)
+    source = io.BytesIO(source) if isinstance(source, bytes) else source
+    source.seek(0)
+    scan = _scan(source)
+    kind = _kind(scan, filename)
+    source.seek(0)
+    read = _read_jsonl if kind == "jsonl" else lambda f, cap: _read_delimited(f, kind, cap)
+    columns, records = read(source, max_rows)
     selected = (selected_columns or "").strip()
     if kind == "jsonl" and _is_chat(records):
         if selected:
@@ -100,56 +123,88 @@ def parse_dataset(data: bytes, filename: str, *, selected_columns: str | None = 
         after = f" after removing {', '.join(removed)}" if removed else ""
         raise DatasetError("dataset_file", f"{_count(len(rows), 'example')}{after}; "
                                            f"at least {min_examples} are needed")
-    return ParsedDataset(_split(rows, split_ratio, data), fmt, report)
+    return ParsedDataset(_split(rows, split_ratio, scan.digest), fmt, report, kind)
 
 
-def _decode(data: bytes) -> str:
-    try:
-        text = data.decode("utf-8-sig")  # drops a BOM if there is one
-    except UnicodeDecodeError as e:
-        raise DatasetError("dataset_file", f"the file is not UTF-8 text (bad byte at offset {e.start})") from None
-    if not text.strip():
+def _scan(source: BinaryIO) -> _Scan:
+    """One pass in chunks: the digest, a UTF-8 check that names the byte, and what `_kind` reads."""
+    digest, decoder = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")()
+    offset, first_char, header, header_done, started = 0, "", [], False, False
+    while True:
+        chunk = source.read(_CHUNK)
+        pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            raise DatasetError("dataset_file", f"the file is not UTF-8 text (bad byte at offset "
+                                               f"{offset - pending + e.start})") from None
+        if text and not started:
+            text, started = text.removeprefix("\ufeff"), True  # a BOM is no text
+        if not first_char and text.strip():
+            first_char = text.lstrip()[0]
+        if not header_done:
+            line, newline, _ = text.partition("\n")
+            header.append(line)
+            header_done = bool(newline)
+        digest.update(chunk)
+        offset += len(chunk)
+        if not chunk:
+            break
+    if not first_char:
         raise DatasetError("dataset_file", "the file is empty")
-    return text
+    return _Scan(digest.digest(), first_char, "".join(header))
 
 
-def _kind(text: str, filename: str) -> str:
+def _kind(scan: _Scan, filename: str) -> str:
     """'jsonl', 'csv' or 'tsv'. A file opening with '{' is JSONL whatever its name, since no CSV
     header starts that way; otherwise the extension decides, then the header line."""
     suffix = PurePath(filename or "").suffix.lower()
-    if text.lstrip().startswith("{") or suffix in (".jsonl", ".json"):
+    if scan.first_char == "{" or suffix in (".jsonl", ".json"):
         return "jsonl"
     if suffix in (".csv", ".tsv"):
         return suffix[1:]
-    header = text.split("\n", 1)[0]
-    return "tsv" if header.count("\t") > header.count(",") else "csv"
+    return "tsv" if scan.header.count("\t") > scan.header.count(",") else "csv"
 
 
-def _read_jsonl(text: str) -> tuple[list[str], Records]:
+def _too_many(max_rows: int) -> DatasetError:
+    return DatasetError("dataset_file", f"the file has more than {max_rows:,} rows, the most a dataset may hold")
+
+
+def _read_jsonl(source: BinaryIO, max_rows: int) -> tuple[list[str], Records]:
     """(keys seen in any row, records), one JSON object per line."""
-    lines = text.split("\n")  # not splitlines(): U+2028 may stand unescaped inside a JSON string
-    if not lines[-1].strip():
-        lines.pop()  # the newline ending the last line starts no row
+    # Lines end at "\n" only, not as splitlines() has it: U+2028 may stand unescaped inside a JSON string.
+    lines = io.TextIOWrapper(source, encoding="utf-8-sig", newline="\n")
     records: Records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise DatasetError("dataset_file", f"line {number} is not valid JSON ({e.msg} at column {e.colno}); "
-                                               "expected one JSON object per line") from None
-        if record is not None and not isinstance(record, dict):
-            raise DatasetError("dataset_file", f"line {number} is not a JSON object; expected one per line")
-        records.append((number, record))
+    try:
+        for number, line in enumerate(lines, 1):
+            if not line.endswith("\n") and not line.strip():
+                break  # blanks after the last newline start no row
+            if number > max_rows:
+                raise _too_many(max_rows)
+            line = line.removesuffix("\n")
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise DatasetError("dataset_file", f"line {number} is not valid JSON ({e.msg} at column "
+                                                   f"{e.colno}); expected one JSON object per line") from None
+            if record is not None and not isinstance(record, dict):
+                raise DatasetError("dataset_file", f"line {number} is not a JSON object; expected one per line")
+            records.append((number, record))
+    finally:
+        lines.detach()  # the caller's file stays open
     return list(dict.fromkeys(k for _, r in records if r for k in r)), records
 
 
-def _read_delimited(text: str, kind: str) -> tuple[list[str], Records]:
+def _read_delimited(source: BinaryIO, kind: str, max_rows: int) -> tuple[list[str], Records]:
     """(header columns, records) of a CSV or TSV file."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
+    lines = io.TextIOWrapper(source, encoding="utf-8-sig", newline="")
+    reader = csv.reader(lines, delimiter="\t" if kind == "tsv" else ",")
     records: Records = []
     try:
         columns = [c.strip() for c in next(reader)]
         for number, fields in enumerate(reader, 1):
+            if number > max_rows:
+                raise _too_many(max_rows)
             blank = not any(f.strip() for f in fields)
             if not blank and len(fields) != len(columns):
                 raise DatasetError("dataset_file", f"row {number} has {_count(len(fields), 'field')} but the header "
@@ -157,6 +212,8 @@ def _read_delimited(text: str, kind: str) -> tuple[list[str], Records]:
             records.append((number, None if blank else dict(zip(columns, fields))))
     except csv.Error as e:
         raise DatasetError("dataset_file", f"row {len(records) + 1} is not valid {kind.upper()}: {e}") from None
+    finally:
+        lines.detach()
     return columns, records
 
 
@@ -277,27 +334,29 @@ def _drop_duplicates(rows: list[Row]) -> tuple[list[Row], list[int]]:
     return kept, [r.index for r in duplicates]
 
 
-def _drop_long(rows: list[Row], count_tokens: Callable[[str], int], max_tokens: int,
+def _drop_long(rows: list[Row], count_tokens: Callable[[list[str]], list[int]], max_tokens: int,
                delete: bool) -> tuple[list[Row], list[int]]:
     """Rows whose prompt + completion (for chat, every content joined by newlines) exceed max_tokens."""
     def text(row: Row) -> str:
         return "\n".join(m["content"] for m in row.messages) if row.messages else row.prompt + row.completion
 
-    long_rows = {r.index for r in rows if count_tokens(text(r)) > max_tokens}
+    long_rows = set()
+    for start in range(0, len(rows), _TOKEN_BATCH):
+        batch = rows[start:start + _TOKEN_BATCH]
+        long_rows.update(r.index for r, n in zip(batch, count_tokens([text(r) for r in batch])) if n > max_tokens)
     if long_rows and not delete:
         raise DatasetError("delete_long_rows", f"{_cite(sorted(long_rows))} exceed the model's limit of "
                                                f"{max_tokens} tokens; delete_long_rows=true removes them")
     return [r for r in rows if r.index not in long_rows], sorted(long_rows)
 
 
-def _split(rows: list[Row], ratio: float, data: bytes) -> list[Row]:
+def _split(rows: list[Row], ratio: float, digest: bytes) -> list[Row]:
     """Mark round(n * ratio) rows as validation: at least 1 when ratio > 0, never every row.
 
-    Rows are ranked by a hash of the file's digest and their row number, so the same file always
-    gets the same split, whatever Python's random module does across versions."""
+    Rows are ranked by a hash of the file's sha256 `digest` and their row number, so the same file
+    always gets the same split, whatever Python's random module does across versions."""
     n = len(rows)
     n_validation = min(max(1, round(n * ratio)), n - 1) if ratio > 0 else 0
-    digest = hashlib.sha256(data).digest()
     ranked = sorted(rows, key=lambda r: hashlib.sha256(digest + r.index.to_bytes(8, "little")).digest())
     validation = {r.index for r in ranked[:n_validation]}
     return [replace(r, split="validation") if r.index in validation else r for r in rows]

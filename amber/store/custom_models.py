@@ -3,21 +3,24 @@
 Every read and delete takes the caller's account id and treats another account's row as missing,
 so privacy is decided here once rather than in each route. The worker's methods (`claim`,
 `report_progress`, ...) take the worker's name instead and do nothing to a job another worker owns.
+A dataset and the custom models trained on it are matched on (account, dataset id), and ids are
+never reused, so a deleted dataset's id never comes to name someone else's.
 """
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Sequence
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from amber.store.tables import CustomModel, Dataset, DatasetRow, utcnow
 
 QUEUED, TRAINING, COMPLETED, FAILED = "QUEUED", "TRAINING", "COMPLETED", "FAILED"
+INSERT_BATCH = 5_000  # dataset rows per INSERT statement
 
 
 class NameTaken(ValueError):
@@ -74,6 +77,7 @@ class CustomModelInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    dataset_deleted: bool = False  # the account's dataset `dataset_id` is gone (the model still works)
 
 
 def _dataset(row: Dataset, used: int = 0) -> DatasetInfo:
@@ -82,8 +86,14 @@ def _dataset(row: Dataset, used: int = 0) -> DatasetInfo:
                        row.created_at, used)
 
 
-def _model(row: CustomModel) -> CustomModelInfo:
-    return CustomModelInfo(**{f: getattr(row, f) for f in CustomModelInfo.__dataclass_fields__})
+def _model(row: CustomModel, dataset_deleted: bool = False) -> CustomModelInfo:
+    fields = {f: getattr(row, f) for f in CustomModelInfo.__dataclass_fields__ if f != "dataset_deleted"}
+    return CustomModelInfo(**fields, dataset_deleted=bool(dataset_deleted))
+
+
+def _same_account():
+    """Custom models and datasets of one account that share a dataset id."""
+    return (CustomModel.dataset_id == Dataset.id) & (CustomModel.account_id == Dataset.account_id)
 
 
 class DatasetRepo:
@@ -91,7 +101,9 @@ class DatasetRepo:
         self._sessions = sessions
 
     def create(self, account_id: int, name: str, file_name: str, size_bytes: int, format: str,
-               rows: list[ExampleRow], report: dict) -> DatasetInfo:
+               rows: Sequence[ExampleRow], report: dict, then: Callable[[int], None] | None = None) -> DatasetInfo:
+        """One transaction: the dataset, its rows (in batches), then `then(new id)`; if that raises,
+        nothing is kept (the caller puts the dataset's files in place there)."""
         train = sum(r.split == "train" for r in rows)
         record = Dataset(account_id=account_id, name=name, file_name=file_name, size_bytes=size_bytes,
                          format=format, num_examples=len(rows), train_examples=train,
@@ -100,16 +112,18 @@ class DatasetRepo:
             with self._sessions.begin() as session:
                 session.add(record)
                 session.flush()
-                session.add_all(DatasetRow(dataset_id=record.id, source_row=r.source_row, split=r.split,
-                                           prompt=r.prompt, completion=r.completion, messages=r.messages)
-                                for r in rows)
+                for start in range(0, len(rows), INSERT_BATCH):
+                    session.execute(insert(DatasetRow.__table__), [  # Core: a third faster than the ORM's
+                        {"dataset_id": record.id, "source_row": r.source_row, "split": r.split, "prompt": r.prompt,
+                         "completion": r.completion, "messages": r.messages} for r in rows[start:start + INSERT_BATCH]])
+                if then is not None:
+                    then(record.id)
         except IntegrityError as exc:
             raise NameTaken(f"a dataset named {name!r} already exists") from exc
         return _dataset(record)
 
     def _query(self, account_id: int):
-        used = (select(func.count(CustomModel.id)).where(CustomModel.dataset_id == Dataset.id)
-                .scalar_subquery())
+        used = select(func.count(CustomModel.id)).where(_same_account()).scalar_subquery()
         return select(Dataset, used).where(Dataset.account_id == account_id)
 
     def list(self, account_id: int) -> list[DatasetInfo]:
@@ -164,32 +178,38 @@ class CustomModelRepo:
             raise NameTaken(f"a custom model named {name!r} already exists") from exc
         return _model(record)
 
-    def list(self, account_id: int) -> list[CustomModelInfo]:
-        query = select(CustomModel).where(CustomModel.account_id == account_id).order_by(CustomModel.id)
+    @staticmethod
+    def _query(account_id: int, *where):
+        """The account's custom models, each with whether its dataset is gone."""
+        return (select(CustomModel, ~exists().where(_same_account()))
+                .where(CustomModel.account_id == account_id, *where).order_by(CustomModel.id))
+
+    def _first(self, account_id: int, *where) -> CustomModelInfo | None:
         with self._sessions() as session:
-            return [_model(r) for r in session.scalars(query)]
+            row = session.execute(self._query(account_id, *where)).first()
+        return None if row is None else _model(*row)
+
+    def list(self, account_id: int) -> list[CustomModelInfo]:
+        with self._sessions() as session:
+            return [_model(*row) for row in session.execute(self._query(account_id))]
 
     def get(self, account_id: int, model_id: int) -> CustomModelInfo | None:
-        with self._sessions() as session:
-            row = session.get(CustomModel, model_id)
-            return None if row is None or row.account_id != account_id else _model(row)
+        return self._first(account_id, CustomModel.id == model_id)
 
     def find(self, account_id: int, id_or_name: str) -> CustomModelInfo | None:
         """By name first (names are what completions use), then by id when it is all digits."""
-        query = select(CustomModel).where(CustomModel.account_id == account_id, CustomModel.name == id_or_name)
-        with self._sessions() as session:
-            row = session.scalars(query).first()
-        if row is None and id_or_name.isdigit():
+        found = self._first(account_id, CustomModel.name == id_or_name)
+        if found is None and id_or_name.isdigit():
             return self.get(account_id, int(id_or_name))
-        return None if row is None else _model(row)
+        return found
 
     def set_default_epoch(self, account_id: int, model_id: int, epoch: int) -> CustomModelInfo | None:
+        statement = (update(CustomModel).where(CustomModel.id == model_id, CustomModel.account_id == account_id)
+                     .values(default_epoch=epoch).execution_options(synchronize_session=False))
         with self._sessions.begin() as session:
-            row = session.get(CustomModel, model_id)
-            if row is None or row.account_id != account_id:
+            if session.execute(statement).rowcount != 1:
                 return None
-            row.default_epoch = epoch
-            return _model(row)
+        return self.get(account_id, model_id)
 
     def delete(self, account_id: int, model_id: int) -> bool:
         with self._sessions.begin() as session:

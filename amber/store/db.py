@@ -1,19 +1,21 @@
 """Opening the database: an Engine over one SQLite file shared by several processes.
 
-Owns connection settings (WAL, foreign keys, busy timeout) and table creation. The API server and
-the training worker each open the same file; WAL lets readers run alongside one writer, and the
-busy timeout makes a writer wait for another's lock instead of failing at once.
+Owns connection settings (WAL, foreign keys, busy timeout), table creation, and bringing a file
+made by an older Amber up to the current schema. The API server and the training worker each open
+the same file; WAL lets readers run alongside one writer, and the busy timeout makes a writer wait
+for another's lock instead of failing at once.
 Knows no queries; those are in `repo.py`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, Table, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-from amber.store.tables import Base
+from amber.store.tables import Base, CustomModel, Dataset
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -28,6 +30,8 @@ def open_database(url: str) -> Engine:
     if is_sqlite:
         event.listen(engine, "connect", _configure_sqlite)
     Base.metadata.create_all(engine)
+    if is_sqlite:
+        _adopt_autoincrement(engine)
     return engine
 
 
@@ -38,6 +42,70 @@ def _configure_sqlite(dbapi_connection, _connection_record) -> None:
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.close()
+
+
+def _autoincrement_tables() -> list[Table]:
+    return [t for t in Base.metadata.sorted_tables if t.dialect_options["sqlite"]["autoincrement"]]
+
+
+def _has_autoincrement(db, table: str) -> bool:
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return "AUTOINCREMENT" in sql.upper()
+
+
+def _adopt_autoincrement(engine: Engine) -> None:
+    """Rebuild tables that a file made before they had AUTOINCREMENT still has without it (SQLite
+    cannot add it in place). One transaction, foreign-key enforcement off meanwhile so that
+    dropping the old table deletes no rows that point at it; a process that finds another did it
+    first does nothing."""
+    raw = engine.raw_connection()
+    db, isolation = raw.driver_connection, raw.driver_connection.isolation_level
+    try:
+        if all(_has_autoincrement(db, t.name) for t in _autoincrement_tables()):
+            return
+        db.isolation_level = None  # autocommit: the transaction below is the explicit one
+        db.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction, so first
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table in _autoincrement_tables():
+                if not _has_autoincrement(db, table.name):
+                    _rebuild(db, table, engine)
+            assert not db.execute("PRAGMA foreign_key_check").fetchall()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.execute("PRAGMA foreign_keys = ON")
+        db.isolation_level = isolation
+        raw.close()
+
+
+def _rebuild(db, table: Table, engine: Engine) -> None:
+    """SQLite's recipe for a changed table: create it anew beside the old, copy, drop, rename.
+    Its id counter then starts past every id still in use anywhere: a custom model keeps the id of
+    a dataset deleted before now, and that id must not name a new dataset."""
+    scratch = MetaData()  # the same tables, so that the copy's foreign keys resolve
+    for other in Base.metadata.sorted_tables:
+        other.to_metadata(scratch)
+    new = table.to_metadata(scratch, name=f"{table.name}_new")
+    columns = ", ".join(f'"{c.name}"' for c in table.columns)
+    indexes = db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
+                         (table.name,)).fetchall()
+    for (index,) in indexes:
+        db.execute(f'DROP INDEX "{index}"')
+    db.execute(str(CreateTable(new).compile(dialect=engine.dialect)))
+    db.execute(f'INSERT INTO "{new.name}" ({columns}) SELECT {columns} FROM "{table.name}"')
+    db.execute(f'DROP TABLE "{table.name}"')
+    db.execute(f'ALTER TABLE "{new.name}" RENAME TO "{table.name}"')
+    for index in table.indexes:
+        db.execute(str(CreateIndex(index).compile(dialect=engine.dialect)))
+    used = [f'SELECT max(id) FROM "{table.name}"']
+    if table is Dataset.__table__:
+        used.append(f"SELECT max(dataset_id) FROM {CustomModel.__tablename__}")
+    (last,) = db.execute(f"SELECT max(coalesce(({used[0]}), 0), coalesce(({used[-1]}), 0))").fetchone()
+    db.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table.name,))
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table.name, last))
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:

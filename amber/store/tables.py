@@ -4,6 +4,8 @@ Owns column types, keys and indexes; knows no queries (those are in `repo.py`) a
 settings (those are in `db.py`). Every resource a user owns (keys now; datasets, custom models and
 training jobs later) carries an `account_id` foreign key to `accounts`.
 Times are stored as naive UTC (SQLite has no time zones) and read back as aware UTC datetimes.
+Tables whose ids the API shows (datasets, custom models) never reuse an id (SQLite AUTOINCREMENT):
+a custom model names its dataset by id, and a directory under AMBER_HOME is named after one.
 """
 from __future__ import annotations
 
@@ -60,12 +62,12 @@ class ApiKey(Base):
 class Dataset(Base):
     """An uploaded training set. The file itself, unchanged, lives under AMBER_HOME/datasets/ID."""
     __tablename__ = "datasets"
-    __table_args__ = (UniqueConstraint("account_id", "name"),)
+    __table_args__ = (UniqueConstraint("account_id", "name"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(128))
-    file_name: Mapped[str] = mapped_column(String(256))
+    file_name: Mapped[str] = mapped_column(String(256))        # as the client named it, for display only
     size_bytes: Mapped[int]
     format: Mapped[str] = mapped_column(String(32))            # prompt_completion | chat
     num_examples: Mapped[int]
@@ -94,7 +96,7 @@ class CustomModel(Base):
     worker (host:pid) and heartbeat, so a worker that starts can take over a job whose worker died.
     """
     __tablename__ = "custom_models"
-    __table_args__ = (UniqueConstraint("account_id", "name"),)
+    __table_args__ = (UniqueConstraint("account_id", "name"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)

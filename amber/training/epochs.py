@@ -66,8 +66,7 @@ def save_epoch(out_dir: Path, result: EpochResult, run: dict, model: PeftModel,
                optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Write epoch `result.epoch` atomically, then drop the previous epoch's optimizer state,
     which nothing needs once a newer epoch can be resumed from."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".epoch-{result.epoch}-", dir=out_dir))
-    tmp.chmod(0o755)
+    tmp = Path(tempfile.mkdtemp(prefix=f".epoch-{result.epoch}-", dir=out_dir))  # 0700, as AMBER_HOME keeps all
     model.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / STATE)
     fields = {k: v for k, v in asdict(result).items() if k != "path"}

@@ -68,7 +68,8 @@ def test_the_dataset_is_parsed_split_and_kept_unchanged(server, trained):
     assert dataset["id"] in [d["id"] for d in listed]
     got = httpx.get(f"{server.url}/studio/v1/dataset/{dataset['id']}", headers=server.headers).json()
     assert got["numModelsUsed"] == 1 and got["sizeBytes"] == len(SST2.read_bytes())
-    assert (server.home / "datasets" / dataset["id"] / "train.jsonl").read_bytes() == SST2.read_bytes()
+    assert (server.home / "datasets" / dataset["id"] / "upload.jsonl").read_bytes() == SST2.read_bytes()
+    assert dataset["fileName"] == "train.jsonl"  # the client's name: metadata only
 
 
 @pytest.mark.parametrize("form, field", [
@@ -193,9 +194,9 @@ def test_custom_models_answer_on_the_openai_api_by_name_and_only_to_their_accoun
                     json={"prompt": prompt, "maxTokens": 3, "temperature": 0}).json()
     assert v1["model"] == "sentiment"
     assert v1["choices"][0]["text"] == j2["completions"][0]["data"]["text"]
-    got = v1["choices"][0]["logprobs"]["token_logprobs"]  # OpenAI lists no end-of-text token
+    got = v1["choices"][0]["logprobs"]["token_logprobs"]  # every generated token, end-of-text included
     assert got and got == pytest.approx(
-        [t["generatedToken"]["raw_logprob"] for t in j2["completions"][0]["data"]["tokens"]][:len(got)], abs=1e-4)
+        [t["generatedToken"]["raw_logprob"] for t in j2["completions"][0]["data"]["tokens"]], abs=1e-4)
     mine = [m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"]]
     bob = {"Authorization": f"Bearer {server.other_key}"}
     theirs = [m["id"] for m in httpx.get(f"{server.url}/v1/models", headers=bob).json()["data"]]

@@ -14,7 +14,8 @@ SST2 = Path(__file__).resolve().parent.parent / "data" / "sst2" / "train.jsonl"
 
 
 def parse(data: bytes, filename: str = "data.jsonl", **options):
-    options = {"count_tokens": lambda s: len(s.split()), "max_tokens": 50, "min_examples": 3, **options}
+    options = {"count_tokens": lambda texts: [len(s.split()) for s in texts], "max_tokens": 50, "min_examples": 3,
+               **options}
     return parse_dataset(data, filename, **options)
 
 
@@ -270,3 +271,68 @@ def test_split_sizes(n, ratio, validation):
 @pytest.mark.parametrize("ratio", [-0.1, 0.6, float("nan")])
 def test_bad_split_ratio(ratio):
     assert rejects(jsonl(pairs(3)), split_ratio=ratio).field == "split_ratio"
+
+
+# --- files read in bounded memory ---
+
+def test_a_file_object_reads_as_its_bytes_do_and_stays_open(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(SST2.read_bytes())
+    with open(path, "rb") as f:
+        from_file = parse(f, "data.jsonl", min_examples=50)
+        assert not f.closed
+    assert from_file == parse(SST2.read_bytes(), "data.jsonl", min_examples=50)
+
+
+@pytest.mark.parametrize("data, filename", [
+    (jsonl(pairs(5)), "data.jsonl"),
+    (b"\n".join([b"prompt,completion", *[f"Q{i}:, a{i}".encode() for i in range(5)]]), "data.csv"),
+    (jsonl(pairs(3)) + b"\n\n\n", "data.jsonl"),  # blank rows count toward the cap
+])
+def test_more_rows_than_the_cap_are_refused_naming_the_file(data, filename):
+    error = rejects(data, filename, max_rows=4)
+    assert error.field == "dataset_file" and "more than 4 rows" in error.message
+
+
+def test_the_cap_is_on_rows_not_on_trailing_blanks():
+    assert len(parse(jsonl(pairs(4)) + b"   ", max_rows=4).rows) == 4
+
+
+def test_a_bad_byte_is_named_by_its_offset_in_the_file_whatever_the_chunks(monkeypatch):
+    import amber.datasets.parse as module
+
+    data = b"\xef\xbb\xbf" + jsonl(pairs(3)) + "é".encode() + b"\xff" + b"tail"
+    offset = data.index(b"\xff")
+    for chunk in (1, 2, 3, 5, 1 << 20):  # "é" and the BOM split across chunks, or not
+        monkeypatch.setattr(module, "_CHUNK", chunk)
+        assert f"bad byte at offset {offset})" in rejects(data).message
+
+
+def test_kind_and_bom_are_read_across_chunks(monkeypatch):
+    import amber.datasets.parse as module
+
+    monkeypatch.setattr(module, "_CHUNK", 4)
+    data = b"\xef\xbb\xbf" + table(["prompt", "completion"], [[f"Q{i}:", f" a{i}"] for i in range(3)], "\t")
+    assert [r.completion for r in parse(data, "upload").rows] == [" a0", " a1", " a2"]
+    assert parse(b"  \n" + jsonl(pairs(3)), "upload").kind == "jsonl"
+
+
+def test_lines_end_at_newline_only_and_crlf_is_fine():
+    rows = [{"prompt": "a\u2028b:", "completion": " c"}, *pairs(2)]
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode()
+    assert [r.prompt for r in parse(data).rows] == ["a\u2028b:", "Question 0:", "Question 1:"]
+
+
+def test_long_rows_are_found_in_every_batch_of_token_counts():
+    rows, long = pairs(2500), [1, 1024, 1025, 2500]
+    for i in long:
+        rows[i - 1] = {"prompt": f"Question {i}:" + " w" * 60, "completion": " answer"}
+    asked = []
+
+    def count(texts):
+        asked.append(len(texts))
+        return [len(s.split()) for s in texts]
+
+    parsed = parse(jsonl(rows), delete_long_rows=True, count_tokens=count)
+    assert parsed.report.deleted_long_rows == long and len(parsed.rows) == 2496
+    assert asked == [1024, 1024, 452]

@@ -10,12 +10,14 @@ import shutil
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from amber.api import docs
 from amber.api.deps import Account, Pool, Store
+from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.store.custom_models import CustomModelInfo, NameTaken
 from amber.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, MAX_EPOCHS
 
-router = APIRouter(prefix="/studio/v1")
+router = APIRouter(prefix="/studio/v1", route_class=TextRoute, responses=docs.ai21(401))
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -48,7 +50,8 @@ def _size(size_bytes: int | None) -> str | None:
 
 def custom_model_json(m: CustomModelInfo) -> dict:
     """AI21's custom-model object (the SDK's CustomBaseModelResponse: datasetId an integer,
-    customModelType and currentEpoch present even when null), plus training detail."""
+    customModelType and currentEpoch present even when null), plus training detail and whether
+    the dataset it was trained on has since been deleted (`datasetDeleted`)."""
     chosen = next((e for e in m.epochs if e["epoch"] == m.default_epoch), None)
     return {
         "id": str(m.id), "name": m.name, "tier": "custom", "modelType": m.model_type,
@@ -58,14 +61,14 @@ def custom_model_json(m: CustomModelInfo) -> dict:
                           "validationLoss": chosen and chosen.get("validation_loss"),
                           "evalLoss": chosen and chosen.get("validation_loss"),
                           "trainLoss": chosen and chosen.get("train_loss")},
-        "datasetId": m.dataset_id, "datasetName": m.dataset_name,
+        "datasetId": m.dataset_id, "datasetName": m.dataset_name, "datasetDeleted": m.dataset_deleted,
         "creationDate": m.created_at.isoformat(), "currentEpoch": m.current_epoch, "size": _size(m.size_bytes),
         "progress": m.progress, "epochs": m.epochs, "evaluation": m.evaluation, "failure": m.failure,
         "settings": m.settings,
     }
 
 
-@router.post("/custom-model")  # 200: as for datasets
+@router.post("/custom-model", responses=docs.ai21(400))  # 200: as for datasets
 async def create_custom_model(body: CreateCustomModel, account: Account, pool: Pool, store: Store) -> dict:
     dataset_id = str(body.dataset_id)
     dataset = store.datasets.get(account.id, int(dataset_id)) if dataset_id.isdigit() else None
@@ -101,12 +104,12 @@ def _get(store, account, model_id: str) -> CustomModelInfo:
     return model
 
 
-@router.get("/custom-model/{model_id}")
+@router.get("/custom-model/{model_id}", responses=docs.ai21(404))
 async def get_custom_model(model_id: str, account: Account, store: Store) -> dict:
     return custom_model_json(_get(store, account, model_id))
 
 
-@router.put("/custom-model/{model_id}")
+@router.put("/custom-model/{model_id}", responses=docs.ai21(400, 404))
 async def update_custom_model(model_id: str, body: UpdateCustomModel, account: Account, store: Store) -> dict:
     model = _get(store, account, model_id)
     done = model.current_epoch or 0
@@ -116,7 +119,7 @@ async def update_custom_model(model_id: str, body: UpdateCustomModel, account: A
     return custom_model_json(store.custom_models.set_default_epoch(account.id, model.id, body.defaultEpoch))
 
 
-@router.delete("/custom-model/{model_id}")
+@router.delete("/custom-model/{model_id}", responses=docs.ai21(404))
 async def delete_custom_model(model_id: str, account: Account, pool: Pool, store: Store) -> dict:
     """Deletes the record and its adapters; a worker training it stops at its next step."""
     model = _get(store, account, model_id)
