@@ -18,6 +18,7 @@ from amber.engine.checkpoint import ensure_checkpoint
 from amber.engine.engine import Engine
 from amber.engine.loader import load_model
 from amber.engine.tokenizer import Tokenizer
+from amber.threads import CoreShare
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class ModelPool:
         self.config, self.registry = config, registry
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        # every core by default; taken now, as a thread that starts once an engine has given a
+        # training job its share would inherit that smaller default
+        self._cores = config.engine.threads or torch.get_num_threads()
 
     def get(self, name: str) -> LoadedModel:
         """The running model `name` (or alias) names, loading it on first use. KeyError if unknown."""
@@ -59,9 +63,11 @@ class ModelPool:
             checkpoint = ensure_checkpoint(spec, self.config.checkpoints_dir)
             return load_model(checkpoint, spec.dtype, device), Tokenizer.from_pretrained(checkpoint)
 
+        # a CPU engine gives up cores to a training job on this AMBER_HOME while both work
+        share = CoreShare(self.config.home, self._cores) if device == "cpu" else None
         engine = Engine.launch(build, max_batch=cfg.max_batch, max_context=spec.max_context,
                                prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue,
-                               prefix_blocks=cfg.prefix_blocks)
+                               prefix_blocks=cfg.prefix_blocks, threads=share and share.engine_threads)
         log.info("model %s ready on %s in %.1f s", spec.name, device, time.perf_counter() - started)
         chat = ChatTemplate(ensure_checkpoint(spec, self.config.checkpoints_dir), engine.bos_id)  # converted by now
         return LoadedModel(spec, engine.tokenizer, engine, chat)

@@ -21,15 +21,16 @@ from datetime import timedelta
 from amber.config import Config, Registry
 from amber.store.custom_models import CustomModelInfo, worker_name
 from amber.store.repo import Store
+from amber.threads import CoreShare
 
 log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(minutes=10)   # for a worker on another host, whose pid we cannot check
 REPORT_EVERY_S = 1.0
-# Training is background work: at a low priority the scheduler runs the server's engine threads
-# first. Both use OpenMP with a thread per core, and an engine step whose threads must wait for
-# cores the trainer holds runs far slower. Measured (a 32-token completion, int8, 2 cores): 0.85 s
-# idle; 3.8 s while a job trained at normal priority; 0.88 s at this one (training then waits).
-NICENESS = 15
+# Training is background work. What keeps both sides moving while a server on this AMBER_HOME is
+# busy is the core split (amber/threads.py): a low priority alone starved the trainer's OpenMP team
+# (~60 s per step instead of ~1 s). The priority covers the moments they overlap (a step begun
+# before serving got busy; the few ms before an engine sees the lock) and other programs.
+NICENESS = 0
 
 
 class JobGone(Exception):
@@ -64,6 +65,8 @@ class Worker:
         self.config, self.registry, self.store = config, registry, store
         self.name = worker_name(os.getpid())
         self.parent: int | None = None  # with a parent to follow: its pid
+        import torch
+        self.cores = CoreShare(config.home, torch.get_num_threads())  # torch's default: every core
 
     def _parent_gone(self) -> bool:
         return self.parent is not None and not pid_alive(self.parent)
@@ -93,7 +96,8 @@ class Worker:
 
         log.info("training custom model %s (id %d) on %s", job.name, job.id, job.base_model)
         try:
-            self._train_and_evaluate(job)
+            with self.cores.training():  # a server on this AMBER_HOME leaves us cores meanwhile
+                self._train_and_evaluate(job)
         except ParentGone:
             raise
         except JobGone:
@@ -127,6 +131,7 @@ class Worker:
 
         def on_progress(p) -> None:
             nonlocal last_report
+            _use_threads(self.cores.between_steps())  # for the next step, perhaps after a pause
             if self._parent_gone():
                 raise ParentGone()
             if time.monotonic() - last_report < REPORT_EVERY_S and p.step < p.total_steps:
@@ -142,6 +147,7 @@ class Worker:
             if not self.store.custom_models.report_epoch(job.id, self.name, epochs):
                 raise JobGone()
 
+        _use_threads(self.cores.between_steps())
         started = time.perf_counter()
         results = train_lora(checkpoint, train, held_out, settings, self.config.custom_model_dir(job.id),
                              on_progress=on_progress, on_epoch=on_epoch)
@@ -175,9 +181,16 @@ class Worker:
         rendered = lambda rows: [Example(*encoder.render_chat(r.messages)) if r.messages
                                  else Example(r.prompt, r.completion) for r in rows]
         engine = Engine(load_model(checkpoint, spec.dtype), Tokenizer.from_pretrained(checkpoint),
-                        max_batch=1, max_context=spec.max_context)
+                        max_batch=1, max_context=spec.max_context, threads=self.cores.between_steps)
         adapter = AdapterRef(f"eval-{job.id}-{epoch}", str(self.config.adapter_dir(job.id, epoch)))
         return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
+
+
+def _use_threads(count: int) -> None:
+    """Set this thread's torch intra-op threads (`amber.threads` says how many)."""
+    import torch
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
 
 
 def _epoch_json(result) -> dict:

@@ -54,11 +54,14 @@ class RequestAborted(Exception):
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
-                 prefix_blocks: int = 256):
+                 prefix_blocks: int = 256, threads: Callable[[], int] | None = None):
+        """`threads`, if given, is asked at the start of every step how many torch threads to use
+        (a budget that shrinks while a training job shares the cores: amber/threads.py)."""
         cfg = model.config
         self.device = model.model.embed_tokens.weight.device
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
+        self.threads = threads
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
         self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_context,
                              cfg.head_dim, model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
@@ -218,6 +221,8 @@ class Engine:
                 self._step()
 
     def _step(self) -> None:
+        if self.threads is not None and torch.get_num_threads() != (wanted := self.threads()):
+            torch.set_num_threads(wanted)  # this thread's OpenMP team, from its next op on
         with self._wake:
             self._steps += 1
             self._drop_aborted()
