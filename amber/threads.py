@@ -3,17 +3,19 @@
 Both sides run torch with OpenMP, a team of one thread per core. Two such teams on the same cores
 fight: a parallel region ends only when every thread of its team has run its share, so a team
 thread left waiting for a core stalls the whole region. A nice-15 worker beside a busy server
-took ~60 s per training step instead of ~1 s. So, while both work, the cores are split instead of
-shared: the trainer takes `training_threads(cores)` of them and each CPU engine the rest; either
-side alone uses every core. Where that leaves an engine a single thread (2 cores), it loses all
-its parallelism (a decode step ~1.4x slower), so the trainer also steps aside for as long as each
-step took (`TRAINING_DUTY`), and the engine has every core meanwhile. Measured on 2 cores by
-bench/train_under_load.py.
+did not finish one training step in 40 s (~1 s alone). So, while both work, the cores are split
+instead of shared: the trainer takes `training_threads(cores)` of them and each CPU engine the
+rest; either side alone uses every core. Where that leaves an engine one thread (2 cores), it
+loses all its parallelism (a batch-16 decode step ~1.45x slower; training at one thread keeps
+~60% of its speed), so the trainer also steps aside after each step, lock released, for 1.2x as
+long as it computed (it computes TRAINING_DUTY of the time), and the engine has every core
+meanwhile. On the 2-core dev box under saturating load that kept ~1/3 of training's idle speed,
+with serving's p50 ~1.1-1.2x its p50 alone (bench/train_under_load.py, docs/benchmarks.md).
 
 The two processes (`amber serve` and `amber worker`, on the same AMBER_HOME) signal through two
-files under AMBER_HOME/run/, cheaply enough to check at every step:
+files under AMBER_HOME/run/, cheap enough to check at every step:
 - training.lock: a worker holds a shared flock on it while it computes (released while it steps
-  aside, and by the kernel if it dies); an engine probes it at most every CHECK_EVERY_S.
+  aside, and by the kernel if it dies); an engine probes it at the start of every step.
 - serving.busy: an engine touches it at most every TOUCH_EVERY_S while it steps; a worker counts
   serving as busy for BUSY_FOR_S after the last touch, and checks between steps.
 Knows nothing about torch or the store: callers apply the counts (`torch.set_num_threads`).
@@ -27,12 +29,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-CHECK_EVERY_S = 0.05   # a step or two of the engine; the trainer's steps and pauses last ~1 s
 TOUCH_EVERY_S = 0.5
 BUSY_FOR_S = 2.0
-TRAINING_DUTY = 0.6    # share of the time a trainer computes beside a busy one-thread engine
-HANDOVER_S = 0.2       # after taking the lock back, time for engines to notice it (a step or two)
+# Share of the time a trainer computes beside a busy one-thread engine. Measured on 2 cores
+# (serving p50 vs alone, training speed vs idle): 0.6: 1.30x, 35%; 0.5: 1.23x, 36%; 0.45: 1.12x,
+# 33% (each ~10% noisy), so 0.45 leaves both targets (<= 1.3x, >= 25%) a margin.
+TRAINING_DUTY = 0.45
 STEP_ASIDE_AFTER_S = 1.0  # computing time between pauses, at least (a training step; many eval steps)
+HANDOVER_S = 0.1          # after taking the lock back, time for engines to notice it (a step)
 
 
 def training_threads(cores: int) -> int:
@@ -48,10 +52,9 @@ class CoreShare:
     """One process's side of the split. `cores`: the threads it uses while the other side is idle
     (torch's default: a thread per core, or OMP_NUM_THREADS)."""
 
-    def __init__(self, home: Path, cores: int, check_every: float = CHECK_EVERY_S):
-        self.run_dir, self.cores, self.check_every = Path(home) / "run", cores, check_every
-        self._checked = self._touched = -float("inf")
-        self._engine_threads = cores
+    def __init__(self, home: Path, cores: int):
+        self.run_dir, self.cores = Path(home) / "run", cores
+        self._touched = -float("inf")
         self._lock: IO | None = None    # a worker's training.lock while it trains
         self._resumed = 0.0              # since when the worker has computed without a pause
 
@@ -99,7 +102,8 @@ class CoreShare:
 
     # ---- an engine's side ----
     def is_training(self) -> bool:
-        """Whether some worker holds training.lock now."""
+        """Whether some worker holds training.lock now (or, rarely, another engine probes it
+        at the same instant: one step at fewer threads)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "a") as lock:
             try:
@@ -111,13 +115,10 @@ class CoreShare:
 
     def engine_threads(self) -> int:
         """For an engine at the start of a step: its cores, less the trainer's share while a
-        worker computes. Also marks serving busy."""
+        worker computes (a few microseconds of system calls). Also marks serving busy."""
         now = time.monotonic()
         if now - self._touched >= TOUCH_EVERY_S:
             self._touched = now
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._busy_path.touch()
-        if now - self._checked >= self.check_every:
-            self._checked = now
-            self._engine_threads = engine_threads(self.cores) if self.is_training() else self.cores
-        return self._engine_threads
+        return engine_threads(self.cores) if self.is_training() else self.cores

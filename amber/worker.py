@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 STALE_AFTER = timedelta(minutes=10)   # for a worker on another host, whose pid we cannot check
 REPORT_EVERY_S = 1.0
 # Training is background work. What keeps both sides moving while a server on this AMBER_HOME is
-# busy is the core split (amber/threads.py): a low priority alone starved the trainer's OpenMP team
-# (~60 s per step instead of ~1 s). The priority covers the moments they overlap (a step begun
-# before serving got busy; the few ms before an engine sees the lock) and other programs.
-NICENESS = 0
+# busy is the core split (amber/threads.py); nice 15 alone starved the trainer's OpenMP team (no
+# step in 40 s, ~1 s alone), as it does behind any other busy program. A mild priority still lets
+# the server's own threads (HTTP, a step begun before the split) go first.
+NICENESS = 5
 
 
 class JobGone(Exception):

@@ -17,7 +17,7 @@ import torch
 from amber.config import Config, EngineConfig, ModelSpec, Registry
 from amber.engine.types import GenerationRequest, SamplingParams
 from amber.serving import ModelPool
-from amber.threads import CHECK_EVERY_S, STEP_ASIDE_AFTER_S, CoreShare, engine_threads, training_threads
+from amber.threads import STEP_ASIDE_AFTER_S, CoreShare, engine_threads, training_threads
 
 SST2 = Path(__file__).resolve().parent / "data/sst2/train.jsonl"
 
@@ -67,7 +67,6 @@ def test_an_engine_gives_a_training_job_its_share_and_takes_it_back(tiny_checkpo
     engine = pool.get("tiny").engine
 
     def threads_of_a_step() -> int:
-        time.sleep(CHECK_EVERY_S * 1.2)  # the engine looks at the files at most this often
         seen, done = [], threading.Event()
         request = GenerationRequest(uuid.uuid4().hex, (5, 6, 7), SamplingParams(temperature=0, max_tokens=2))
         engine.submit(request, lambda _: (seen.append(torch.get_num_threads()), done.set()))  # engine thread
@@ -101,10 +100,10 @@ def test_a_worker_trains_at_its_share_while_serving_is_busy(tiny_checkpoint, tmp
     worker.cores = CoreShare(tmp_path, 4)  # as on a 4-core machine, whatever this one has
 
     # a stand-in for a busy engine on the same AMBER_HOME: marks serving busy, watches the lock
-    serving, stop, engine_threads = CoreShare(tmp_path, 4, check_every=0), threading.Event(), []
+    serving, stop, engine_counts = CoreShare(tmp_path, 4), threading.Event(), []
     def serve() -> None:
         while not stop.wait(0.02):
-            engine_threads.append(serving.engine_threads())
+            engine_counts.append(serving.engine_threads())
     server = threading.Thread(target=serve)
     server.start()
     time.sleep(0.1)
@@ -130,5 +129,5 @@ def test_a_worker_trains_at_its_share_while_serving_is_busy(tiny_checkpoint, tmp
     assert [threads for threads, _ in steps[:3]] == [1, 1, 1]   # training steps beside busy serving
     assert {threads for threads, _ in steps[3:]} == {4}          # the rest: every core
     assert all(training for _, training in steps)
-    assert 3 in engine_threads                                   # the engine's share meanwhile
+    assert 3 in engine_counts                                    # the engine's share meanwhile
     assert not serving.is_training()                             # released with the job
