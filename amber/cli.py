@@ -5,6 +5,7 @@
     amber models           list the registry's models; `models train|show|export` for custom ones
     amber datasets upload  upload a training set
     amber keys create A    make an API key for account A (printed as the last line)
+    amber doctor           this machine as the engine sees it: CPU, torch, kernels chosen per layer
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
     from amber.serving import pick_device  # torch import only for commands that need it
     engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue,
                      prefix_blocks=prefix_blocks)
-    return Config(home=home_config().home, host=host, port=port, engine=engine)
+    return replace(home_config(), host=host, port=port, engine=engine)
 
 
 def home_config() -> Config:
@@ -53,7 +54,8 @@ def home_config() -> Config:
         home.chmod(0o700)
     except PermissionError as exc:  # not ours: say so rather than refuse to run
         print(f"warning: could not make {home} private to its owner: {exc}", file=sys.stderr)
-    return Config(home=home)
+    kernels = os.environ.get("AMBER_KERNELS")  # a kernels cache shared by several homes (tests do)
+    return Config(home=home, kernels_path=Path(kernels).expanduser() if kernels else None)
 
 
 @app.command()
@@ -104,6 +106,51 @@ def run_worker(once: Annotated[bool, typer.Option(help="exit when no job is wait
     config = home_config()
     Worker(config, load_registry(config.registry_path), Store.open(config.database_url)).run(
         once=once, parent=parent)
+
+
+@app.command()
+def doctor(model: Annotated[Optional[str], typer.Option(help="registry model or alias; default: the default model")] = None,
+           retune: Annotated[bool, typer.Option(help="measure the kernels again, replacing this machine's cache")] = False,
+           threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: every core, as serve)")] = None
+           ) -> None:
+    """Show the CPU, torch, and which kernel each of a model's quantized layer shapes runs by row
+    count, with the timings behind the choice (measured now if this machine has none cached)."""
+    import torch
+
+    from amber.engine import kernels
+    from amber.engine.checkpoint import ensure_checkpoint
+    from amber.engine.loader import load_model
+
+    config = home_config()
+    registry = load_registry(config.registry_path)
+    spec = registry.resolve(model or registry.default)
+    if spec is None:
+        raise typer.BadParameter(f"no model or alias {model!r} in {config.registry_path}", param_hint="--model")
+    if threads:
+        torch.set_num_threads(threads)
+    info = kernels.machine()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    flags = set(info["flags"].split())
+    console.print(f"CPU      {info['cpu']}")
+    console.print(f"flags    {' '.join(f for f in wanted if f in flags) or '(none of ' + ', '.join(wanted) + ')'}")
+    console.print(f"torch    {info['torch']} (kernels for {info['capability']}), {info['threads']} threads")
+    console.print(f"cache    {config.kernels_dir / (kernels.cache_key(info) + '.json')}")
+    checkpoint = ensure_checkpoint(spec, config.checkpoints_dir)
+    loaded = load_model(checkpoint, spec.dtype, "cpu", tune=False)
+    if not kernels.quantized_layers(loaded):
+        console.print(f"model    {spec.name} ({spec.dtype}): no quantized layers, nothing to choose")
+        return
+    choices = kernels.tune(loaded, config.kernels_dir, retune=retune)
+    shapes = kernels.cached(config.kernels_dir)["shapes"]
+    console.print(f"model    {spec.name} ({spec.dtype}): {kernels.summary(choices)}")
+    table = Table("layer shape", "layers", "chosen", "rows", "fused ms", "bf16 ms", "fp32 ms")
+    for shape, choice in choices.items():
+        entry = shapes[shape]
+        for i, rows in enumerate(entry["rows"]):
+            table.add_row(shape if i == 0 else "", str(entry["layers"]) if i == 0 else "",
+                          choice.describe() if i == 0 else "", str(rows),
+                          *(f"{entry['ms'][path][i]:.3f}" for path in ("fused", "bf16", "fp32")))
+    console.print(table)
 
 
 @models_app.callback()

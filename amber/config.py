@@ -117,6 +117,7 @@ class Config:
     port: int = 8000
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
+    kernels_path: Path | None = None  # AMBER_KERNELS: kernel timings shared by several homes on one machine
 
     @property
     def registry_path(self) -> Path:
@@ -129,6 +130,11 @@ class Config:
     @property
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
+
+    @property
+    def kernels_dir(self) -> Path:
+        """Per machine, the kernel timings and choices of each model's layer shapes (engine/kernels.py)."""
+        return self.kernels_path or self.home / "kernels"
 
     @property
     def datasets_dir(self) -> Path:

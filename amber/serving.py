@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from amber.config import Config, ModelSpec, Registry
+from amber.engine import kernels
 from amber.engine.chat_template import ChatTemplate
 from amber.engine.checkpoint import ensure_checkpoint
 from amber.engine.engine import Engine
@@ -61,7 +62,11 @@ class ModelPool:
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
             checkpoint = ensure_checkpoint(spec, self.config.checkpoints_dir)
-            return load_model(checkpoint, spec.dtype, device), Tokenizer.from_pretrained(checkpoint)
+            model = load_model(checkpoint, spec.dtype, device, kernel_cache=self.config.kernels_dir)
+            if model.kernels:
+                log.info("model %s kernels (%s, %d threads): %s", spec.name, kernels.machine()["cpu"],
+                         torch.get_num_threads(), kernels.summary(model.kernels))
+            return model, Tokenizer.from_pretrained(checkpoint)
 
         # a CPU engine gives up cores to a training job on this AMBER_HOME while both work
         share = CoreShare(self.config.home, self._cores) if device == "cpu" else None
@@ -75,6 +80,11 @@ class ModelPool:
     def stats(self) -> dict[str, dict[str, int]]:
         """Per loaded model: requests waiting, and samples decoding in the batch."""
         return {name: m.engine.stats() for name, m in list(self._loaded.items())}
+
+    def kernels(self) -> dict[str, dict[str, str]]:
+        """Per loaded model: each quantized layer shape and the kernels chosen for it."""
+        return {name: {shape: choice.describe() for shape, choice in m.engine.model.kernels.items()}
+                for name, m in list(self._loaded.items())}
 
     def close(self) -> None:
         for loaded in self._loaded.values():

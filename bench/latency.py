@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import AMBER, REPO, free_port, update_doc_section, wait_healthy  # noqa: E402
+from common import AMBER, REPO, free_port, served_kernels, update_doc_section, wait_healthy, write_results  # noqa: E402
 PROMPT = ("Amber is a self-hosted language model studio. It serves models over an HTTP API so that "
           "teams can run them on their own")
 
@@ -83,6 +83,7 @@ def main() -> None:
         key = subprocess.run([AMBER, "keys", "create", "bench"], env={**os.environ, "AMBER_HOME": str(home)},
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         amber, prompt_tokens = amber_latency(url, key, args.runs)
+        kernels = served_kernels(url)
         proc.terminate(); proc.wait()
         peer = transformers_latency(home / "checkpoints" / "smollm2-135m-instruct", args.runs)
     finally:
@@ -94,8 +95,7 @@ def main() -> None:
         "transformers_generate_median_s": round(statistics.median(peer), 3),
     }
     result["speedup_vs_transformers"] = round(result["transformers_generate_median_s"] / result["amber_http_median_s"], 2)
-    (REPO / "bench/results").mkdir(exist_ok=True)
-    (REPO / "bench/results/latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(REPO / "bench/results/latency.json", result, kernels)
     update_doc_section("latency", render(result))
     print(json.dumps(result, indent=2))
 

@@ -63,6 +63,9 @@ from amber.engine.checkpoint import ensure_checkpoint  # noqa: E402
 from amber.engine.tokenizer import Tokenizer  # noqa: E402
 from amber.training.lora import Example, TrainConfig, train_lora  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from common import write_results  # noqa: E402
+
 CACHE = REPO / ".amber-test"  # the checkpoint cache tests/conftest.py fills
 DATA = REPO / "tests/data/sst2"
 SHOTS = 8
@@ -146,7 +149,7 @@ def main() -> None:
         figures["custom"] = {"accuracy": acc, "latency_s": latency}
         print(f"custom model: dev accuracy {acc:.0%}, {latency * 1000:.0f} ms per request")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        write_results(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, amber_server, update_doc_section  # noqa: E402
+from common import REPO, amber_server, served_kernels, update_doc_section, write_results  # noqa: E402
 
 from amber.threads import CoreShare  # noqa: E402
 
@@ -266,8 +266,7 @@ def main() -> None:
     if args.trainer:
         return trainer_main(args.trainer)
     result = summarize({"cpu": cpu_info(), "clients": args.clients, "max_tokens": 32, **run_phases(args)})
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result, result.pop("kernels", None))
     update_doc_section("train-under-load", render(result))
     print(json.dumps(result, indent=2))
 
@@ -281,6 +280,7 @@ def run_phases(args) -> dict:
         with amber_server(home) as (url, key, server):
             httpx.post(f"{url}/studio/v1/j2-light/complete", headers={"Authorization": f"Bearer {key}"},
                        json={"prompt": "Review: warm\nSentiment:", "maxTokens": 32}, timeout=300).raise_for_status()
+            result["kernels"] = served_kernels(url)
             result["serving_alone"] = serve_alone(url, key, server.pid, args)
             if not args.no_peer:
                 checkpoint = CHECKPOINTS / "smollm2-135m-instruct"

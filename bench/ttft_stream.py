@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, amber_server, update_doc_section  # noqa: E402
+from common import REPO, amber_server, served_kernels, update_doc_section, write_results  # noqa: E402
 
 HOME = REPO / ".amber-bench"
 WORDS = [word for name in ("train", "dev", "test")
@@ -133,6 +133,7 @@ def main() -> None:
     result: dict = {"runs": args.runs, "idle": {}, "beside_8_streams": {}}
     result["foreign_cpu_share"] = {}
     with amber_server(HOME) as (url, key, server):
+        kernels = served_kernels(url)
         foreign = ForeignLoad(server.pid)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as client:
             for k, endpoint in enumerate(endpoints):
@@ -153,8 +154,7 @@ def main() -> None:
                     t.join(30)
     if max(result["foreign_cpu_share"].values()) > 0.05:
         print(f"warning: other processes used CPU during the run: {result['foreign_cpu_share']}", file=sys.stderr)
-    (REPO / "bench/results").mkdir(exist_ok=True)
-    (REPO / "bench/results/ttft_stream.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(REPO / "bench/results/ttft_stream.json", result, kernels)
     update_doc_section("ttft-stream", render(result))
     print(json.dumps(result, indent=2))
 

@@ -2,6 +2,7 @@
 (`.amber-test/` in the repo, ignored by git), so only the first run on a machine pays for it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from amber.engine.checkpoint import ensure_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CACHE = REPO / ".amber-test"
+# Every `amber` process the tests start, whatever its AMBER_HOME, measures this machine's kernels
+# once (engine/kernels.py) and shares the result, as servers on one machine would.
+os.environ.setdefault("AMBER_KERNELS", str(TEST_CACHE / "kernels"))
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     def health():
         default = pool.registry.default
         if pool.is_loaded(default):
-            return {"status": "ok", "model": default, "engines": pool.stats()}
+            return {"status": "ok", "model": default, "engines": pool.stats(), "kernels": pool.kernels()}
         if load_error:
             return JSONResponse({"status": "error", "detail": str(load_error[0])}, status_code=503)
         return JSONResponse({"status": "loading", "model": default}, status_code=503)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.quantize import Int4Linear, Int8Linear
+from amber.engine.quantize import Int4Linear, Int8Linear, dense_product
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: 
 
 
 def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
-                  max_rows: int, group: int) -> torch.Tensor:
-    """A projection of several rows, as quantize.py's layers choose: their kernel for up to
-    `max_rows` rows, else their bf16 copy."""
+             max_rows: int, group: int) -> torch.Tensor:
+    """A projection of several rows, as quantize.py's layers compute it (QuantizedLinear.forward):
+    their fused kernel for up to `max_rows` rows, else their dense copy (bf16 or fp32; kernels.py
+    chose)."""
     if kind == 0:  # PLAIN
         return F.linear(x, weight)
+    if kind == 1 or x.shape[0] > max_rows:
+        return dense_product(x, dense)
     if x.dtype != torch.bfloat16:
         x = x.to(torch.bfloat16)
-    if kind == 1 or x.shape[0] > max_rows:
-        return F.linear(x, dense)
     if kind == 4:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scales)
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
@@ -203,7 +204,7 @@ class DecodePlan:
     kinds: list[int]
     weights: list[torch.Tensor]
     scales: list[torch.Tensor]
-    dense: list[torch.Tensor]       # what a projection multiplies by above max_rows rows
+    dense: list[torch.Tensor]       # what a projection multiplies by above max_rows rows (bf16 or fp32)
     max_rows: list[int]
     norms: list[torch.Tensor]
     doubled_norms: list[torch.Tensor]  # [w, w] (rms_norm's one-row kernel)
@@ -216,10 +217,12 @@ def _projection(linear: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, tor
     if isinstance(linear, Int4Linear):
         if linear.packed is None:  # off CPU: the bf16 copy
             return DENSE_BF16, linear.dense, none, linear.dense, 0, 0
-        return INT4, linear.packed, linear.scales_zeros, linear.dense, linear.fused_max_rows, linear.group
+        dense = linear.dense if linear.dense is not None else none  # none: the kernel takes every row count
+        return INT4, linear.packed, linear.scales_zeros, dense, linear.fused_max_rows, linear.group
     if isinstance(linear, Int8Linear):
         assert linear.weight.shape[0] == 1, "block projections have one scale group"
-        return INT8, linear.weight[0], linear.scales[0], linear.dense, linear.fused_max_rows, 0
+        dense = linear.dense if linear.dense is not None else none
+        return INT8, linear.weight[0], linear.scales[0], dense, linear.fused_max_rows, 0
     return PLAIN, linear.weight, none, linear.weight, unlimited, 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from amber.engine import kernels
 from amber.engine.model import FUSED, LlamaConfig, LlamaForCausalLM, rope_tables
 from amber.engine.quantize import quantize
 
@@ -39,7 +40,10 @@ def fuse_hf_names(state: dict[str, torch.Tensor], layers: int) -> dict[str, torc
     return state
 
 
-def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu") -> LlamaForCausalLM:
+def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu", *, tune: bool = True,
+               kernel_cache: Path | None = None) -> LlamaForCausalLM:
+    """`tune`: on CPU, choose each quantized layer's kernels by measuring them (kernels.py), with
+    the timings kept in `kernel_cache` (AMBER_HOME/kernels) or, without one, for this process."""
     hf = read_config(checkpoint)
     if hf.get("model_type") not in LLAMA_TYPES:
         raise ValueError(f"{checkpoint}: model_type {hf.get('model_type')!r} is not supported "
@@ -71,4 +75,6 @@ def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu") ->
     if dtype in WEIGHT_BITS:
         quantize(model, WEIGHT_BITS[dtype], HEAD_GROUPS[dtype])
         model.kv_dtype = torch.bfloat16
+        if tune and torch.device(device).type == "cpu":
+            kernels.tune(model, kernel_cache)
     return model

@@ -189,6 +189,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._plan: DecodePlan | None = None  # forward_one's and forward_rows', made at first use
+        self.kernels: dict = {}  # layer shape -> kernels.Choice, when kernels.tune chose them
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -4,12 +4,13 @@ Each nn.Linear becomes an Int8Linear (per-output-channel symmetric int8, bf16 sc
 Int4Linear (groups of 32 input columns, each with its own bf16 scale and zero point).
 Activations stay in the model's dtype; matmul inputs go in as bf16.
 
-Measured on this 2-core AVX-512/AMX machine (bench/engine.py): torch's fused kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) win for few rows (single-sequence decode:
-576x3072 in ~50 us against ~130 us in bf16; up to 4 rows for int8, 8 for int4), but lose to a
-bf16 GEMM above that, and are 10-30x slower still with fp32 inputs. So each layer also keeps its
-weights dequantized to bf16 for batches and prefill. The price is memory (a bf16 copy beside the
-packed weights) for speed.
+torch's fused kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) win for few rows
+(single-sequence decode: 576x3072 in ~50 us against ~130 us in bf16 on an AVX-512 BF16 Xeon) and
+lose to a GEMM on dequantized weights above some row count that depends on the CPU: each layer
+is built with a bf16 copy of its weights, and kernels.py measures, per layer shape, up to how many
+rows the fused kernel runs and which copy (bf16, fp32, or none) takes larger batches and prefill,
+keeping only the copy it chose (`use`). Without that measurement (off CPU, or a caller that skips
+it) the class defaults below apply.
 
 Why int4 is not lossy for the default model: SmolLM2's GGUF stores every block linear as Q4_1,
 32 weights sharing a scale and a minimum, which is exactly Int4Linear's grid. Recovering the grid
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FUSED_MAX_ROWS = 4  # above this many rows the bf16 GEMM on the dequantized copy is faster (int8)
+FUSED_MAX_ROWS = 4  # untuned default: above this many rows the dense copy is used (int8)
 # the ops' overloads, looked up once: calling the packet costs a lookup per call
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -43,14 +44,44 @@ class QuantizedLinear(nn.Module):
         """rows (n, in) bf16 -> (n, out) bf16, with the packed weights."""
         raise NotImplementedError
 
+    def has_fused_kernel(self) -> bool:
+        """Whether `fused` runs a low-bit kernel here (else it multiplies the bf16 copy)."""
+        return True
+
+    def dense_weights(self) -> torch.Tensor:
+        """(out, in) bf16: the values the fused kernel multiplies by, rounded to bf16."""
+        raise NotImplementedError
+
+    def use(self, choice) -> None:
+        """Apply a kernels.Choice: the fused kernel up to `fused_max_rows` rows, the dense copy
+        in the chosen dtype above, and no copy at all when none is chosen."""
+        self.fused_max_rows = choice.fused_max_rows
+        if choice.dense is None:
+            self.dense = None
+        else:
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[choice.dense]
+            dense = self.dense if self.dense is not None else self.dense_weights()
+            self.dense = dense.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (rows, in) in any float dtype -> (rows, out) in bf16, which is what the next matmul,
-        RoPE and attention take; the residual stream adds it in its own dtype (type promotion), so
-        no step spends a cast on the way back. Few rows are a decode step's hot path: kept lean."""
+        """x (rows, in) in any float dtype -> (rows, out) in bf16 (or fp32 from an fp32 copy fed
+        fp32), which is what the next matmul, RoPE and attention take; the residual stream adds it
+        in its own dtype (type promotion), so no step spends a cast on the way back. Few rows are
+        a decode step's hot path: kept lean."""
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        rows = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-        return self.fused(rows) if rows.shape[0] <= self.fused_max_rows else F.linear(rows, self.dense)
+        if x.shape[0] > self.fused_max_rows:
+            return dense_product(x, self.dense)
+        return self.fused(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
+
+
+def dense_product(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """x @ dense^T in the copy's dtype; the product of bf16 activations stays bf16 (the bf16
+    residual stream of int8-bf16 must not be promoted by an fp32 copy)."""
+    y = F.linear(x.to(dense.dtype), dense)
+    if x.dtype == torch.bfloat16 and y.dtype != torch.bfloat16:
+        y = y.to(torch.bfloat16)
+    return y
 
 
 class Int8Linear(QuantizedLinear):
@@ -66,6 +97,9 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("weight", quantized.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("dense", self.dequantized())
+
+    def dense_weights(self) -> torch.Tensor:
+        return self.dequantized()
 
     def dequantized(self) -> torch.Tensor:
         """(out, in) bf16: exactly the values the int8 kernel multiplies by."""
@@ -114,6 +148,17 @@ class Int4Linear(QuantizedLinear):
         if self.packed is None:
             return F.linear(rows, self.dense)
         return INT4_MM(rows, self.packed, self.group, self.scales_zeros)
+
+    def has_fused_kernel(self) -> bool:
+        return self.packed is not None
+
+    def dense_weights(self) -> torch.Tensor:
+        """The kernel computes each weight in fp32 and rounds products to bf16: multiplying the
+        identity gives W^T, every value exactly as the bf16 copy holds it."""
+        if self.dense is not None:
+            return self.dense
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.scales_zeros.device)
+        return self.fused(eye).t().contiguous()
 
 
 def fits_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> bool:

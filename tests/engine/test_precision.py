@@ -10,7 +10,8 @@ import torch
 from amber.engine.engine import Engine
 from amber.engine.kv_cache import KVCache
 from amber.engine.loader import load_model
-from amber.engine.quantize import Int4Linear, Int8Linear
+from amber.engine.kernels import UNLIMITED, Choice
+from amber.engine.quantize import Int4Linear, Int8Linear, QuantizedLinear
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, SamplingParams
 
@@ -88,13 +89,27 @@ def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_check
     assert torch.equal(batched.keys, single.keys) and torch.equal(batched.values, single.values)
 
 
+# the kernels each quantized layer may be given (engine/kernels.py): as measured here, and the
+# other possible choices forced, so every path meets the test whatever this CPU prefers
+CHOICES = {"measured": None, "fused<=4,bf16": Choice(4, "bf16"), "fused<=4,fp32": Choice(4, "fp32"),
+           "fused only": Choice(UNLIMITED, None), "fp32 only": Choice(0, "fp32")}
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scripted", [True, False])
-def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, monkeypatch):
+@pytest.mark.parametrize("choice", CHOICES)
+def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, choice,
+                                                                       monkeypatch):
     import amber.engine.decode_step as decode_step
     if not scripted:
         monkeypatch.setitem(decode_step._scripted, "decode_rows", decode_step.decode_rows)
+    if choice != "measured" and mode not in ("int8", "int8-bf16", "int4"):
+        pytest.skip("only quantized layers have kernels to choose")
     model = load_model(tiny_checkpoint, mode)
+    if CHOICES[choice] is not None:
+        for layer in model.modules():
+            if isinstance(layer, QuantizedLinear):
+                layer.use(CHOICES[choice])
     cfg = model.config
     general, fast = (KVCache(cfg.num_hidden_layers, 12, cfg.num_key_value_heads, 64, cfg.head_dim,
                              model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
@@ -102,7 +117,7 @@ def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_check
         for cache in (general, fast):  # 12 rows of different lengths: 3..14 prompt tokens
             for slot in range(12):
                 model(torch.arange(1, 4 + slot)[None], torch.arange(3 + slot)[None], cache, slice(slot, slot + 1))
-        for rows in (2, 5, 8, 12):  # either side of the kernels' row limits (4 for int8, 8 for int4)
+        for rows in (2, 5, 8, 12):  # either side of the forced row limit (4), and of most measured ones
             tokens = [7 * r + rows for r in range(rows)]
             positions = [3 + r for r in range(rows)]
             expected = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], general,

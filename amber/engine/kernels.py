@@ -1,0 +1,239 @@
+"""Which kernel multiplies a quantized layer by how many rows, measured on the CPU at hand.
+
+A quantized layer (quantize.py) can multiply its input three ways: torch's fused low-bit kernel
+on the packed weights (int4 or int8), a GEMM on a bf16 copy of the dequantized weights, or a GEMM
+on an fp32 copy. Which is fastest depends on the CPU far more than on the code: with AVX-512 BF16
+or AMX a bf16 GEMM is the fastest way through a batch, without them it is ~3x slower than fp32,
+and where the fused kernel stops winning moves with the memory system. So nothing is assumed:
+for each distinct layer shape of a model, every path is timed at every row count of ROWS, passing
+once through all of the model's layers of that shape (a decode step reads each layer's weights
+once, from memory rather than a hot cache, and so do these timings), and each layer is given
+
+    fused kernel up to `fused_max_rows` rows, then the one dense copy (bf16, fp32 or none)
+
+that costs least over ROWS (the mean of log(time / fastest time at that row count): decode's row
+counts and prefill's weigh alike per grid point). A copy that no chosen path uses is never kept:
+a layer whose fused kernel wins everywhere holds no dense copy at all, and a cheaper-in-memory
+choice wins ties (within TIE, 2%): none before bf16 before fp32.
+
+The timings are kept per machine under the cache directory (AMBER_HOME/kernels), keyed by the CPU
+model and flags, the torch version and the thread count, so a server measures once per machine
+(a few seconds for SmolLM2-135M on 2 cores) and a different CPU measures again. Without a cache
+directory the choice is kept for the process only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amber.engine.quantize import Int4Linear, Int8Linear, QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+# Row counts timed: decode batches (1..max_batch rows, numResults samples count one each) and
+# prefill chunks. A count between two grid points takes the lower point's choice.
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 256)
+# The LM head is one huge matrix (vocab x hidden) that sees many rows only when a prompt is
+# scored (echo, logprobs): timed up to 64 rows, where its choice is already settled.
+HEAD_ROWS = tuple(r for r in ROWS if r <= 64)
+DENSE = ("bf16", "fp32")
+DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TIE = 0.02      # mean log-time within 2% counts as a tie, won by the choice holding fewer bytes
+PASSES = 3      # timed passes per path and row count, the fastest kept
+BUDGET_S = 0.25  # ... or fewer when a pass over the layers of a shape takes longer than this
+CACHE_VERSION = 1
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+UNLIMITED = 1 << 30
+
+_memory: dict[str, dict] = {}  # cache key -> the cache file's content, for the process
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How a layer multiplies: its fused kernel up to `fused_max_rows` rows, `dense` above
+    ("bf16", "fp32", or None when the fused kernel takes every row count)."""
+    fused_max_rows: int
+    dense: str | None
+
+    def describe(self) -> str:
+        if self.dense is None:
+            return "fused"
+        if self.fused_max_rows == 0:
+            return self.dense
+        return f"fused<={self.fused_max_rows},{self.dense}"
+
+
+def machine() -> dict:
+    """What the timings depend on: the CPU (model and flags), torch, and its thread count."""
+    model, flags = "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = value.strip()
+    except OSError:  # not Linux: what the platform module knows
+        pass
+    model = model or platform.processor() or platform.machine()
+    # caps that make the same CPU run other kernels (oneDNN's GEMMs, torch's own vector code)
+    limits = {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
+    return {"cpu": model, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "isa_limits": limits}
+
+
+def cache_key(info: dict) -> str:
+    text = json.dumps({k: info.get(k) for k in ("cpu", "flags", "torch", "threads", "isa_limits")}, sort_keys=True)
+    return hashlib.sha256(f"{CACHE_VERSION}:{text}".encode()).hexdigest()[:16]
+
+
+def shape_key(layer: QuantizedLinear, activation: torch.dtype) -> str:
+    """Layers with the same key run the same kernels on the same bytes."""
+    if isinstance(layer, Int4Linear):
+        kind = f"int4/g{layer.group}"
+    else:
+        kind = f"int8/x{layer.weight.shape[0]}"  # scale groups: kernel calls per product
+    return f"{kind} {layer.out_features}x{layer.in_features} in:{str(activation).removeprefix('torch.')}"
+
+
+def quantized_layers(model: nn.Module) -> dict[str, list[QuantizedLinear]]:
+    """The model's tunable layers (quantized, with a CPU kernel), grouped by shape key."""
+    activation = model.model.embed_tokens.weight.dtype
+    groups: dict[str, list[QuantizedLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.has_fused_kernel():
+            groups.setdefault(shape_key(module, activation), []).append(module)
+    return groups
+
+
+def tune(model: nn.Module, cache_dir: Path | None = None, retune: bool = False) -> dict[str, Choice]:
+    """Choose (measuring what is not yet known for this machine) and apply a kernel per layer
+    shape; drops or converts each layer's dense copy to match. Returns shape key -> Choice."""
+    groups = quantized_layers(model)
+    if not groups:
+        return {}
+    info = machine()
+    key = cache_key(info)
+    path = cache_dir / f"{key}.json" if cache_dir else None
+    known = {} if retune else _load(key, path)
+    measured = False
+    for shape, layers in groups.items():
+        if shape not in known.get("shapes", {}):
+            activation = model.model.embed_tokens.weight.dtype
+            rows = HEAD_ROWS if layers[0].out_features >= 16 * layers[0].in_features else ROWS
+            began = time.perf_counter()
+            times = measure(layers, activation, rows)
+            choice = choose(rows, times)
+            known.setdefault("shapes", {})[shape] = {"rows": list(rows), "ms": times, "choice": asdict(choice),
+                                                     "layers": len(layers),
+                                                     "seconds": round(time.perf_counter() - began, 2)}
+            measured = True
+    known["machine"] = info
+    _memory[key] = known
+    if measured and path is not None:
+        _save(path, known)
+    choices = {shape: Choice(**known["shapes"][shape]["choice"]) for shape in groups}
+    for shape, layers in groups.items():
+        for layer in layers:
+            layer.use(choices[shape])
+    model.kernels = choices
+    return choices
+
+
+def summary(choices: dict[str, Choice]) -> str:
+    """One line: each layer shape and its paths."""
+    return "; ".join(f"{shape.split(' in:')[0]}: {c.describe()}" for shape, c in choices.items()) or "none"
+
+
+def _load(key: str, path: Path | None) -> dict:
+    if key in _memory:
+        return json.loads(json.dumps(_memory[key]))
+    if path is not None and path.exists():
+        try:
+            known = json.loads(path.read_text())
+            if known.get("version") == CACHE_VERSION:
+                return known
+        except (OSError, ValueError):
+            log.warning("kernel choices in %s are unreadable; measuring again", path)
+    return {"version": CACHE_VERSION}
+
+
+def _save(path: Path, known: dict) -> None:
+    """Atomically, as several servers on one AMBER_HOME may start together."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(known, indent=1))
+    temporary.replace(path)
+
+
+def cached(cache_dir: Path) -> dict | None:
+    """This machine's cached choices (the cache file's content), or None if never measured."""
+    info = machine()
+    path = cache_dir / f"{cache_key(info)}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def measure(layers: list[QuantizedLinear], activation: torch.dtype, rows: tuple[int, ...]) -> dict[str, list[float]]:
+    """Milliseconds per layer for each path and row count, over one pass through `layers`. The
+    input arrives in the activation dtype, so each path pays for its own cast."""
+    dense_bf16 = [layer.dense_weights() for layer in layers]
+    copies = {"bf16": dense_bf16, "fp32": [w.float() for w in dense_bf16]}
+    paths = {"fused": lambda i, x: layers[i].fused(x.to(torch.bfloat16)),
+             "bf16": lambda i, x: F.linear(x.to(torch.bfloat16), copies["bf16"][i]),
+             "fp32": lambda i, x: F.linear(x.float(), copies["fp32"][i])}
+    generator = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.inference_mode():
+        for n in rows:
+            x = torch.randn(n, layers[0].in_features, generator=generator).to(activation)
+            best = {name: math.inf for name in paths}
+            for name, path in paths.items():  # warm-up: first calls allocate and pick kernels
+                path(0, x)
+            spent, passes = 0.0, 0
+            while passes < PASSES and (passes == 0 or spent < BUDGET_S):
+                for name, path in paths.items():  # interleaved, so drift in the machine hits all alike
+                    began = time.perf_counter()
+                    for i in range(len(layers)):
+                        path(i, x)
+                    elapsed = time.perf_counter() - began
+                    spent += elapsed
+                    best[name] = min(best[name], elapsed)
+                passes += 1
+            for name in paths:
+                times[name].append(round(best[name] / len(layers) * 1000, 4))
+    return times
+
+
+def choose(rows: tuple[int, ...], times: dict[str, list[float]]) -> Choice:
+    """The cheapest Choice over `rows` (see the module docstring)."""
+    fastest = [min(times[name][i] for name in times) for i in range(len(rows))]
+
+    def cost(per_row: list[float]) -> float:
+        return sum(math.log(t / f) for t, f in zip(per_row, fastest)) / len(rows)
+
+    options: list[tuple[float, int, Choice]] = [(cost(times["fused"]), 0, Choice(UNLIMITED, None))]
+    for order, dense in enumerate(DENSE, start=1):
+        for cut in range(len(rows) + 1):  # fused for the first `cut` row counts, dense above
+            per_row = times["fused"][:cut] + times[dense][cut:]
+            limit = rows[cut - 1] if cut else 0
+            if cut == len(rows):
+                continue  # that is the fused-only option, which needs no copy
+            options.append((cost(per_row), order, Choice(limit, dense)))
+    best = min(c for c, _, _ in options)
+    # the least memory among those within TIE of the best; then the lower cost
+    return min((o for o in options if o[0] <= best + TIE), key=lambda o: (o[1], o[0]))[2]
