@@ -233,13 +233,15 @@ def main() -> None:
         lp = row.pop("logprobs")
         if reference:
             row["logprob_dev_vs_fp32"] = statistics.fmean(abs(a - b) for a, b in zip(lp, reference))
-    result["in_process"]["transformers fp32"] = transformers_in_process(checkpoint, torch.float32, ids, args.runs)
-    result["in_process"]["transformers bf16"] = transformers_in_process(checkpoint, torch.bfloat16, ids, args.runs)
-    # the targets' in-process ratios: the default precision and llama.cpp in turns
+    # the targets' in-process ratios: the default precision and llama.cpp in turns. Before
+    # transformers runs here: once this (main) thread has run torch ops, its OpenMP team slows
+    # every parallel region of the engine's thread (engine.py, Engine.launch), ~20% on decode.
     paired, result["in_process"]["llama.cpp Q4_1"] = paired_in_process(checkpoint, spec.dtype, binaries, gguf, ids,
                                                                         args.rounds)
     paired["logprob_dev_vs_fp32"] = result["in_process"].get(f"amber {spec.dtype}", {}).get("logprob_dev_vs_fp32")
     result["in_process"][f"amber {spec.dtype} (in turns with llama.cpp)"] = paired
+    result["in_process"]["transformers fp32"] = transformers_in_process(checkpoint, torch.float32, ids, args.runs)
+    result["in_process"]["transformers bf16"] = transformers_in_process(checkpoint, torch.bfloat16, ids, args.runs)
 
     with amber_server(HOME) as (url, key, proc), llama_server(binaries, gguf) as (llama_url, llama_proc):
         served = served_kernels(url)
