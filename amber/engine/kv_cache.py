@@ -30,6 +30,21 @@ class KVCache:
         self.token_keys = [k.transpose(1, 2) for k in self.layer_keys]
         self.token_values = [v.transpose(1, 2) for v in self.layer_values]
 
+    @classmethod
+    def for_layers(cls, states: list, slots: int, max_len: int, dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> KVCache:
+        """The cache for a model whose layers keep `states` (its family's `layer_states`): today
+        every layer keeps full-attention keys and values of one shape. Sliding-window and
+        recurrent layers will get their own owners beside this one, indexed by layer."""
+        from amber.engine.models.family import FullAttention  # models import this module
+
+        kinds = set(states)
+        if len(kinds) != 1 or not isinstance(next(iter(kinds)), FullAttention):
+            raise NotImplementedError(f"layer states {sorted(map(repr, kinds))}: only full attention "
+                                      "of one shape is served yet")
+        (state,) = kinds
+        return cls(len(states), slots, state.kv_heads, max_len, state.head_dim, dtype, device)
+
     def copy(self, src: int, dst: int, length: int) -> None:
         """Give `dst` the first `length` positions of `src`."""
         self.keys[:, dst, :, :length] = self.keys[:, src, :, :length]

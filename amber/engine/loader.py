@@ -1,7 +1,8 @@
 """Checkpoint directory -> a ready model on its device, in the precision the registry asks for.
 
-Reads behaviour from config.json (`model_type`), never from file names. Hugging Face parameter
-names are mapped onto the model's fused projections here (`model.FUSED`).
+Reads behaviour from config.json (`model_type`, which picks the family: models/), never from file
+names. Hugging Face parameter names are mapped onto the family's layout here (its `renames` and
+`fused` projections); the loader itself names no family.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from amber.engine import kernels
-from amber.engine.model import FUSED, LlamaConfig, LlamaForCausalLM, rope_tables
+from amber.engine.models import Family, family_for
 from amber.engine.quantize import quantize
 
 # int8 and int4 modes are weight-only: low-bit matrices, activations in higher precision (the idea
@@ -24,56 +26,74 @@ ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
 WEIGHT_BITS = {"int8": 8, "int8-bf16": 8, "int4": 4}
 # scale groups of the int8 LM head (quantize.py): the fewest that keep the mode under 0.05 nats
 HEAD_GROUPS = {"int8": 4, "int8-bf16": 4, "int4": 1}
-LLAMA_TYPES = {"llama", "mistral"}
 
 
 def read_config(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "config.json").read_text())
 
 
-def fuse_hf_names(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """Replace each layer's q/k/v and gate/up weights by their stacked, fused parameter."""
-    for i in range(layers):
+def hf_to_model_names(family: Family, cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF checkpoint names -> the family's: drop non-parameters, rename prefixes, and stack each
+    layer's fused parts (weights, and biases where the parts have them)."""
+    renamed = {}
+    for name, tensor in state.items():
+        if name.endswith(family.ignored):
+            continue
+        for hf, ours in family.renames:
+            if name.startswith(hf):
+                name = ours + name[len(hf):]
+                break
+        renamed[name] = tensor
+    for i in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        for fused, parts in FUSED.items():
-            state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(f"{prefix}{p}.weight") for p in parts])
-    return state
+        for fused, parts in family.fused(cfg).items():
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}{part}.{kind}" for part, _ in parts]
+                if kind == "bias" and not any(n in renamed for n in names):
+                    continue
+                renamed[f"{prefix}{fused}.{kind}"] = torch.cat([renamed.pop(n) for n in names])
+    return renamed
 
 
 def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu", *, tune: bool = True,
-               kernel_cache: Path | None = None) -> LlamaForCausalLM:
+               kernel_cache: Path | None = None) -> nn.Module:
     """`tune`: on CPU, choose each quantized layer's kernels by measuring them (kernels.py), with
     the timings kept in `kernel_cache` (AMBER_HOME/kernels) or, without one, for this process."""
     hf = read_config(checkpoint)
-    if hf.get("model_type") not in LLAMA_TYPES:
-        raise ValueError(f"{checkpoint}: model_type {hf.get('model_type')!r} is not supported "
-                         f"(supported: {sorted(LLAMA_TYPES)})")
+    try:
+        family = family_for(hf.get("model_type"))
+    except ValueError as exc:
+        raise ValueError(f"{checkpoint}: {exc}") from None
     if dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(ACTIVATION_DTYPES)}")
-    cfg = LlamaConfig.from_hf(hf)
+    cfg = family.config(hf)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = family.model(cfg)
     state = {}
     for shard in sorted(checkpoint.glob("*.safetensors")):
         state.update(load_file(shard))
-    if cfg.tie_word_embeddings:
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    if tied:
         state.pop("lm_head.weight", None)
     try:
-        state = fuse_hf_names(state, cfg.num_hidden_layers)
+        state = hf_to_model_names(family, cfg, state)
     except KeyError as exc:
         raise ValueError(f"{checkpoint}: missing weight {exc}") from exc
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    missing = [m for m in missing if not (tied and m == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{checkpoint}: weights do not match the architecture "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    if cfg.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_position_embeddings)  # were on meta
+    model.init_buffers()  # its tables (RoPE), which were made on meta
     model = model.to(device=device, dtype=ACTIVATION_DTYPES[dtype]).eval().requires_grad_(False)
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    for module in model.modules():  # the tables are read in fp32 whatever the weights' dtype
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.float())
     if dtype in WEIGHT_BITS:
-        quantize(model, WEIGHT_BITS[dtype], HEAD_GROUPS[dtype])
+        quantize(model, WEIGHT_BITS[dtype], HEAD_GROUPS[dtype], keep=family.unquantized)
         model.kv_dtype = torch.bfloat16
         if tune and torch.device(device).type == "cpu":
             kernels.tune(model, kernel_cache)

@@ -6,10 +6,11 @@ have an adapter add (alpha / r) B A x on top, as LoRAX and S-LoRA do. So a batch
 models and the base model, and a row without an adapter computes exactly what the base computes.
 
 `AdapterSlots` owns the loaded adapters: slot 0 is "no adapter", slots 1.. hold adapters in least
-recently used order, pinned while a request uses them. Adapters are stored per *fused* projection
-(the model fuses q/k/v and gate/up): A holds the parts' A matrices one after another, so one matmul
-serves q, k and v at once, and B^T (scale folded in) is kept per part. A projection the adapter
-does not train gets zeros.
+recently used order, pinned while a request uses them. Which projections take adapters, and how
+PEFT's module names map onto them, is the model family's declaration (models/, `lora_targets`,
+`fused`). Adapters are stored per *fused* projection (Llama fuses q/k/v and gate/up): A holds the
+parts' A matrices one after another, so one matmul serves q, k and v at once, and B^T (scale folded
+in) is kept per part. A projection the adapter does not train gets zeros.
 
 `LoraBatch` is one forward pass's view: the batch's adapters side by side (copied once per change
 in which adapters the batch holds, so steady decoding copies nothing), and a mask that keeps each
@@ -28,8 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from amber.engine.decode_step import lora_add
-from amber.engine.model import FUSED, LORA_TARGETS as TARGETS, LlamaForCausalLM
+from torch import nn
+
+from amber.engine.models import family_of
+from amber.engine.models.layers import lora_add
 from amber.engine.types import AdapterRef
 
 PEFT_PREFIX = "base_model.model."
@@ -39,11 +42,7 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be served on this base model."""
 
 
-def _parts(target: str) -> tuple[str, ...]:
-    return FUSED.get(target, (target,))
-
-
-def read_adapter(path: Path, model: LlamaForCausalLM, dtype: torch.dtype
+def read_adapter(path: Path, model: nn.Module, dtype: torch.dtype
                  ) -> tuple[int, list[list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
     """A PEFT adapter: its rank, and per layer, target and part (q, k, v of a fused qkv...) the pair
     (A (r, in), B^T scaled (r, part's out)); zeros for parts the adapter does not train."""
@@ -56,14 +55,14 @@ def read_adapter(path: Path, model: LlamaForCausalLM, dtype: torch.dtype
         raise AdapterError(f"{path}: not a readable PEFT adapter ({type(exc).__name__}: {exc})") from exc
     if config.get("use_dora") or config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: only plain LoRA adapters are served (no DoRA)")
-    unused = set(weights)
+    family, unused = family_of(model), set(weights)
     layers = []
     for i, layer in enumerate(model.model.layers):
         row = []
-        for target in TARGETS:
+        for target in family.lora_targets:
             width, parts = layer.get_submodule(target).in_features, []
-            for part, size in zip(_parts(target), _part_sizes(model, target)):
-                stem = f"{PEFT_PREFIX}model.layers.{i}.{part}"
+            for part, size in zip(family.hf_parts(model.config, target), _part_sizes(model, target)):
+                stem = f"{PEFT_PREFIX}{family.hf_layers}.{i}.{part}"
                 a, b = weights.get(f"{stem}.lora_A.weight"), weights.get(f"{stem}.lora_B.weight")
                 unused -= {f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"}
                 if a is None or b is None:
@@ -79,14 +78,9 @@ def read_adapter(path: Path, model: LlamaForCausalLM, dtype: torch.dtype
     return rank, layers
 
 
-def _part_sizes(model: LlamaForCausalLM, target: str) -> list[int]:
-    cfg = model.config
-    if target == "self_attn.qkv_proj":
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        return [q, kv, kv]
-    if target == "mlp.gate_up_proj":
-        return [cfg.intermediate_size, cfg.intermediate_size]
-    return [model.model.layers[0].get_submodule(target).out_features]
+def _part_sizes(model: nn.Module, target: str) -> list[int]:
+    out_features = model.model.layers[0].get_submodule(target).out_features
+    return family_of(model).part_sizes(model.config, target, out_features)
 
 
 class AdapterSlots:
@@ -97,8 +91,9 @@ class AdapterSlots:
     which adds nothing to the result. Capacity should be at least the batch size, so every running
     row's adapter can be resident at once."""
 
-    def __init__(self, model: LlamaForCausalLM, capacity: int):
+    def __init__(self, model: nn.Module, capacity: int):
         self.model, self.capacity = model, capacity
+        self.targets = family_of(model).lora_targets
         # the activations' dtype (fp32 beside int8 weights): bf16 adapters were measured slower here,
         # small bf16 matmuls plus the casts costing more than the bytes they save
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -130,7 +125,7 @@ class AdapterSlots:
         slot = self._free_slot()
         if rank > self.rank or slot >= self.slots:
             self._grow(slots=max(slot + 1, self.slots), rank=max(rank, self.rank))
-        for t in range(len(TARGETS)):
+        for t in range(len(self.targets)):
             self.a[t][slot].zero_()
             for bt in self.bt[t]:
                 bt[slot].zero_()
@@ -157,7 +152,7 @@ class AdapterSlots:
         """Reallocate the stacks for more slots and/or a larger rank, keeping what is loaded."""
         layers, first = len(self.model.model.layers), self.model.model.layers[0]
         new_a, new_bt = [], []
-        for t, target in enumerate(TARGETS):
+        for t, target in enumerate(self.targets):
             sizes, width = _part_sizes(self.model, target), first.get_submodule(target).in_features
             a = torch.zeros(slots, layers, len(sizes), rank, width, dtype=self.dtype, device=self.device)
             bts = [torch.zeros(slots, layers, rank, size, dtype=self.dtype, device=self.device) for size in sizes]
@@ -215,5 +210,5 @@ class LoraBatch:
 
     def add(self, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus (scaled) B A x for every row that has an adapter; x (rows, in), y (rows, out).
-        The arithmetic is decode_step.lora_add's, which the scripted decode step runs too."""
+        The arithmetic is layers.lora_add's, which Llama's scripted decode step runs too."""
         return lora_add(x, y, self.a[target][layer], self.bt[target], layer, self.mask)

@@ -36,9 +36,11 @@ class QuantizedLinear(nn.Module):
     many. Subclasses pack the weights and run the fused kernel."""
     fused_max_rows = FUSED_MAX_ROWS
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        # kept in the model's dtype and added after the product (GPT-J's fc_in, fc_out, lm_head)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def fused(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (n, in) bf16 -> (n, out) bf16, with the packed weights."""
@@ -71,8 +73,10 @@ class QuantizedLinear(nn.Module):
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if x.shape[0] > self.fused_max_rows:
-            return dense_product(x, self.dense)
-        return self.fused(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
+            y = dense_product(x, self.dense)
+        else:
+            y = self.fused(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
+        return y if self.bias is None else y + self.bias
 
 
 def dense_product(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -88,8 +92,8 @@ class Int8Linear(QuantizedLinear):
     """int8 weights with one bf16 scale per output channel and input group of `in / groups`
     columns (groups > 1: finer scales, less error, one more kernel call per group)."""
 
-    def __init__(self, weight: torch.Tensor, groups: int = 1):
-        super().__init__(weight)
+    def __init__(self, weight: torch.Tensor, groups: int = 1, bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
         assert self.in_features % groups == 0, "groups must divide the input width"
         w = weight.detach().float().view(self.out_features, groups, -1).transpose(0, 1)  # (groups, out, in/groups)
         scales = (w.abs().amax(dim=2).clamp(min=1e-8) / 127.0).to(torch.bfloat16)          # (groups, out)
@@ -124,8 +128,8 @@ class Int4Linear(QuantizedLinear):
     # against 38. (int8's kernel loses from 8 rows: 40 ms against 37.)
     fused_max_rows = 8
 
-    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP):
-        super().__init__(weight)
+    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP, bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
         assert fits_int4(weight, group), "int4 needs in % group == 0 and out % 16 == 0"
         self.group = group
         w = weight.detach().float().view(self.out_features, -1, group)     # (out, groups, group)
@@ -167,7 +171,7 @@ def fits_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> bool:
     return in_features % group == 0 and out_features % 16 == 0
 
 
-def quantize(model: nn.Module, bits: int, head_groups: int = 4) -> nn.Module:
+def quantize(model: nn.Module, bits: int, head_groups: int = 4, keep: tuple[str, ...] = ()) -> nn.Module:
     """Replace every nn.Linear in place by an Int8Linear (bits=8) or an Int4Linear (bits=4).
 
     The LM head stays int8 in both: it is the tied embedding, which GGUF files keep at 8 bits
@@ -176,16 +180,17 @@ def quantize(model: nn.Module, bits: int, head_groups: int = 4) -> nn.Module:
     (SmolLM2-135M with int8 layers, mean |logprob - fp32|: 0.051 with 1 group, 0.048 with 4,
     0.041 left in bf16; with int4 layers 0.032 with 1 group, 0.030 with 4), and each group is one
     more kernel call over the 49,152 x 576 matrix (4 groups cost ~0.4 ms more a decode step than
-    1). An int4 layer whose shape the kernel cannot take falls back to int8."""
+    1). An int4 layer whose shape the kernel cannot take falls back to int8. Biases are kept as
+    they are; layers whose names end with one of `keep` stay unquantized (the family says which)."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Linear):
+            if not isinstance(child, nn.Linear) or full.endswith(keep):
                 continue
             if full == "lm_head":
-                setattr(module, child_name, Int8Linear(child.weight, head_groups))
+                setattr(module, child_name, Int8Linear(child.weight, head_groups, child.bias))
             elif bits == 4 and fits_int4(child.weight):
-                setattr(module, child_name, Int4Linear(child.weight))
+                setattr(module, child_name, Int4Linear(child.weight, bias=child.bias))
             else:
-                setattr(module, child_name, Int8Linear(child.weight))
+                setattr(module, child_name, Int8Linear(child.weight, bias=child.bias))
     return model

@@ -1,27 +1,29 @@
 """Batch tensors in, model forward, sampling out. Knows tensors and samples, not requests' text.
 
 Prefill runs a prompt in chunks and scores every prompt token; decode runs one token for every
-running sample at once.
+running sample at once, by the model family's fast decode path where it has one (`forward_rows`,
+`forward_one`), else by its forward. Any family's model (models/) serves; none is named here.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from amber.engine.kv_cache import KVCache
 from amber.engine.lora import AdapterSlots
-from amber.engine.model import LlamaForCausalLM
 from amber.engine.sampling import SamplingBatch, sample, top_alternatives
 from amber.engine.sequence import RequestState, Sample
 from amber.engine.types import TokenLogprob
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache, adapters: AdapterSlots,
+    def __init__(self, model: nn.Module, cache: KVCache, adapters: AdapterSlots,
                  eos_ids: frozenset[int], prefill_chunk: int, device: torch.device):
         self.model, self.cache, self.adapters, self.device = model, cache, adapters, device
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
         self.chunk_size = prefill_chunk
         self.vocab_size = model.config.vocab_size
+        self.fast_decode = hasattr(model, "forward_rows") and hasattr(model, "forward_one")
 
     def prefill_chunk(self, ids: list[int], start: int, slot: int, score: bool, top_k: int,
                       adapter: int = 0) -> tuple[list[TokenLogprob], torch.Tensor]:
@@ -73,11 +75,16 @@ class ModelRunner:
         """One forward step for every sample, which sit in slots 0..n-1 in order; fp32 logits
         (batch, vocab) for each one's next token."""
         assert all(s.slot == i for i, s in enumerate(samples)), "decode rows must fill slots 0..n-1"
-        if len(samples) == 1 and samples[0].owner.adapter_slot == 0:  # single-stream decode
-            hidden = self.model.forward_one(samples[0].last_token, samples[0].length - 1, 0, self.cache)
-        else:
-            hidden = self.model.forward_rows([s.last_token for s in samples], [s.length - 1 for s in samples],
-                                             self.cache, self.adapters.batch([s.owner.adapter_slot for s in samples], 1))
+        if self.fast_decode and len(samples) == 1 and samples[0].owner.adapter_slot == 0:  # single-stream decode
+            return self.model.logits(self.model.forward_one(samples[0].last_token, samples[0].length - 1, 0, self.cache))
+        tokens, positions = [s.last_token for s in samples], [s.length - 1 for s in samples]
+        lora = self.adapters.batch([s.owner.adapter_slot for s in samples], 1)
+        if self.fast_decode:
+            hidden = self.model.forward_rows(tokens, positions, self.cache, lora)
+        else:  # the family's forward, one new token per row in slots 0..n-1
+            hidden = self.model(torch.tensor(tokens, device=self.device).unsqueeze(1),
+                                torch.tensor(positions, device=self.device).unsqueeze(1),
+                                self.cache, slice(0, len(samples)), lora)[:, 0]  # (batch, hidden)
         return self.model.logits(hidden)
 
     def sample(self, logits: torch.Tensor, rows: list[tuple[RequestState, Sample]]) -> list[TokenLogprob]:

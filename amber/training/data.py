@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from amber.engine.models import family_for
 from amber.engine.tokenizer import Tokenizer
 
 
@@ -66,7 +67,11 @@ class ExampleEncoder:
         eos = config.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
         self.eos_id = eos if eos is not None else min(self.tokenizer.eos_ids)
-        limits = [x for x in (max_length, config.get("max_position_embeddings")) if x]
+        try:  # the model family reads its own context limit (GPT-J spells it n_positions)
+            context = family_for(config.get("model_type")).config(config).max_position_embeddings
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        limits = [x for x in (max_length, context) if x]
         self.max_length = min(limits) if limits else None
         self._chat = None  # transformers tokenizer, loaded only when a chat row appears
 

@@ -1,6 +1,7 @@
 """LoRA fine-tuning of a base checkpoint into a custom model: `train_lora` and its settings.
 
-Owns: the PEFT setup (plain LoRA on every linear layer of the decoder, no rsLoRA or DoRA, because
+Owns: the PEFT setup (plain LoRA on the linear layers the model family names for adapters,
+`peft_targets` in amber/engine/models/, every projection of the decoder; no rsLoRA or DoRA, because
 serving computes W x + (alpha / r) B A x), the training loop, per-epoch losses, progress with an ETA,
 and resuming. Data layout lives in `data.py`, the output directory in `epochs.py`.
 
@@ -18,6 +19,7 @@ Deterministic for a given seed on one machine: each epoch reseeds its shuffle an
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,16 +29,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from amber.engine.models import family_for
 from amber.training.data import (Batch, Example, ExampleEncoder, TokenizedExample, TrainingError,
                                  bucketed_batches, collate, fingerprint)
 from amber.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE
 from amber.training.epochs import EpochResult, completed_epochs, epoch_dir, restore, save_epoch
 
-__all__ = ["Example", "TrainConfig", "Progress", "EpochResult", "TrainingError", "train_lora"]
+__all__ = ["Example", "TrainConfig", "Progress", "EpochResult", "TrainingError", "train_lora", "target_modules"]
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # On CPU, eager attention (plain matmuls) trains short rows faster than SDPA's flash kernel, whose
 # backward is slow for small blocks; but eager keeps (batch, heads, seq, seq) probabilities for the
@@ -95,7 +97,7 @@ def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[
 
     torch.manual_seed(config.seed)  # the LoRA A initialisation
     model = load_model(checkpoint, config)
-    llama = model.get_base_model()
+    causal = model.get_base_model()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -114,7 +116,7 @@ def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[
         nll_sum, token_count = 0.0, 0
         for indices in bucketed_batches(lengths, config.batch_size, shuffle):
             batch = collate([train_set[i] for i in indices], encoder.eos_id)
-            nll = completion_nll(llama, batch)
+            nll = completion_nll(causal, batch)
             loss = nll / len(batch.targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -128,7 +130,7 @@ def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[
                 on_progress(Progress(epoch, config.epochs, step, total_steps, loss.item(), elapsed,
                                      elapsed / steps_here * (total_steps - step)))
         result = EpochResult(epoch, nll_sum / token_count,
-                             validation_loss(llama, validation_set, config.batch_size, encoder.eos_id),
+                             validation_loss(causal, validation_set, config.batch_size, encoder.eos_id),
                              epoch_dir(out_dir, epoch), 0.0)
         result.seconds = time.perf_counter() - epoch_began
         save_epoch(out_dir, result, run, model, optimizer, scheduler)
@@ -138,35 +140,48 @@ def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[
     return results
 
 
+def target_modules(checkpoint: Path) -> tuple[str, ...]:
+    """The PEFT target_modules of the checkpoint's model family: the projections serving adapts."""
+    model_type = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
+    try:
+        return family_for(model_type).peft_targets
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+
+
 def load_model(checkpoint: Path, config: TrainConfig) -> PeftModel:
     """The base model with fresh LoRA layers; only the LoRA weights train, and they stay float32
     (PEFT upcasts adapter weights created beside a bfloat16 base)."""
-    base = LlamaForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[config.base_dtype])
+    targets = target_modules(checkpoint)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[config.base_dtype])
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(base, lora)
 
 
-def completion_nll(llama: LlamaForCausalLM, batch: Batch) -> torch.Tensor:
+def completion_nll(causal: PreTrainedModel, batch: Batch) -> torch.Tensor:
     """Summed NLL of the batch's completion tokens. The LM head runs only where a loss token is
-    predicted, never over the prompt."""
-    llama.set_attn_implementation(attention_for(llama.config, *batch.input_ids.shape))
-    hidden = llama.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         use_cache=False).last_hidden_state            # (batch, seq, hidden)
-    logits = llama.lm_head(hidden[batch.rows, batch.positions])         # (targets, vocab)
+    predicted, never over the prompt. `causal`: a transformers *ForCausalLM (any family)."""
+    attention = attention_for(causal.config, *batch.input_ids.shape)
+    if attention == "sdpa" and not causal._supports_sdpa:  # GPT-J has only its eager attention
+        attention = "eager"
+    causal.set_attn_implementation(attention)
+    hidden = causal.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               use_cache=False).last_hidden_state      # (batch, seq, hidden)
+    logits = causal.lm_head(hidden[batch.rows, batch.positions])        # (targets, vocab)
     return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
 
 
 @torch.no_grad()
-def validation_loss(llama: LlamaForCausalLM, examples: Sequence[TokenizedExample], batch_size: int,
+def validation_loss(causal: PreTrainedModel, examples: Sequence[TokenizedExample], batch_size: int,
                     pad_id: int) -> float | None:
     """Mean completion-token NLL, dropout off; batches in length order, as padding is wasted work."""
     if not examples:
         return None
-    llama.eval()
+    causal.eval()
     ordered = sorted(examples, key=lambda ex: len(ex.ids))
     batches = [collate(ordered[b:b + batch_size], pad_id) for b in range(0, len(ordered), batch_size)]
-    total = sum(completion_nll(llama, batch).item() for batch in batches)
+    total = sum(completion_nll(causal, batch).item() for batch in batches)
     return total / sum(len(batch.targets) for batch in batches)
 
 

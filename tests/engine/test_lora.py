@@ -126,7 +126,7 @@ def test_least_recently_used_adapters_are_evicted_and_reloaded(tiny_checkpoint, 
 @pytest.mark.parametrize("scripted", [True, False])
 def test_the_scripted_decode_step_adds_adapters_as_forward_does_bit_for_bit(tiny_checkpoint, adapters, mode,
                                                                             scripted, monkeypatch):
-    import amber.engine.decode_step as decode_step
+    import amber.engine.models.llama_decode as decode_step
     from amber.engine.kv_cache import KVCache
     from amber.engine.lora import AdapterSlots
     if not scripted:

@@ -71,7 +71,7 @@ def test_batched_engine_equals_the_slow_loop_in_every_mode(tiny_checkpoint, mode
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scripted", [True, False])
 def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, monkeypatch):
-    import amber.engine.decode_step as decode_step
+    import amber.engine.models.llama_decode as decode_step
     if not scripted:  # the fallback where TorchScript is unavailable: the same function in Python
         monkeypatch.setitem(decode_step._scripted, "decode_layers", decode_step.decode_layers)
     else:
@@ -100,7 +100,7 @@ CHOICES = {"measured": None, "fused<=4,bf16": Choice(4, "bf16"), "fused<=4,fp32"
 @pytest.mark.parametrize("choice", CHOICES)
 def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, choice,
                                                                        monkeypatch):
-    import amber.engine.decode_step as decode_step
+    import amber.engine.models.llama_decode as decode_step
     if not scripted:
         monkeypatch.setitem(decode_step._scripted, "decode_rows", decode_step.decode_rows)
     if choice != "measured" and mode not in ("int8", "int8-bf16", "int4"):

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from amber.engine.tokenizer import Tokenizer
 from amber.training import epochs, lora
 from amber.training.data import ExampleEncoder, collate
-from amber.training.lora import (TARGET_MODULES, Example, TrainConfig, TrainingError, completion_nll,
-                                 load_model, train_lora)
+from amber.training.lora import (Example, TrainConfig, TrainingError, completion_nll, load_model, target_modules,
+                                 train_lora)
 
 TRAIN = [Example(f"Review: {text}\nSentiment:", f" {label}") for text, label in [
     ("a gorgeous, witty film", "positive"), ("dull and far too long", "negative"),
@@ -119,10 +119,12 @@ def test_writes_standard_peft_adapters_each_epoch(tiny_checkpoint, tmp_path):
     assert [p.step for p in seen] == list(range(1, 7)) and seen[-1].eta_seconds == 0
     assert results[-1].train_loss < results[0].train_loss and results[-1].validation_loss is not None
     config = json.loads((results[-1].path / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8, sorted(TARGET_MODULES))
+    targets = target_modules(tiny_checkpoint)  # the Llama family's q, k, v, o, gate, up, down
+    assert len(targets) == 7
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8, sorted(targets))
     assert not config["use_dora"] and not config["use_rslora"]
     weights = load_file(results[-1].path / "adapter_model.safetensors")
-    assert len(weights) == 2 * 2 * len(TARGET_MODULES)  # A and B, two layers
+    assert len(weights) == 2 * 2 * len(targets)  # A and B, two layers
     a = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     b = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert a.dtype == torch.float32 and a.shape == (4, 64) and b.shape == (64, 4) and b.abs().sum() > 0

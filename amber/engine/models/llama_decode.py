@@ -1,4 +1,4 @@
-"""Decode steps: one new token per sequence through every layer, as one TorchScript function:
+"""Llama's fast decode path: one new token per sequence through every layer, as one TorchScript function:
 `decode_rows` for a batch, with or without adapters, `decode_layers` for a single sequence.
 
 These steps are where per-op cost, not arithmetic, sets the speed: a step is ~1,000 small ops
@@ -6,9 +6,9 @@ around 121 matmuls, and in eager mode each op costs ~2-3 us of Python and dispat
 TorchScript's interpreter, the layers of SmolLM2-135M int4 take ~7 ms instead of 9.0 ms for one
 sequence, and a whole single-stream step ~11 ms instead of 12.7 (measured; torch.compile was
 slower here: 16 ms a step compiled layer by layer, after 30-90 s of compiling on 2 cores). Each
-computes exactly what `LlamaForCausalLM.forward` computes for those tokens, op for op
+computes exactly what `llama.LlamaForCausalLM.forward` computes for those tokens, op for op
 (tests/engine/test_precision.py and test_lora.py check they agree bit for bit, in every precision
-mode, with and without adapters), sharing its RMSNorm (`rms_norm`) and LoRA update (`lora_add`).
+mode, with and without adapters), sharing its RMSNorm (`rms_norm`) and LoRA update (`layers.lora_add`).
 TorchScript releases the GIL while it runs, as eager ops do, so the HTTP thread is not held up.
 
 torch 2.13 marks torch.jit.script deprecated: if a later torch drops it, the same functions run as
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amber.engine.models.layers import lora_add
 from amber.engine.quantize import Int4Linear, Int8Linear, dense_product
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ PLAIN, DENSE_BF16, INT4, INT8 = 0, 1, 4, 8
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension, which model.RMSNorm runs too; `doubled` is [w, w] in fp32.
+    """RMSNorm over the last dimension, which llama.RMSNorm runs too; `doubled` is [w, w] in fp32.
 
     In fp32 one row takes one kernel: torch's rms_norm is ~8 ops on CPU, which for a single row
     cost more than their arithmetic (~13 us against ~6, 61 times a decode step), and layer_norm
@@ -102,31 +103,6 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
         x = x + _project(kinds[p + 3], F.silu(gate) * up, weights[p + 3], scales[p + 3], dense[p + 3],
                          max_rows[p + 3], group)
     return x
-
-
-def lora_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bts: List[torch.Tensor], layer: int,
-             mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """y plus each row's adapter update (lora.LoraBatch.add); x (rows, in), y (rows, out); a this
-    layer's A of the batch's adapters side by side (parts * n * r, in), bts B^T per part (layers,
-    n * r, out of the part); mask (rows, n * r) keeps each row's own adapter's share, or None when
-    every row has the same one.
-
-    One matmul for A, one per part for B, however many adapters the batch mixes: each row is
-    multiplied by every adapter's A and masked, cheap at LoRA ranks. B^T is kept per part, not
-    block-diagonal, because its bytes are what a step pays for."""
-    h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()                    # (rows, parts * n * r)
-    y = y.to(a.dtype)  # quantized layers answer in bf16; the update is added in the adapters' dtype
-    y2 = y.view(-1, y.shape[-1])
-    h = h.view(h.shape[0], len(bts), -1)
-    if mask is not None:
-        h.mul_(mask.unsqueeze(1))
-    column = 0
-    for part in range(len(bts)):
-        bt = bts[part][layer]
-        out = bt.shape[-1]
-        y2[:, column:column + out].addmm_(h[:, part], bt)
-        column += out
-    return y
 
 
 def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,

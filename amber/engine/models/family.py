@@ -1,0 +1,58 @@
+"""What a model family declares, so that the loader, the KV cache, LoRA and quantization serve it
+without naming it; and the state each layer keeps between steps.
+
+Every family's model is laid out the same way at the top (`model.embed_tokens`, `model.layers[i]`,
+`model.norm`, `lm_head`) with Hugging Face's names inside each layer, and answers the same calls:
+`forward(input_ids, positions, cache, slots, lora)` -> hidden states after the final norm, and
+`logits(hidden)`. A family may add a fast decode path (`forward_one`, `forward_rows`: llama.py);
+the runner uses it when the model has one and the family's forward otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FullAttention:
+    """A layer that keeps the keys and values of every past position (kv_cache.KVCache)."""
+    kv_heads: int
+    head_dim: int
+
+
+# What a layer keeps between steps. Later kinds go beside FullAttention, each with its own owner in
+# kv_cache.py: SlidingWindow(kv_heads, head_dim, window) for Gemma 3's local layers (a ring of
+# `window` positions), Recurrent(conv_shape, ssm_shape) for Jamba's Mamba layers (a fixed-size
+# state per slot, copied for numResults like a prompt's keys and values), and None for a layer that
+# keeps nothing.
+LayerState = Union[FullAttention, None]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]            # config.json's model_type values this family reads
+    config: Callable[[dict], Any]           # config.json -> the family's frozen config
+    model: type[nn.Module]                  # built from that config (on the meta device by the loader)
+    # Hugging Face parameter prefixes -> the shared top-level layout (embed_tokens, layers, norm)
+    renames: tuple[tuple[str, str], ...]
+    hf_layers: str                          # HF prefix of layer i's parameters ("model.layers"): PEFT names
+    # per layer: fused module -> its HF parts in stacking order, with each part's output width
+    fused: Callable[[Any], dict[str, tuple[tuple[str, int], ...]]]
+    lora_targets: tuple[str, ...]           # the (fused) modules adapters add to, in a fixed order
+    peft_targets: tuple[str, ...]           # the same modules as PEFT's target_modules (HF names)
+    layer_states: Callable[[Any], list[LayerState]]
+    ignored: tuple[str, ...] = ()           # HF tensor name endings that are not parameters (old buffers)
+    # every nn.Linear is quantized (lm_head with the head's groups) except module names ending so
+    unquantized: tuple[str, ...] = ()
+
+    def part_sizes(self, cfg: Any, target: str, out_features: int) -> list[int]:
+        """Output widths of the HF modules that make up `target` (one, unless it is fused)."""
+        parts = self.fused(cfg).get(target)
+        return [size for _, size in parts] if parts else [out_features]
+
+    def hf_parts(self, cfg: Any, target: str) -> tuple[str, ...]:
+        parts = self.fused(cfg).get(target)
+        return tuple(name for name, _ in parts) if parts else (target,)
