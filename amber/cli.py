@@ -1,8 +1,10 @@
-"""The `amber` command: the only reader of argv and the environment. Builds Config, then dispatches.
+"""The `amber` command: with `cli_home.py` (AMBER_HOME), the only reader of argv and the environment.
+Builds Config, then dispatches.
 
     amber serve            serve the API (default http://127.0.0.1:8000), with a training worker
     amber worker           train queued custom models (what `serve` starts)
-    amber models           list the registry's models; `models train|show|export` for custom ones
+    amber models           list the registry's models; `models add|remove` edit it;
+                           `models train|show|export` for custom ones
     amber datasets upload  upload a training set
     amber keys create A    make an API key for account A (printed as the last line)
     amber doctor           this machine as the engine sees it: CPU, torch, kernels chosen per layer
@@ -13,14 +15,13 @@ import logging
 import os
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from amber.cli_custom import datasets_app, register_model_commands
+from amber.cli_home import console, home_config
 from amber.config import Config, EngineConfig, load_registry
 
 app = typer.Typer(help="Amber: a self-hosted language-model studio (AI21 Studio's J2 API).",
@@ -31,8 +32,6 @@ models_app = typer.Typer(help="General models (the registry) and custom models."
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 register_model_commands(models_app)
-# Piped output (scripts, tests) gets full-width lines rather than a table wrapped at 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
@@ -41,21 +40,6 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
     engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue,
                      prefix_blocks=prefix_blocks)
     return replace(home_config(), host=host, port=port, engine=engine)
-
-
-def home_config() -> Config:
-    """AMBER_HOME (keys' hashes, datasets, adapters), private to its owner: the directory is made
-    0700, or made so if it exists, and this process (with the worker it starts, which inherits it)
-    creates files 0600 and directories 0700 (umask 077). Every command comes through here."""
-    home = Path(os.environ.get("AMBER_HOME", "~/.amber")).expanduser()
-    os.umask(0o077)
-    home.mkdir(parents=True, exist_ok=True)
-    try:
-        home.chmod(0o700)
-    except PermissionError as exc:  # not ours: say so rather than refuse to run
-        print(f"warning: could not make {home} private to its owner: {exc}", file=sys.stderr)
-    kernels = os.environ.get("AMBER_KERNELS")  # a kernels cache shared by several homes (tests do)
-    return Config(home=home, kernels_path=Path(kernels).expanduser() if kernels else None)
 
 
 @app.command()
@@ -162,10 +146,72 @@ def list_models(ctx: typer.Context) -> None:
     registry = load_registry(config.registry_path)
     table = Table("name", "aliases", "dtype", "context", "source")
     for spec in registry.models.values():
-        source = spec.path or spec.gguf_path or f"{spec.gguf_package}/{spec.gguf_file}"
+        source = spec.path or spec.gguf_path or f"{spec.gguf_package}:{spec.gguf_file}"
         default = " (default)" if spec.name == registry.default else ""
         table.add_row(spec.name + default, ", ".join(spec.aliases), spec.dtype, str(spec.max_context), source)
     console.print(table)
+
+
+@models_app.command("add")
+def models_add(name: Annotated[str, typer.Argument(help="the name requests will use")],
+               source: Annotated[str, typer.Option("--from", help="a Hugging Face checkpoint directory, a GGUF "
+                                                   "file, or package:path/inside/it.gguf")],
+               dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | int8 | int8-bf16 | int4")] = "float32",
+               alias: Annotated[Optional[list[str]], typer.Option(help="another name for it (repeatable)")] = None,
+               max_context: Annotated[Optional[int], typer.Option(min=1, help="prompt + completion tokens "
+                                                                  "(default: 2048, or the model's positions if fewer)")] = None
+               ) -> None:
+    """Check a model, then add it to the registry.
+
+    The check loads it as the server does, generates one token, and compares its logprobs with
+    transformers' own forward pass. A running server sees the model after a restart."""
+    from amber.models_admin import add_model
+    from amber.registry_edit import Refused
+
+    _quiet()
+    try:
+        added = add_model(home_config(), name, source, dtype, tuple(alias or ()), max_context)
+    except Refused as exc:
+        _refuse(exc)
+    spec, checked, f = added.spec, added.checked, added.checked.fidelity
+    print(f"added {spec.name} ({checked.model_type}, {spec.dtype}, max_context {spec.max_context})"
+          + (f", aliases {', '.join(spec.aliases)}" if spec.aliases else ""))
+    print(f"one token after the check's text: {checked.next_token!r}")
+    print(f"logprobs not compared: transformers has no {checked.model_type!r} model" if f is None else
+          f"logprobs vs transformers' float32 forward over {f.tokens} tokens: max |diff| {f.max_diff:.2e} "
+          f"nats, mean {f.mean_diff:.2e}")
+    print("a running `amber serve` serves it once restarted")
+
+
+@models_app.command("remove")
+def models_remove(name: Annotated[str, typer.Argument(help="a registry model's name (not an alias)")]) -> None:
+    """Remove a model from the registry, with the checkpoint Amber converted for it.
+
+    Refused while custom models are trained on it, and for the default model."""
+    from amber.models_admin import remove_model
+    from amber.registry_edit import Refused
+
+    config = home_config()
+    try:
+        removed = remove_model(config, _store(), name)
+    except Refused as exc:
+        _refuse(exc)
+    print(f"removed {name}" + (f" and its converted checkpoint {removed.checkpoint}" if removed.checkpoint else ""))
+
+
+def _refuse(exc: Exception):
+    """One sentence on stderr and exit status 1."""
+    print(f"error: {exc}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def _quiet() -> None:
+    """Keep transformers' warnings and progress bars, and the engine's logged tracebacks, off
+    stderr, where a refusal is one sentence (which names the error)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF conversion uses tqdm directly
+    logging.getLogger("amber").setLevel(logging.CRITICAL)
 
 
 def _store():

@@ -15,19 +15,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from amber.cli_home import console, home_config
 from amber.config import load_registry
 
 datasets_app = typer.Typer(help="Training datasets.", no_args_is_help=True)
-console = Console(width=None if sys.stdout.isatty() else 200)
 AccountOpt = Annotated[str, typer.Option("--account", envvar="AMBER_ACCOUNT", help="the account acting")]
 
 
 def _context(account: str):
-    from amber.cli import home_config  # cli.py reads the environment; it imports this module first
     from amber.store.repo import Store
     config = home_config()
     store = Store.open(config.database_url)

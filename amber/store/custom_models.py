@@ -17,7 +17,7 @@ from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from amber.store.tables import CustomModel, Dataset, DatasetRow, utcnow
+from amber.store.tables import Account, CustomModel, Dataset, DatasetRow, utcnow
 
 QUEUED, TRAINING, COMPLETED, FAILED = "QUEUED", "TRAINING", "COMPLETED", "FAILED"
 INSERT_BATCH = 5_000  # dataset rows per INSERT statement
@@ -263,6 +263,16 @@ class CustomModelRepo:
 
     def fail(self, model_id: int, worker: str, reason: str) -> bool:
         return self._update_owned(model_id, worker, status=FAILED, failure=reason, finished_at=utcnow())
+
+    # ---- across accounts (the worker; `amber models remove`) ----
+    def on_base(self, base_model: str) -> list[tuple[str, CustomModelInfo]]:
+        """Every account's custom models trained on registry model `base_model`, whatever their
+        status, each with its account's name: what removing that model would strand."""
+        query = (select(Account.name, CustomModel, ~exists().where(_same_account()))
+                 .join(Account, Account.id == CustomModel.account_id)
+                 .where(CustomModel.base_model == base_model).order_by(CustomModel.id))
+        with self._sessions() as session:
+            return [(account, _model(row, gone)) for account, row, gone in session.execute(query)]
 
     def get_any(self, model_id: int) -> CustomModelInfo | None:
         """Whoever owns it: for the worker, which acts for every account."""

@@ -133,3 +133,11 @@ def test_a_database_from_before_autoincrement_is_rebuilt_keeping_everything(url)
     again = Store.open(url)  # a second opening has nothing left to do
     assert [d.name for d in again.datasets.list(1)] == ["d2", "d3", "new"]
     again.close()
+
+
+def test_models_on_a_base_are_found_across_accounts_with_their_account(store):
+    alice, bob = store.ensure_account("alice").id, store.ensure_account("bob").id
+    a, b = model(store, alice, "a", dataset(store, alice, "d")), model(store, bob, "b", dataset(store, bob, "d"))
+    store.custom_models.create(alice, "elsewhere", "other-base", "other-base", dataset(store, alice, "e"), 0.1, 1, {})
+    assert [(account, m.id) for account, m in store.custom_models.on_base("tiny")] == [("alice", a.id), ("bob", b.id)]
+    assert store.custom_models.on_base("nothing") == []
