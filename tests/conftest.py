@@ -45,3 +45,23 @@ def tiny_checkpoint(default_checkpoint: Path, tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_checkpoint / name, directory / name)
     return directory
+
+
+@pytest.fixture(scope="session")
+def sp_tok():
+    """A toy SentencePiece-style vocabulary (▁ for spaces, <0xNN> byte fallback, dummy prefix)."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers
+
+    from amber.engine.tokenizer import Tokenizer
+
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
+    vocab += [(f"<0x{b:02X}>", -10.0) for b in range(256)]
+    vocab += [("▁", -2.0), ("▁Paris", -1.0), ("▁is", -1.0), ("\n", -1.0), ("a", -3.0), ("▁a", -2.5),
+              ("<|newline|>", -5.0)]  # literal text that clashes with AI21's spelling of "\n"
+    backend = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "</s>", "###")])
+    return Tokenizer(backend, bos_id=1, eos_ids=frozenset({2}))

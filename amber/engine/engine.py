@@ -4,22 +4,21 @@ Callers `submit` token-id requests from any thread (or `await generate(...)` fro
 a RequestOutput back through a callback, or `stream(...)` them and get each step's new tokens as
 they come; the HTTP event loop never runs a forward pass. Each step:
 
-    admit  -> waiting requests whose prompts together fit one chunk are prefilled in one forward
-              pass; otherwise the next one starts prefilling (from the prefix cache where it can)
-    prefill one chunk of it (so a long prompt never stalls everyone else for long)
-    decode one token for every running sample, then retire what finished
+    schedule    -> the scheduler admits waiting requests: short prompts to prefill together in
+                   one forward pass, or the next long one to prefill a chunk per step
+    run         -> prefill them (from the prefix cache where it can), then decode one token for
+                   every running sample (runner.py)
+    postprocess -> append the new tokens, stream them, retire what finished, hand back results
 
-so requests join and leave the batch at every step. Running samples sit in cache slots 0..n-1
-(`_rows[i].slot == i`): a finished one's slot is filled by moving the last row down.
+so requests join and leave the batch at every step. What runs when, and in which cache slot, is the
+scheduler's to say; this module runs it on its one thread and hands results back through callbacks.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import queue
 import threading
-import time
 from typing import AsyncIterator, Callable
 
 import torch
@@ -30,21 +29,13 @@ from amber.engine.model import LlamaForCausalLM
 from amber.engine.prefix_cache import PrefixCache
 from amber.engine.runner import ModelRunner
 from amber.engine.sampling import make_generator, penalty_mask
+from amber.engine.scheduler import QueueFull, Scheduler  # noqa: F401 (QueueFull: part of this API)
 from amber.engine.sequence import RequestState, Sample, length_finish
 from amber.engine.stops import check_finish, completion_output
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """More requests are waiting than the engine accepts; try again later. `drain_seconds`: how
-    long the requests now waiting would take to finish at the engine's recent pace."""
-
-    def __init__(self, message: str, drain_seconds: float):
-        super().__init__(message)
-        self.drain_seconds = drain_seconds
 
 
 class RequestAborted(Exception):
@@ -72,14 +63,10 @@ class Engine:
         masks = tokenizer.category_masks().to(self.device)
         self.category_masks = torch.zeros(masks.shape[0], cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.category_masks[:, :masks.shape[1]] = masks[:, :cfg.vocab_size]
-        self._waiting: collections.deque[RequestState] = collections.deque()
-        self._prefilling: RequestState | None = None
-        self._running: list[RequestState] = []
-        self._rows: list[Sample] = []  # running samples; _rows[i] holds cache slot i
-        self._wake = threading.Condition()
+        self.scheduler = Scheduler(max_batch, max_context, max_queue, prefill_chunk)
+        self._wake = threading.Condition()  # guards the scheduler against submit/abort on other threads
         self._stopping = False
         self._steps = 0
-        self._finished_at: collections.deque[float] = collections.deque(maxlen=64)  # recent finishes
         self._thread = threading.Thread(target=self._loop, name="amber-engine", daemon=True)
 
     # ---- public API, any thread ----
@@ -126,17 +113,13 @@ class Engine:
         assert 1 <= request.params.num_results <= self.max_batch, "numResults exceeds the batch"
         assert 1 + len(request.prompt_ids) + request.params.max_tokens <= self.max_context, "too long"
         with self._wake:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting", self.drain_seconds())
-            self._waiting.append(RequestState(request, on_done, on_tokens))
+            self.scheduler.add(RequestState(request, on_done, on_tokens))  # QueueFull when full
             self._wake.notify()
 
     def abort(self, request_id: str) -> None:
         """Drop a request (its client went away); it leaves the batch at the next step."""
         with self._wake:
-            for state in [*self._waiting, *self._running, *filter(None, [self._prefilling])]:
-                if state.request.request_id == request_id:
-                    state.aborted = True
+            self.scheduler.abort(request_id)
 
     async def generate(self, request: GenerationRequest) -> RequestOutput:
         loop = asyncio.get_running_loop()
@@ -183,22 +166,18 @@ class Engine:
                 self.abort(request_id)
 
     def drain_seconds(self) -> float:
-        """Seconds the waiting requests would take to finish at the pace the last 64 finished
-        (the mean interval between finishes, batching included); with fewer than two finishes to
-        go by, a second per batch of waiting requests."""
-        waiting, times = len(self._waiting), list(self._finished_at)
-        if len(times) >= 2 and times[-1] > times[0]:
-            return waiting * (times[-1] - times[0]) / (len(times) - 1)
-        return waiting / self.max_batch
+        """Seconds the waiting requests would take to finish at the engine's recent pace."""
+        return self.scheduler.drain_seconds()
 
     def stats(self) -> dict[str, int]:
-        return {"waiting": len(self._waiting), "prefilling": int(self._prefilling is not None),
-                "running_samples": len(self._rows), "prefix_blocks": len(self.prefixes),
+        scheduler = self.scheduler
+        return {"waiting": len(scheduler.waiting), "prefilling": int(scheduler.prefilling is not None),
+                "running_samples": len(scheduler.rows), "prefix_blocks": len(self.prefixes),
                 "steps": self._steps}
 
     @property
     def busy(self) -> bool:
-        return bool(self._waiting or self._running or self._prefilling)
+        return self.scheduler.busy
 
     # ---- the engine thread ----
     def run_until_idle(self) -> None:
@@ -221,62 +200,35 @@ class Engine:
                 self._step()
 
     def _step(self) -> None:
+        """schedule -> run -> postprocess (`_accept`, from the prefill and decode steps)."""
         if self.threads is not None and torch.get_num_threads() != (wanted := self.threads()):
             torch.set_num_threads(wanted)  # this thread's OpenMP team, from its next op on
+        scheduler = self.scheduler
         with self._wake:
             self._steps += 1
-            self._drop_aborted()
-            group = self._take_short_prompts()
-            if not group and self._prefilling is None and self._waiting and self._fits(self._waiting[0]):
-                self._prefilling = self._waiting.popleft()
+            for state in scheduler.take_aborted():
+                self._finish(state, RequestAborted(state.request.request_id))
+            group = scheduler.schedule()
         try:
             if group:
                 self._prefill_group(group)
-            elif self._prefilling is not None:
-                self._prefill_step(self._prefilling)
-            if self._rows:
+            elif scheduler.prefilling is not None:
+                self._prefill_step(scheduler.prefilling)
+            if scheduler.rows:
                 self._decode_step()
         except Exception as exc:  # a broken step fails its requests, never the engine
             log.exception("engine step failed")
-            for state in [*self._running, *filter(None, [self._prefilling]), *group]:
+            for state in [*scheduler.running, *filter(None, [scheduler.prefilling]), *group]:
                 self._finish(state, exc)
-
-    def _fits(self, state: RequestState) -> bool:
-        return len(self._rows) + state.request.params.num_results <= self.max_batch
-
-    def _drop_aborted(self) -> None:
-        for state in [s for s in self._waiting if s.aborted]:
-            self._waiting.remove(state)
-            self._finish(state, RequestAborted(state.request.request_id))
-        for state in [s for s in [*self._running, self._prefilling] if s is not None and s.aborted]:
-            self._finish(state, RequestAborted(state.request.request_id))
-
-    def _take_short_prompts(self) -> list[RequestState]:
-        """Waiting requests, in order, whose prompts together fit one prefill chunk and whose
-        samples fit the batch: they are prefilled in one forward pass, straight into their slots."""
-        group, budget = [], self.runner.chunk_size
-        taken = len(self._rows) + (self._prefilling.request.params.num_results if self._prefilling else 0)
-        while self._waiting:
-            req = self._waiting[0].request
-            length = 1 + len(req.prompt_ids)
-            if (length > budget or taken + req.params.num_results > self.max_batch
-                    or length + self.runner.chunk_size > self.max_context):  # padding must stay in the slot
-                break
-            group.append(self._waiting.popleft())
-            budget -= length
-            taken += req.params.num_results
-        return group
 
     def _prefill_group(self, group: list[RequestState]) -> None:
         """Prefill short prompts together; each goes into the slot its first sample will take."""
         group = [state for state in group if self._use_adapter(state)]
         if not group:
             return
-        slot, slots = len(self._rows), []
-        for state in group:
+        slots = self.scheduler.first_slots(group)
+        for state, slot in zip(group, slots):
             self._begin_prefill(state, slot)
-            slots.append(slot)
-            slot += state.request.params.num_results
         jobs = [(s.ids, s.filled, slot, s.request.score_prompt, s.request.params.top_k_return, s.adapter_slot)
                 for s, slot in zip(group, slots)]
         for state, slot, (scores, logits) in zip(group, slots, self.runner.prefill_rows(jobs)):
@@ -295,7 +247,7 @@ class Engine:
         state.prompt += scores
         state.filled = min(len(state.ids), state.filled + self.runner.chunk_size)
         if state.filled == len(state.ids):
-            self._prefilling = None
+            self.scheduler.prefill_done()
             self._end_prefill(state, staging, logits)
 
     def _use_adapter(self, state: RequestState) -> bool:
@@ -331,16 +283,14 @@ class Engine:
                                 minlength=self.model.config.vocab_size).float().to(self.device)
         state.samples = [Sample(i, -1, len(state.ids), counts.clone(), make_generator(params.seed, i, self.device),
                                 owner=state) for i in range(params.num_results)]
-        self._running.append(state)
+        self.scheduler.start(state)
         if params.max_tokens == 0:
             for s in state.samples:
                 s.finish = length_finish(0)
             self._complete(state)
             return
         for s in state.samples:
-            s.slot = len(self._rows)
-            self._rows.append(s)
-            if s.slot != source:
+            if self.scheduler.seat(s) != source:
                 self.cache.copy(source, s.slot, len(state.ids))
         rows = [(state, s) for s in state.samples]
         self._accept(rows, self.runner.sample(logits.unsqueeze(0).expand(len(rows), -1), rows))
@@ -356,8 +306,9 @@ class Engine:
                 state.bias[token_id] += value
 
     def _decode_step(self) -> None:
-        rows = [(s.owner, s) for s in self._rows]
-        logits = self.runner.decode(self._rows)
+        samples = self.scheduler.rows
+        rows = [(s.owner, s) for s in samples]
+        logits = self.runner.decode(samples)
         self._accept(rows, self.runner.sample(logits, rows))
 
     def _accept(self, rows, chosen) -> None:
@@ -383,27 +334,16 @@ class Engine:
                 self._complete(state)
 
     def _free_slot(self, sample: Sample) -> None:
-        """Take a finished sample out of the batch, moving the last row into its slot."""
-        if sample.slot < 0:
-            return
-        slot, last = sample.slot, self._rows.pop()
-        sample.slot = -1
-        if last is not sample:
-            self.cache.copy(last.slot, slot, last.length)
-            last.slot = slot
-            self._rows[slot] = last
+        """Take a finished sample out of the batch, moving the last row's cache into its slot."""
+        if (move := self.scheduler.free_slot(sample)) is not None:
+            self.cache.copy(*move)
 
     def _complete(self, state: RequestState) -> None:
         self._finish(state, state.output([completion_output(s, self.tokenizer) for s in state.samples]))
 
     def _finish(self, state: RequestState, result: RequestOutput | BaseException) -> None:
-        self._finished_at.append(time.monotonic())
-        if state in self._running:
-            self._running.remove(state)
-        if state is self._prefilling:
-            self._prefilling = None
-        for s in state.samples:
-            self._free_slot(s)
+        for move in self.scheduler.finish(state):
+            self.cache.copy(*move)
         self.adapters.release(state.adapter_slot)
         state.adapter_slot = 0
         try:

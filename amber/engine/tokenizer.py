@@ -1,10 +1,10 @@
-"""Text <-> token ids for one model, and what the AI21 API needs to say about each token.
+"""Text <-> token ids for one model.
 
-Owns: encode/decode, the raw bytes behind each id, AI21-style token strings ("▁Paris", "<|newline|>",
-"<0xF0>") and their inverse for `logitBias`, character offsets of tokens, and the vocabulary masks
-that penalties use to exempt whitespace, punctuation, numbers, stopwords and emojis. Wraps a Hugging
-Face fast tokenizer; knows nothing of the model, sampling or HTTP. Everything per-vocabulary is
-computed once, so per-request work is list lookups.
+Owns: encode/decode, the raw bytes behind each id, character offsets of tokens, and the vocabulary
+masks that penalties use to exempt whitespace, punctuation, numbers, stopwords and emojis. Wraps a
+Hugging Face fast tokenizer; knows nothing of the model, sampling, HTTP or how any API spells a
+token (AI21's spelling lives in amber/api/ai21/). Everything per-vocabulary is computed once, so
+per-request work is list lookups.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import torch
 
 from amber.engine.types import Category
 
-NEWLINE = "<|newline|>"
-SPACE = "▁"
+SPACE = "▁"  # SentencePiece's word-boundary mark, a space in the text
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 # NLTK's English stopword list (nltk_data corpora/stopwords/english, the classic 179 words).
@@ -57,7 +56,7 @@ _GPT2 = _gpt2_alphabet()
 _GPT2_TO_LATIN1 = {ch: chr(b) for ch, b in _GPT2.items()}  # for str.translate, then .encode("latin-1")
 
 
-def _char_spans(data: bytes) -> list[tuple[int, int, bool]]:
+def char_spans(data: bytes) -> list[tuple[int, int, bool]]:
     """Byte span of each char of `data.decode(errors="replace")`; False marks a U+FFFD (Python
     replaces each maximal ill-formed subsequence with one, which is what UnicodeDecodeError spans)."""
     spans, pos = [], 0
@@ -74,16 +73,6 @@ def _char_spans(data: bytes) -> list[tuple[int, int, bool]]:
             spans.append((*bad, False))
             pos = bad[1]
     return spans
-
-
-def _ai21_string(data: bytes) -> str:
-    """SentencePiece spelling: valid text as is, stray bytes as <0xNN>, then ▁ and <|newline|>."""
-    try:
-        text = data.decode()
-    except UnicodeDecodeError:
-        text = "".join(data[a:b].decode() if ok else "".join(f"<0x{x:02X}>" for x in data[a:b])
-                       for a, b, ok in _char_spans(data))
-    return text.replace(" ", SPACE).replace("\n", NEWLINE)
 
 
 def _is_emoji(ch: str) -> bool:
@@ -134,14 +123,8 @@ class Tokenizer:
         self.special_ids = frozenset(i for i, tok in added.items() if tok.special)
         contents = {i: tok.content for i, tok in added.items()}
         self._bytes, byte_pieces = _vocab_bytes(vocab, contents, self.vocab_size)
-        # A byte-fallback piece keeps its <0xNN> spelling even where the byte is valid text
-        # ("<0x41>" beside "A"): that is how SentencePiece writes it, and it keeps spellings unique.
-        self._strings = [contents[i] if i in self.special_ids
-                         else f"<0x{b[0]:02X}>" if i in byte_pieces else _ai21_string(b)
-                         for i, b in enumerate(self._bytes)]
-        # Lowest id wins a (rare) clash, so the inverse is a function.
-        self._by_string = {s: i for i, s in reversed(list(enumerate(self._strings))) if s}
-        self._by_raw = vocab
+        self.byte_fallback_ids = frozenset(byte_pieces)  # SentencePiece's "<0xNN>" pieces
+        self._pieces = vocab
 
     @classmethod
     def from_pretrained(cls, directory: Path) -> Tokenizer:
@@ -176,18 +159,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return b"".join(self._bytes[i] for i in ids).decode(errors="replace")
 
-    def token_string(self, token_id: int) -> str:
-        return self._strings[token_id]
-
-    def id_for_string(self, s: str) -> int | None:
-        found = self._by_string.get(s)
-        return found if found is not None else self._by_raw.get(s)
+    def pieces(self) -> dict[str, int]:
+        """The vocabulary as the model spells it ("ĠParis", "Ċ"): piece -> id, added tokens included."""
+        return self._pieces
 
     def offsets(self, ids: list[int]) -> list[tuple[int, int]]:
         """Character range of each token in decode(ids); a character belongs to the token holding
         its last byte, so the earlier pieces of a split emoji get empty ranges."""
         ends = list(accumulate(len(self._bytes[i]) for i in ids))
-        last_bytes = [end - 1 for _, end, _ in _char_spans(b"".join(self._bytes[i] for i in ids))]
+        last_bytes = [end - 1 for _, end, _ in char_spans(b"".join(self._bytes[i] for i in ids))]
         ranges, start = [], 0
         for end in ends:
             stop = bisect_left(last_bytes, end)

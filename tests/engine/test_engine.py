@@ -181,7 +181,7 @@ def test_a_full_queue_refuses(tiny_checkpoint):
     with pytest.raises(QueueFull) as refused:
         engine.submit(req("3", [5], max_tokens=1), noop)
     assert refused.value.drain_seconds == 1.0  # no history yet: a second per batch of waiting requests
-    engine._finished_at.extend([10.0, 12.5, 15.0])  # one request finished every 2.5 s lately
+    engine.scheduler.finished_at.extend([10.0, 12.5, 15.0])  # one request finished every 2.5 s lately
     with pytest.raises(QueueFull) as refused:
         engine.submit(req("3", [5], max_tokens=1), noop)
     assert refused.value.drain_seconds == pytest.approx(5.0)  # 2 waiting x 2.5 s

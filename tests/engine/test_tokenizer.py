@@ -1,18 +1,14 @@
-"""Tokenizer: round trips, AI21 token strings and their inverse, offsets, category masks, and the
-J2 tokenizer's ranges. Uses the real default model's vocabulary (SmolLM2, byte-level BPE) plus a toy
-SentencePiece-style vocabulary built in place."""
+"""Tokenizer: round trips, token bytes, offsets and category masks. Uses the real default model's
+vocabulary (SmolLM2, byte-level BPE) plus a toy SentencePiece-style vocabulary (tests/conftest.py).
+How the AI21 API spells tokens is tests/api/test_ai21_token_strings.py's."""
 from __future__ import annotations
 
 import json
 import shutil
 import time
-from collections import Counter
 
 import pytest
-import tokenizers
-from tokenizers import decoders, models, normalizers
 
-from amber.engine.j2_tokenizer import j2_tokenize
 from amber.engine.tokenizer import STOPWORDS, Tokenizer, categories
 from amber.engine.types import Category
 
@@ -32,8 +28,9 @@ def tok(default_checkpoint) -> Tokenizer:
     return Tokenizer.from_pretrained(default_checkpoint)
 
 
-def strings(tok: Tokenizer, text: str) -> list[str]:
-    return [tok.token_string(i) for i in tok.encode(text)]
+def one_id(tok: Tokenizer, text: str) -> int:
+    (token_id,) = tok.encode(text)
+    return token_id
 
 
 def test_construction_is_fast_and_reads_special_ids(default_checkpoint):
@@ -62,34 +59,14 @@ def test_round_trip(tok, text):
 def test_special_tokens_encode_from_literal_text(tok):
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == 1 and ids[-1] == 2
-    assert tok.token_bytes(1) == b"<|im_start|>" and tok.token_string(2) == "<|im_end|>"
+    assert tok.token_bytes(1) == b"<|im_start|>" and tok.token_bytes(2) == b"<|im_end|>"
     assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>"
     assert 1 not in tok.encode("im_start user")
 
 
-def test_token_strings(tok):
-    assert tok.encode(" Paris") == [7042]
-    assert strings(tok, "The capital is Paris.\n") == [
-        "The", "▁capital", "▁is", "▁Paris", ".", "<|newline|>"]
-    assert strings(tok, "A  b") == ["A", "▁", "▁b"]
-    # An emoji split across three tokens: no piece is valid UTF-8 alone.
-    assert strings(tok, "😀") == ["<0xF0><0x9F>", "<0x98>", "<0x80>"]
-    assert strings(tok, "x 😀") == ["x", "▁<0xF0><0x9F><0x98>", "<0x80>"]
-    assert strings(tok, " 🙂") == ["▁🙂"]
-
-
-def test_id_for_string_inverts_token_string(tok):
-    counts = Counter(tok.token_string(i) for i in range(tok.vocab_size))
-    unique = [i for i in range(tok.vocab_size) if counts[tok.token_string(i)] == 1]
-    assert len(unique) >= 0.999 * tok.vocab_size
-    assert all(tok.id_for_string(tok.token_string(i)) == i for i in unique)
-
-
-def test_id_for_string_accepts_raw_vocab_spelling(tok):
-    assert tok.id_for_string("▁Paris") == 7042
-    assert tok.id_for_string("ĠParis") == 7042          # the model's own spelling
-    assert tok.id_for_string("Ċ") == tok.id_for_string("<|newline|>") == 198
-    assert tok.id_for_string("▁no-such-token-anywhere") is None
+def test_pieces_are_the_models_own_spelling(tok):
+    assert tok.pieces()["ĠParis"] == 7042 and tok.pieces()["Ċ"] == 198
+    assert tok.pieces()["<|im_end|>"] == 2 and tok.byte_fallback_ids == frozenset()
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -105,7 +82,7 @@ def test_offsets_cover_text(tok, text):
 def test_split_character_belongs_to_completing_token(tok):
     text = "a 😀 b"
     ids, ranges = tok.encode_with_offsets(text)
-    assert [tok.token_string(i) for i in ids] == ["a", "▁<0xF0><0x9F><0x98>", "<0x80>", "▁b"]
+    assert [tok.token_bytes(i) for i in ids] == [b"a", b" \xf0\x9f\x98", b"\x80", b" b"]
     assert ranges == [(0, 1), (1, 2), (2, 3), (3, 5)]
     assert [text[s:e] for s, e in ranges] == ["a", " ", "😀", " b"]
 
@@ -124,13 +101,12 @@ def test_category_examples(tok):
     def cats(token_id: int) -> set[Category]:
         return {c for c in Category if masks[c, token_id]}
 
-    one = {s: tok.id_for_string(s) for s in [",", "▁the", "▁", "<|newline|>", "▁(", "▁🙂", "▁Paris",
-                                               "Paris", "▁The", "▁world"]}
-    assert cats(one[","]) == cats(one["▁("]) == {Category.PUNCTUATION}
-    assert cats(one["▁the"]) == cats(one["▁The"]) == {Category.STOPWORD}
-    assert cats(one["▁"]) == cats(one["<|newline|>"]) == {Category.WHITESPACE}
-    assert cats(one["▁🙂"]) == {Category.EMOJI}
-    assert cats(one["▁Paris"]) == cats(one["Paris"]) == cats(one["▁world"]) == set()
+    one = {s: one_id(tok, s) for s in [",", " the", " ", "\n", " (", " 🙂", " Paris", "Paris", " The", " world"]}
+    assert cats(one[","]) == cats(one[" ("]) == {Category.PUNCTUATION}
+    assert cats(one[" the"]) == cats(one[" The"]) == {Category.STOPWORD}
+    assert cats(one[" "]) == cats(one["\n"]) == {Category.WHITESPACE}
+    assert cats(one[" 🙂"]) == {Category.EMOJI}
+    assert cats(one[" Paris"]) == cats(one["Paris"]) == cats(one[" world"]) == set()
     assert all(cats(i) == {Category.NUMBER} for i in tok.encode(" 123")[1:])
     assert cats(tok.encode("😀")[0]) == {Category.EMOJI}          # b"\xf0\x9f" fragment
     assert cats(tok.encode("😀")[1]) == set()                     # a bare continuation byte
@@ -147,38 +123,19 @@ def test_categories_of_bytes():
     assert len(STOPWORDS) == 179
 
 
-@pytest.fixture(scope="module")
-def sp_tok() -> Tokenizer:
-    """A SentencePiece-style vocabulary (▁ for spaces, <0xNN> byte fallback, dummy prefix)."""
-    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
-    vocab += [(f"<0x{b:02X}>", -10.0) for b in range(256)]
-    vocab += [("▁", -2.0), ("▁Paris", -1.0), ("▁is", -1.0), ("\n", -1.0), ("a", -3.0), ("▁a", -2.5),
-              ("<|newline|>", -5.0)]  # literal text that clashes with the spelling of "\n"
-    backend = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "</s>", "###")])
-    return Tokenizer(backend, bos_id=1, eos_ids=frozenset({2}))
-
-
 def test_sentencepiece_style_vocab(sp_tok):
     ids = sp_tok.encode("Paris is 😀")
-    assert [sp_tok.token_string(i) for i in ids] == [
-        "▁Paris", "▁is", "▁", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
-    assert sp_tok.token_bytes(ids[0]) == b" Paris" and sp_tok.token_bytes(ids[3]) == b"\xf0"
+    assert [sp_tok.token_bytes(i) for i in ids] == [b" Paris", b" is", b" ", b"\xf0", b"\x9f", b"\x98", b"\x80"]
     assert sp_tok.decode(ids) == " Paris is 😀"                  # the dummy prefix stays
-    hashes = sp_tok.id_for_string("###")
-    assert sp_tok.id_for_string("<0xF0>") == ids[3] and sp_tok.special_ids == {1, 2, hashes}
+    hashes = sp_tok.pieces()["###"]
+    assert sp_tok.pieces()["<0xF0>"] == ids[3] and sp_tok.special_ids == {1, 2, hashes}
+    assert sp_tok.byte_fallback_ids == frozenset(range(3, 3 + 256))
     # Special tokens are in no category, even one spelled in punctuation only.
     assert categories(b"###") == [Category.PUNCTUATION] and not sp_tok.category_masks()[:, hashes].any()
-    # The "\n" piece and the <0x0A> byte piece both mean a newline: spellings stay distinct.
-    newline, a = sp_tok.id_for_string("\n"), sp_tok.id_for_string("a")
-    assert sp_tok.token_string(newline) == "<|newline|>" and sp_tok.token_string(3 + 0x0A) == "<0x0A>"
+    # The "\n" piece and the <0x0A> byte piece both mean a newline.
+    newline, a = sp_tok.pieces()["\n"], sp_tok.pieces()["a"]
+    assert sp_tok.token_bytes(newline) == sp_tok.token_bytes(3 + 0x0A) == b"\n"
     assert sp_tok.token_bytes(a) == b"a"
-    spellings = Counter(sp_tok.token_string(i) for i in range(sp_tok.vocab_size))
-    assert [s for s, n in spellings.items() if n > 1] == ["<|newline|>"]
-    assert sp_tok.id_for_string("<|newline|>") == newline                  # the lower id wins
 
 
 def test_sentencepiece_offsets_fall_back_to_backend(sp_tok):
@@ -186,23 +143,3 @@ def test_sentencepiece_offsets_fall_back_to_backend(sp_tok):
     ids, ranges = sp_tok.encode_with_offsets("Paris is 😀")
     assert ranges[:3] == [(0, 5), (5, 8), (8, 9)] and set(ranges[3:]) == {(9, 10)}
     assert sp_tok.offsets(ids)[3:] == [(10, 10), (10, 10), (10, 10), (10, 11)]
-
-
-J2_TEXT = "Barack Obama was president.\nHello  world"
-
-
-def test_j2_tokenize():
-    tokens = j2_tokenize(J2_TEXT)
-    assert tokens == [
-        ("▁Barack▁Obama", (0, 12)), ("▁was", (12, 16)), ("▁president", (16, 26)), (".", (26, 27)),
-        ("<|newline|>", (27, 28)), ("▁Hello", (28, 33)), ("▁", (33, 34)), ("▁world", (34, 40))]
-    assert [J2_TEXT[s:e] for _, (s, e) in tokens] == [
-        "Barack Obama", " was", " president", ".", "\n", "Hello", " ", " world"]
-
-
-def test_j2_ranges_follow_the_input_through_normalisation():
-    text = " ﬁne\t🫠"        # leading space, NFKC ligature, tab, byte-fallback emoji
-    tokens = j2_tokenize(text)
-    assert [piece for piece, _ in tokens] == [
-        "▁", "▁fine", "▁", "<0xF0>", "<0x9F>", "<0xAB>", "<0xA0>"]
-    assert [text[s:e] for _, (s, e) in tokens] == ["", " ﬁne", "\t", "", "", "", "🫠"]

@@ -6,6 +6,7 @@ character ranges, and the J2 penalty/bias spelling becomes engine parameters.
 from __future__ import annotations
 
 from amber.api.ai21 import schemas as s
+from amber.api.ai21.token_strings import TokenStrings, token_strings
 from amber.api.errors import invalid
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import (CompletionOutput, FinishKind, FinishReason, Penalty, RequestOutput,
@@ -19,9 +20,11 @@ def penalty(p: s.PenaltyIn | None) -> Penalty:
 
 
 def logit_bias(bias: dict[str, float] | None, tokenizer: Tokenizer) -> tuple[tuple[int, float], ...]:
-    out = []
-    for token, value in (bias or {}).items():
-        token_id = tokenizer.id_for_string(token)
+    if not bias:
+        return ()
+    out, strings = [], token_strings(tokenizer)
+    for token, value in bias.items():
+        token_id = strings.token_id(token)
         if token_id is None:
             raise invalid(("body", "logitBias", token),
                           f"{token!r} is not a token of this model's vocabulary (use /tokenize to see tokens)")
@@ -47,11 +50,11 @@ def finish_reason(f: FinishReason) -> dict:
     return {"reason": f.kind.value}
 
 
-def token_data(t: TokenLogprob, text_range: tuple[int, int], tokenizer: Tokenizer, top_k: int) -> s.TokenData:
+def token_data(t: TokenLogprob, text_range: tuple[int, int], strings: TokenStrings, top_k: int) -> s.TokenData:
     return s.TokenData(
-        generatedToken=s.GeneratedToken(token=tokenizer.token_string(t.token_id),
+        generatedToken=s.GeneratedToken(token=strings.string(t.token_id),
                                         logprob=t.logprob, raw_logprob=t.raw_logprob),
-        topTokens=[s.TopToken(token=tokenizer.token_string(i), logprob=lp) for i, lp in t.top] if top_k else None,
+        topTokens=[s.TopToken(token=strings.string(i), logprob=lp) for i, lp in t.top] if top_k else None,
         textRange=s.TextRange(start=text_range[0], end=text_range[1]))
 
 
@@ -61,19 +64,28 @@ def completion(c: CompletionOutput, tokenizer: Tokenizer, top_k: int) -> s.Compl
         ids = ids[:-1]  # the end-of-text token adds no text; it sits, empty, at the end
     ranges = tokenizer.offsets(ids) + [(len(c.text), len(c.text))] * (len(c.tokens) - len(ids))
     ranges = [(min(a, len(c.text)), min(b, len(c.text))) for a, b in ranges]  # clipped at a stop cut
+    strings = token_strings(tokenizer)
     return s.Completion(
-        data=s.CompletionData(text=c.text, tokens=[token_data(t, r, tokenizer, top_k)
+        data=s.CompletionData(text=c.text, tokens=[token_data(t, r, strings, top_k)
                                                    for t, r in zip(c.tokens, ranges)]),
         finishReason=finish_reason(c.finish))
 
 
 def complete_response(out: RequestOutput, prompt: str, prompt_ranges: list[tuple[int, int]],
                       tokenizer: Tokenizer, top_k: int) -> s.CompleteResponse:
+    strings = token_strings(tokenizer)
     return s.CompleteResponse(
         id=out.request_id,
-        prompt=s.Prompt(text=prompt, tokens=[token_data(t, r, tokenizer, top_k)
+        prompt=s.Prompt(text=prompt, tokens=[token_data(t, r, strings, top_k)
                                              for t, r in zip(out.prompt, prompt_ranges)]),
         completions=[completion(c, tokenizer, top_k) for c in out.completions])
+
+
+def token_pieces(text: str, tokenizer: Tokenizer) -> list[tuple[str, tuple[int, int]]]:
+    """The model's tokens of `text`, spelled AI21's way, with each one's character range."""
+    ids, ranges = tokenizer.encode_with_offsets(text)
+    strings = token_strings(tokenizer)
+    return [(strings.string(i), r) for i, r in zip(ids, ranges)]
 
 
 def tokenize_response(text: str, pieces: list[tuple[str, tuple[int, int]]]) -> s.TokenizeResponse:

@@ -8,13 +8,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from amber.api.ai21 import convert
 from amber.api.ai21 import schemas as s
+from amber.api.ai21.j2_tokenizer import j2_tokenize
 from amber.api.custom import resolve_custom
 from amber.api import docs
 from amber.api.deps import Account, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.api.generation import generate_all
-from amber.engine.j2_tokenizer import j2_tokenize
 from amber.engine.types import AdapterRef, GenerationRequest
 from amber.serving import LoadedModel, ModelPool
 
@@ -70,9 +70,7 @@ async def tokenize(body: s.TokenizeRequest, account: Account, pool: Pool) -> s.T
         pieces = await run_in_threadpool(j2_tokenize, body.text)
     else:
         loaded = await _model(pool, body.model or pool.registry.default)
-        tokenizer = loaded.tokenizer
-        ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.text)
-        pieces = [(tokenizer.token_string(i), r) for i, r in zip(ids, ranges)]
+        pieces = await run_in_threadpool(convert.token_pieces, body.text, loaded.tokenizer)
     return convert.tokenize_response(body.text, pieces)
 
 

@@ -15,7 +15,7 @@ from ai21_tokenizer import PreTrainedTokenizers
 from ai21_tokenizer import Tokenizer as TokenizerFactory
 from ai21_tokenizer.jurassic_tokenizer import JurassicTokenizer
 
-NEWLINE = "<|newline|>"
+from amber.api.ai21.token_strings import NEWLINE
 
 
 @cache
