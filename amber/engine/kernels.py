@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.quantize import Int4Linear, Int8Linear, QuantizedLinear
+from amber.engine.quantize import DENSE_DTYPES, Int4Linear, Int8Linear, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 256)
 # The LM head is one huge matrix (vocab x hidden) that sees many rows only when a prompt is
 # scored (echo, logprobs): timed up to 64 rows, where its choice is already settled.
 HEAD_ROWS = tuple(r for r in ROWS if r <= 64)
-DENSE = ("bf16", "fp32")
-DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DENSE = tuple(DENSE_DTYPES)
 TIE = 0.02      # mean log-time within 2% counts as a tie, won by the choice holding fewer bytes
 PASSES = 3      # timed passes per path and row count, the fastest kept
 BUDGET_S = 0.25  # ... or fewer when a pass over the layers of a shape takes longer than this

@@ -28,6 +28,8 @@ FUSED_MAX_ROWS = 4  # untuned default: above this many rows the dense copy is us
 # the ops' overloads, looked up once: calling the packet costs a lookup per call
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+# the dense copies a layer may keep beside its packed weights (kernels.py chooses one, or none)
+DENSE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INT4_GROUP = 32     # Q4_0/Q4_1's block size; the CPU kernel also takes 64, 128, 256
 
 
@@ -61,9 +63,8 @@ class QuantizedLinear(nn.Module):
         if choice.dense is None:
             self.dense = None
         else:
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[choice.dense]
             dense = self.dense if self.dense is not None else self.dense_weights()
-            self.dense = dense.to(dtype)
+            self.dense = dense.to(DENSE_DTYPES[choice.dense])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) in any float dtype -> (rows, out) in bf16 (or fp32 from an fp32 copy fed
