@@ -22,10 +22,11 @@ import threading
 from typing import AsyncIterator, Callable
 
 import torch
+from torch import nn
 
 from amber.engine.kv_cache import KVCache
 from amber.engine.lora import AdapterError, AdapterSlots
-from amber.engine.model import LlamaForCausalLM
+from amber.engine.models import family_of
 from amber.engine.prefix_cache import PrefixCache
 from amber.engine.runner import ModelRunner
 from amber.engine.sampling import make_generator, penalty_mask
@@ -43,7 +44,7 @@ class RequestAborted(Exception):
 
 
 class Engine:
-    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, *, max_batch: int = 16,
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
                  prefix_blocks: int = 256, threads: Callable[[], int] | None = None):
         """`threads`, if given, is asked at the start of every step how many torch threads to use
@@ -54,8 +55,8 @@ class Engine:
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.threads = threads
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
-        self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_context,
-                             cfg.head_dim, model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
+        self.cache = KVCache.for_layers(family_of(model).layer_states(cfg), max_batch, max_context,
+                                        model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
         self.prefixes = PrefixCache(max_blocks=prefix_blocks)
         # one slot more than the batch: every running request's adapter and the next one's fit
         self.adapters = AdapterSlots(model, capacity=max_batch + 1)
@@ -71,7 +72,7 @@ class Engine:
 
     # ---- public API, any thread ----
     @classmethod
-    def launch(cls, build: Callable[[], tuple[LlamaForCausalLM, Tokenizer]], **options) -> Engine:
+    def launch(cls, build: Callable[[], tuple[nn.Module, Tokenizer]], **options) -> Engine:
         """Build the model and serve it on one new thread, and return once it is ready.
 
         All of a model's torch work must stay on one thread: on this machine an OpenMP parallel
