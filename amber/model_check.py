@@ -8,9 +8,9 @@ nothing of the registry's text or of argv. Every failure is `Refused` with one s
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,18 +181,15 @@ def _judge(dtype: str, f: Fidelity) -> None:
                       "precise --dtype such as float32.")
 
 
-def _package_file(package: str, inner: str) -> Path:
-    """The file `inner` inside installed package `package`, found as checkpoint.gguf_source does."""
+def _package_file(package: str, inner: str, assemble_dir: Path | None = None) -> Path:
+    """The GGUF `inner` of installed package `package`, found as checkpoint.gguf_source finds it."""
+    from amber.engine.checkpoint import package_gguf
     try:
-        found = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        found = None
-    if found is None or not found.submodule_search_locations:
-        raise Refused(f"no installed Python package is named {package!r}.")
-    path = Path(list(found.submodule_search_locations)[0]) / inner
-    if not path.is_file():
-        raise Refused(f"package {package!r} has no file {inner!r} (looked for {path}).")
-    return path
+        return package_gguf(package, inner, assemble_dir or Path(tempfile.gettempdir()) / "amber-gguf")
+    except (ImportError, ValueError) as exc:
+        raise Refused(f"no installed Python package is named {package!r} ({_line(exc)}).") from exc
+    except FileNotFoundError as exc:
+        raise Refused(f"{exc}.") from exc
 
 
 def _check_gguf(path: Path) -> None:

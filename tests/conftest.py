@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from amber.config import DEFAULT_MODEL, load_registry
+from amber.config import DEFAULT_MODEL, DEFAULT_REGISTRY, SECOND_MODEL, parse_registry
 from amber.engine.checkpoint import ensure_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,8 +20,14 @@ os.environ.setdefault("AMBER_KERNELS", str(TEST_CACHE / "kernels"))
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     """Checkpoint directory of the real default model (SmolLM2-135M-Instruct, fp32)."""
-    registry = load_registry(TEST_CACHE / "models.toml")
-    return ensure_checkpoint(registry.models[DEFAULT_MODEL], TEST_CACHE / "checkpoints")
+    return ensure_checkpoint(parse_registry(DEFAULT_REGISTRY).models[DEFAULT_MODEL], TEST_CACHE / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def gemma_checkpoint() -> Path:
+    """Checkpoint directory of the second general model (Gemma 3 270M, fp32), converted from the GGUF
+    its chunk packages assemble (about a minute, once per machine)."""
+    return ensure_checkpoint(parse_registry(DEFAULT_REGISTRY).models[SECOND_MODEL], TEST_CACHE / "checkpoints")
 
 
 @pytest.fixture(scope="session")

@@ -115,8 +115,8 @@ def test_bad_sources_are_refused_in_one_sentence(home, tiny_checkpoint, tmp_path
 
     (tmp_path / "notes.txt").write_text("not a model")
     refused(home, "add", "m", "--from", str(tmp_path / "notes.txt"), says="is not a GGUF file")
-    refused(home, "add", "m", "--from", "no_such_package_here:model.gguf", says="no installed Python package")
-    refused(home, "add", "m", "--from", f"{GGUF_PACKAGE}:missing.gguf", says="has no file 'missing.gguf'")
+    refused(home, "add", "m", "--from", "no_such_package_here:model.gguf", says="package 'no_such_package_here' is not installed")
+    refused(home, "add", "m", "--from", f"{GGUF_PACKAGE}:missing.gguf", says="has no GGUF 'missing.gguf'")
 
 
 def test_an_unsupported_architecture_is_refused(home, tiny_checkpoint, tmp_path):
