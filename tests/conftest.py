@@ -11,6 +11,7 @@ from amber.config import DEFAULT_MODEL, DEFAULT_REGISTRY, SECOND_MODEL, parse_re
 from amber.engine.checkpoint import ensure_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.support_matrix"]
 TEST_CACHE = REPO / ".amber-test"
 # Every `amber` process the tests start, whatever its AMBER_HOME, measures this machine's kernels
 # once (engine/kernels.py) and shares the result, as servers on one machine would.

@@ -60,6 +60,7 @@ def req(rid, prompt, **kw):
     return GenerationRequest(rid, tuple(prompt), SamplingParams(**{"temperature": 0.0, **kw}))
 
 
+@pytest.mark.supports("llama", "complete", "batching")
 def test_batched_greedy_equals_the_naive_loop(tiny):
     engine, tok, ref = tiny
     prompts = [tok.encode(t) for t in ["Hello there", "The quick brown fox jumps over the lazy dog. " * 3,
@@ -75,6 +76,7 @@ def test_batched_greedy_equals_the_naive_loop(tiny):
         assert out.completions[0].finish.kind is FinishKind.LENGTH
 
 
+@pytest.mark.supports("llama", "prompt logprobs")
 def test_prompt_scores_equal_the_reference_forward(tiny):
     engine, tok, ref = tiny
     prompt = tok.encode("Scoring every prompt token, the first one too, across several chunks.")
@@ -187,6 +189,7 @@ def test_a_full_queue_refuses(tiny_checkpoint):
     assert refused.value.drain_seconds == pytest.approx(5.0)  # 2 waiting x 2.5 s
 
 
+@pytest.mark.supports("llama", "prefix cache")
 def test_prefix_cache_reuses_blocks_and_changes_nothing(tiny):
     engine, tok, ref = tiny
     shared = tok.encode("A long few-shot preamble that many requests share. " * 8)

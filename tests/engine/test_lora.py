@@ -60,6 +60,7 @@ def ids(out):
     return [t.token_id for t in out.completions[0].tokens]
 
 
+@pytest.mark.supports("llama", "custom models")
 def test_adapter_rows_equal_peft_and_base_rows_equal_the_base(engine, adapters, tiny_checkpoint):
     tok = engine.tokenizer
     prompt = tok.encode("A prompt long enough to span a few prefill chunks of seven tokens")

@@ -42,7 +42,7 @@ def slow_greedy(model, prompt, steps):
     return out
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.supports("llama", m)) for m in MODES])
 def test_batched_engine_equals_the_slow_loop_in_every_mode(tiny_checkpoint, mode):
     model = load_model(tiny_checkpoint, mode)
     tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)

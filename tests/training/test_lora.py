@@ -169,6 +169,7 @@ def test_resuming_with_other_settings_is_refused(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.supports("llama", "custom models")
 def test_real_model_adapter_loads_with_peft_and_lowers_the_loss(default_checkpoint, tmp_path):
     """bfloat16 base in training, float32 base when loaded back, as serving will: the adapter must
     still carry what it learned."""
