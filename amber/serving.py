@@ -32,23 +32,41 @@ class LoadedModel:
     chat: ChatTemplate
 
 
+class ModelUnavailable(RuntimeError):
+    """A registry model that cannot be served (unsupported architecture, missing or corrupt weights).
+    Remembered until the server restarts (it reads the registry only then), so a bad entry costs
+    one failed load, not one per request; the other models serve on."""
+
+
 class ModelPool:
     def __init__(self, config: Config, registry: Registry):
         self.config, self.registry = config, registry
         self._loaded: dict[str, LoadedModel] = {}
+        self._failed: dict[str, ModelUnavailable] = {}
         self._lock = threading.Lock()
         # every core by default; taken now, as a thread that starts once an engine has given a
         # training job its share would inherit that smaller default
         self._cores = config.engine.threads or torch.get_num_threads()
 
     def get(self, name: str) -> LoadedModel:
-        """The running model `name` (or alias) names, loading it on first use. KeyError if unknown."""
+        """The running model `name` (or alias) names, loading it on first use. KeyError if unknown,
+        ModelUnavailable if it cannot be loaded."""
         spec = self.registry.resolve(name)
         if spec is None:
             raise KeyError(name)
         with self._lock:
+            if spec.name in self._failed:
+                raise self._failed[spec.name]
             if spec.name not in self._loaded:
-                self._loaded[spec.name] = self._load(spec)
+                try:
+                    self._loaded[spec.name] = self._load(spec)
+                except Exception as exc:
+                    log.exception("loading model %s failed", spec.name)
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    self._failed[spec.name] = ModelUnavailable(
+                        f"model {spec.name!r} cannot be served: {reason} (fix its entry in models.toml "
+                        "and restart the server)")
+                    raise self._failed[spec.name] from exc
             return self._loaded[spec.name]
 
     def is_loaded(self, name: str) -> bool:

@@ -19,10 +19,10 @@ from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
 from amber.api.studio.custom_models import router as custom_models_router
 from amber.api.studio.datasets import router as datasets_router
-from amber.api.errors import validation_error
+from amber.api.errors import unavailable, validation_error
 from amber.api.openai import errors as openai_errors
 from amber.api.openai.routes import router as openai_router
-from amber.serving import ModelPool
+from amber.serving import ModelPool, ModelUnavailable
 from amber.store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.include_router(ai21_chat_router)
     app.include_router(ai21_router)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ModelUnavailable, unavailable)
     v1 = openai_app(pool, store)
     app.mount("/v1", v1)
     docs.install(app, mount=("/v1", v1, "OpenAI"))  # one document for both APIs

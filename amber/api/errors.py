@@ -39,3 +39,8 @@ def _json_safe(value: Any) -> Any:
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 shape, safe for any input the client sent."""
     return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+
+
+async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A registry model that cannot be loaded (serving.ModelUnavailable): 503, the reason in one sentence."""
+    return JSONResponse(status_code=503, content={"detail": without_surrogates(str(exc))})

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from amber.api.routing import without_surrogates
+from amber.serving import ModelUnavailable
 
 # The `code` OpenAI gives errors that other layers raise as plain HTTPExceptions, by status.
 _CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 499: "client_closed_request"}
@@ -67,7 +68,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse(body(400, message, param), status_code=400)
 
 
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(body(503, str(exc), "model", "model_unavailable"), status_code=503)
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(ModelUnavailable, _unavailable)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(HTTPException, _http_error)
