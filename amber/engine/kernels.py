@@ -128,9 +128,9 @@ def tune(model: nn.Module, cache_dir: Path | None = None, retune: bool = False) 
     path = cache_dir / f"{key}.json" if cache_dir else None
     known = {} if retune else _load(key, path)
     measured = False
+    activation = model.model.embed_tokens.weight.dtype  # the dtype the layers are fed
     for shape, layers in groups.items():
         if shape not in known.get("shapes", {}):
-            activation = model.model.embed_tokens.weight.dtype
             rows = HEAD_ROWS if layers[0].out_features >= 16 * layers[0].in_features else ROWS
             began = time.perf_counter()
             times = measure(layers, activation, rows)
