@@ -43,7 +43,15 @@ def create_key(env: dict, account: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def registry(default_checkpoint: Path, tiny_checkpoint: Path, default: str = "smollm2-135m-instruct") -> str:
+def registry(default_checkpoint: Path, tiny_checkpoint: Path, default: str = "smollm2-135m-instruct",
+             gemma_checkpoint: Path | None = None) -> str:
+    """`gemma_checkpoint`: also the second general model, as j2-mid in its registry precision."""
+    gemma = f'''[models.gemma-3-270m]
+aliases = ["j2-mid"]
+path = "{gemma_checkpoint}"
+dtype = "int4"
+max_context = 2048
+''' if gemma_checkpoint else ""
     return f'''default = "{default}"
 [models.smollm2-135m-instruct]
 aliases = ["j2-light", "j1-large"]
@@ -52,7 +60,7 @@ max_context = 2048
 [models.tiny]
 path = "{tiny_checkpoint}"
 max_context = 256
-'''
+''' + gemma
 
 
 @contextmanager
@@ -84,6 +92,7 @@ def live_server(home: Path, registry_text: str, *args: str):
 
 
 @pytest.fixture(scope="session")
-def server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
-    with live_server(tmp_path_factory.mktemp("amber-home"), registry(default_checkpoint, tiny_checkpoint)) as s:
+def server(default_checkpoint, tiny_checkpoint, gemma_checkpoint, tmp_path_factory):
+    text = registry(default_checkpoint, tiny_checkpoint, gemma_checkpoint=gemma_checkpoint)
+    with live_server(tmp_path_factory.mktemp("amber-home"), text) as s:
         yield s

@@ -10,8 +10,10 @@ from tests.api.sdk import REPO, run_client
 pytestmark = pytest.mark.slow
 
 
-def test_completion_create_with_every_parameter(server):
-    report = run_client("ai21-v2", "ai21_v2_complete.py", server)
+# j2-light: SmolLM2-135M-Instruct; j2-mid: Gemma 3 270M (int4), the second general model
+@pytest.mark.parametrize("model", ["j2-light", "j2-mid"])
+def test_completion_create_with_every_parameter(server, model):
+    report = run_client("ai21-v2", "ai21_v2_complete.py", server, model)
     first, second = report["runs"]
     assert first["completions"] == second["completions"], "greedy answers must repeat"
     assert len(first["completions"]) == 2
@@ -25,7 +27,7 @@ def test_completion_create_with_every_parameter(server):
 
     # the logprobs the SDK received are the model's: score prompt + completion in one request
     text = first["prompt"]["text"] + c["data"]["text"]
-    scored = httpx.post(f"{server.url}/studio/v1/j2-light/complete", headers=server.headers, timeout=60,
+    scored = httpx.post(f"{server.url}/studio/v1/{model}/complete", headers=server.headers, timeout=60,
                         json={"prompt": text, "maxTokens": 0}).json()["prompt"]["tokens"]
     n = len(prompt_tokens)
     for got, ref in zip(prompt_tokens, scored[:n]):
@@ -41,8 +43,9 @@ def test_completion_create_with_every_parameter(server):
                                 "bad_value": ["UnprocessableEntity", 422]}
 
 
-def test_j2_chat_create(server):
-    report = run_client("ai21-v2", "ai21_v2_chat.py", server)
+@pytest.mark.parametrize("model", ["j2-light", "j2-mid"])
+def test_j2_chat_create(server, model):
+    report = run_client("ai21-v2", "ai21_v2_chat.py", server, model)
     assert len(report["outputs"]) == 2 and report["id"]
     first, second = report["outputs"]
     assert first["text"] and first == second  # greedy

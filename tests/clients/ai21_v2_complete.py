@@ -1,5 +1,6 @@
 """Run by the ai21==2.15.2 client venv (not Amber's): drives a live server with the official SDK,
-unchanged, and prints what it got as JSON for the test to check. argv: base URL, API key."""
+unchanged, and prints what it got as JSON for the test to check. argv: base URL, API key and
+the model (j2-light unless given)."""
 import json
 import sys
 
@@ -7,9 +8,10 @@ from ai21 import AI21Client, errors
 from ai21.models import Penalty
 
 url, key = sys.argv[1], sys.argv[2]
+model = sys.argv[3] if len(sys.argv) > 3 else "j2-light"
 client = AI21Client(api_key=key, api_host=f"{url}/studio/v1", num_retries=0)
 every = dict(
-    model="j2-light", prompt="Q: What is the capital of France?\nA:", max_tokens=20, num_results=2,
+    model=model, prompt="Q: What is the capital of France?\nA:", max_tokens=20, num_results=2,
     min_tokens=1, temperature=0, top_p=0.9, top_k_return=3, stop_sequences=["\n\n", "Q:"],
     frequency_penalty=Penalty(scale=0.2, apply_to_numbers=False, apply_to_emojis=True),
     presence_penalty=Penalty(scale=0.1, apply_to_whitespaces=False, apply_to_punctuation=False),
