@@ -43,6 +43,11 @@ class RequestAborted(Exception):
     """The request was aborted (its client went away) before it finished."""
 
 
+class ContextTooLong(ValueError):
+    """A request whose BOS + prompt + max_tokens would not fit a cache slot (max_context); raised by
+    `submit`, before anything is queued. The API checks this first and answers 400."""
+
+
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
@@ -57,7 +62,8 @@ class Engine:
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
         self.cache = KVCache.for_layers(family_of(model).layer_states(cfg), max_batch, max_context,
                                         model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
-        self.prefixes = PrefixCache(max_blocks=prefix_blocks)
+        # recurrent states exist only after a whole prefix, not per block: no prefix cache for them
+        self.prefixes = PrefixCache(max_blocks=0 if self.cache.recurrent is not None else prefix_blocks)
         # one slot more than the batch: every running request's adapter and the next one's fit
         self.adapters = AdapterSlots(model, capacity=max_batch + 1)
         self.runner = ModelRunner(model, self.cache, self.adapters, tokenizer.eos_ids, prefill_chunk, self.device)
@@ -110,9 +116,13 @@ class Engine:
     def submit(self, request: GenerationRequest, on_done: Callable[[RequestOutput | BaseException], None],
                on_tokens: Callable[[list[tuple[int, TokenLogprob]]], None] | None = None) -> None:
         """Queue a request. `on_done` gets its RequestOutput (or the exception that ended it);
-        `on_tokens`, if given, gets each step's new tokens as (sample index, token) before that."""
+        `on_tokens`, if given, gets each step's new tokens as (sample index, token) before that.
+        Raises ContextTooLong, before queueing, for a request that would not fit max_context."""
         assert 1 <= request.params.num_results <= self.max_batch, "numResults exceeds the batch"
-        assert 1 + len(request.prompt_ids) + request.params.max_tokens <= self.max_context, "too long"
+        if (needed := 1 + len(request.prompt_ids) + request.params.max_tokens) > self.max_context:
+            raise ContextTooLong(f"request {request.request_id!r} needs {needed} positions (BOS, a "
+                                 f"{len(request.prompt_ids)}-token prompt, max_tokens {request.params.max_tokens}); "
+                                 f"the context is {self.max_context}")
         with self._wake:
             self.scheduler.add(RequestState(request, on_done, on_tokens))  # QueueFull when full
             self._wake.notify()

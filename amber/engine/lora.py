@@ -60,7 +60,7 @@ def read_adapter(path: Path, model: nn.Module, dtype: torch.dtype
     for i, layer in enumerate(model.model.layers):
         row = []
         for target in family.lora_targets:
-            width, parts = layer.get_submodule(target).in_features, []
+            width, parts = _target(model, target).in_features, []
             for part, size in zip(family.hf_parts(model.config, target), _part_sizes(model, target)):
                 stem = f"{PEFT_PREFIX}{family.hf_layers}.{i}.{part}"
                 a, b = weights.get(f"{stem}.lora_A.weight"), weights.get(f"{stem}.lora_B.weight")
@@ -78,9 +78,19 @@ def read_adapter(path: Path, model: nn.Module, dtype: torch.dtype
     return rank, layers
 
 
+def _target(model: nn.Module, target: str) -> nn.Module:
+    """The first layer's module `target`. Layers may differ (Jamba's attention or Mamba, dense MLP
+    or experts): a layer without the target keeps zeros there, which no forward reads."""
+    for layer in model.model.layers:
+        try:
+            return layer.get_submodule(target)
+        except AttributeError:
+            continue
+    raise AttributeError(f"no layer has {target}")
+
+
 def _part_sizes(model: nn.Module, target: str) -> list[int]:
-    out_features = model.model.layers[0].get_submodule(target).out_features
-    return family_of(model).part_sizes(model.config, target, out_features)
+    return family_of(model).part_sizes(model.config, target, _target(model, target).out_features)
 
 
 class AdapterSlots:
@@ -150,10 +160,10 @@ class AdapterSlots:
 
     def _grow(self, slots: int, rank: int) -> None:
         """Reallocate the stacks for more slots and/or a larger rank, keeping what is loaded."""
-        layers, first = len(self.model.model.layers), self.model.model.layers[0]
+        layers = len(self.model.model.layers)
         new_a, new_bt = [], []
         for t, target in enumerate(self.targets):
-            sizes, width = _part_sizes(self.model, target), first.get_submodule(target).in_features
+            sizes, width = _part_sizes(self.model, target), _target(self.model, target).in_features
             a = torch.zeros(slots, layers, len(sizes), rank, width, dtype=self.dtype, device=self.device)
             bts = [torch.zeros(slots, layers, rank, size, dtype=self.dtype, device=self.device) for size in sizes]
             if self.a:

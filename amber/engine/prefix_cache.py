@@ -6,6 +6,11 @@ covers every token up to and including position (b+1)*bs. A hit is copied into t
 (slots are contiguous for the decode step; a copy costs far less than recomputing). Least recently
 used blocks go first when the budget is full. Few-shot prompts, chat histories and repeated scoring
 all start with the same blocks.
+
+Off for families with recurrent layers (Jamba's Mamba mixers; the engine gives it no blocks): their
+state after a block is one fixed-size tensor per layer that depends on every token before it, not
+keys and values per position, so a hit would need the state saved at each block boundary, which a
+chunked or batched prefill does not pass through (it keeps only the state after its last token).
 """
 from __future__ import annotations
 

@@ -43,7 +43,11 @@ class ModelRunner:
 
         Each job is (ids, start, slot, score, top_k, adapter): run ids[start:] into `slot`. Padding writes
         keys/values past a prompt's end, where its samples' own tokens overwrite them before any
-        query can see them. Returns, per job, what `prefill_chunk` returns."""
+        query can see them. A recurrent state has no positions to mask: padding would run it past
+        the prompt's end, so a family with recurrent layers (Jamba) runs its rows one at a time.
+        Returns, per job, what `prefill_chunk` returns."""
+        if self.cache.recurrent is not None and len(jobs) > 1:
+            return [result for job in jobs for result in self.prefill_rows([job])]
         width = max(len(ids) - start for ids, start, *_ in jobs)
         tokens = torch.zeros(len(jobs), width, dtype=torch.long)
         for row, (ids, start, *_) in enumerate(jobs):

@@ -22,12 +22,18 @@ class FullAttention:
     head_dim: int
 
 
-# What a layer keeps between steps. Later kinds go beside FullAttention, each with its own owner in
-# kv_cache.py: SlidingWindow(kv_heads, head_dim, window) for Gemma 3's local layers (a ring of
-# `window` positions), Recurrent(conv_shape, ssm_shape) for Jamba's Mamba layers (a fixed-size
-# state per slot, copied for numResults like a prompt's keys and values), and None for a layer that
-# keeps nothing.
-LayerState = Union[FullAttention, None]
+@dataclass(frozen=True)
+class Recurrent:
+    """A layer that keeps a fixed-size state per sequence instead of past positions (Jamba's Mamba
+    mixers): the last inputs of its causal convolution and the state of its selective scan."""
+    conv_shape: tuple[int, ...]   # (channels, kernel - 1)
+    ssm_shape: tuple[int, ...]    # (channels, state size)
+
+
+# What a layer keeps between steps. Later kinds go beside these, owned by kv_cache.py:
+# SlidingWindow(kv_heads, head_dim, window) for Gemma 3's local layers (a ring of `window`
+# positions), and None for a layer that keeps nothing.
+LayerState = Union[FullAttention, Recurrent, None]
 
 
 @dataclass(frozen=True)
