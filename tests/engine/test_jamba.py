@@ -86,6 +86,7 @@ def greedy_matches(reference, request, out, abs=1e-4):
         assert [t.raw_logprob for t in completion.tokens] == pytest.approx([e[1] for e in expected], abs=abs)
 
 
+@pytest.mark.supports("jamba", "prefix cache", cell="off (recurrent state)")
 def test_jamba_declares_attention_and_recurrent_layers(jamba_checkpoint, engine):
     model = engine.model
     assert family_of(model) is family_for("jamba")
@@ -99,6 +100,7 @@ def test_jamba_declares_attention_and_recurrent_layers(jamba_checkpoint, engine)
     assert not hasattr(model, "forward_rows")
 
 
+@pytest.mark.supports("jamba", "prompt logprobs", "float32")
 def test_jamba_logprobs_equal_transformers_forward_whole_and_in_chunks(jamba_checkpoint, reference, tokenizer,
                                                                        engine):
     prompt = tokenizer.encode(TEXT)
@@ -128,6 +130,7 @@ def test_a_prompt_from_position_zero_ignores_what_the_slot_held(jamba_checkpoint
     assert torch.equal(clean.recurrent.conv[:, 1], dirty.recurrent.conv[:, 1])
 
 
+@pytest.mark.supports("jamba", "complete", "batching")
 @pytest.mark.parametrize("mode", ["float32", "int8"])
 def test_jamba_batched_engine_equals_one_request_at_a_time(jamba_checkpoint, reference, tokenizer, mode):
     """numResults 2 shares each prompt's states; short prompts prefill together (one row at a time,
@@ -178,7 +181,8 @@ def test_a_request_aborted_mid_decode_leaves_no_state_behind(engine, reference, 
 # move 0.003 (the rest is the int8 head, 0.046, and the Mamba and attention projections); int4 is
 # lossy on random weights that were never on a 4-bit grid, most in the Mamba in/out and attention
 # projections (0.35, 0.34, 0.28 each with the int8 head), and the logits are scaled x40
-@pytest.mark.parametrize("mode, tolerance", [("bfloat16", 0.09), ("int8", 0.15), ("int8-bf16", 0.2), ("int4", 1.2)])
+@pytest.mark.parametrize("mode, tolerance", [pytest.param(m, t, marks=pytest.mark.supports("jamba", m)) for m, t in
+                                             [("bfloat16", 0.09), ("int8", 0.15), ("int8-bf16", 0.2), ("int4", 1.2)]])
 def test_jamba_precisions_quantize_the_experts_and_stay_close(jamba_checkpoint, tokenizer, mode, tolerance):
     ids = [BOS, *tokenizer.encode(TEXT)]
     exact = load_model(jamba_checkpoint)
@@ -196,6 +200,7 @@ def test_jamba_precisions_quantize_the_experts_and_stay_close(jamba_checkpoint, 
     assert drift.abs().mean() < tolerance, f"{mode}: mean |logprob - fp32| {drift.abs().mean():.4f}"
 
 
+@pytest.mark.supports("jamba", "custom models")
 def test_jamba_adapters_equal_peft_and_mix_with_base_rows(jamba_checkpoint, engine, tokenizer, tmp_path):
     """Attention, Mamba and dense-MLP projections take adapters; MoE layers' experts do not."""
     adapter = make_adapter(jamba_checkpoint, tmp_path / "a", 1, 8, list(family_for("jamba").peft_targets))
@@ -212,6 +217,7 @@ def test_jamba_adapters_equal_peft_and_mix_with_base_rows(jamba_checkpoint, engi
     assert len({tuple(t.token_id for t in o.completions[0].tokens) for o in alone}) == 3, "adapters changed nothing"
 
 
+@pytest.mark.supports("jamba", "custom models")
 def test_jamba_custom_model_trains_and_serves(jamba_checkpoint, tokenizer, tmp_path):
     """training picks Jamba's PEFT targets; the adapter it writes serves as PEFT computes it."""
     assert target_modules(jamba_checkpoint) == family_for("jamba").peft_targets
