@@ -34,16 +34,21 @@ class KVCache:
     def for_layers(cls, states: list, slots: int, max_len: int, dtype: torch.dtype,
                    device: str | torch.device = "cpu") -> KVCache:
         """The cache for a model whose layers keep `states` (its family's `layer_states`): today
-        every layer keeps full-attention keys and values of one shape. Sliding-window and
-        recurrent layers will get their own owners beside this one, indexed by layer."""
-        from amber.engine.models.family import FullAttention  # models import this module
+        full-attention and sliding-window layers whose keys and values have one shape.
 
-        kinds = set(states)
-        if len(kinds) != 1 or not isinstance(next(iter(kinds)), FullAttention):
-            raise NotImplementedError(f"layer states {sorted(map(repr, kinds))}: only full attention "
-                                      "of one shape is served yet")
-        (state,) = kinds
-        return cls(len(states), slots, state.kv_heads, max_len, state.head_dim, dtype, device)
+        A sliding-window layer keeps every position here, like a full one, and its attention mask
+        hides what lies behind the window: so the prefix cache, numResults copies and slot moves
+        treat all layers alike. Dropping the positions behind the window (the memory Gemma 3's
+        local layers save) is left to the paged pool of a later issue. Recurrent layers will get
+        their own owner beside this one, indexed by layer."""
+        from amber.engine.models.family import FullAttention, SlidingWindow  # models import this module
+
+        shapes = {(s.kv_heads, s.head_dim) for s in states if isinstance(s, (FullAttention, SlidingWindow))}
+        if len(shapes) != 1 or not all(isinstance(s, (FullAttention, SlidingWindow)) for s in states):
+            raise NotImplementedError(f"layer states {sorted(set(map(repr, states)))}: only attention layers "
+                                      "(full or sliding-window) of one shape are served yet")
+        ((kv_heads, head_dim),) = shapes
+        return cls(len(states), slots, kv_heads, max_len, head_dim, dtype, device)
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Give `dst` the first `length` positions of `src`."""

@@ -1,4 +1,4 @@
-"""Model families, one module each (llama.py, gptj.py), found by config.json's `model_type`.
+"""Model families, one module each (llama.py, gptj.py, gemma3.py), found by config.json's `model_type`.
 
 A family module holds its architecture and a `FAMILY` (family.py) declaring its config, weight
 names and fusions, LoRA targets, quantization and each layer's state. Nothing outside this package
@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from amber.engine.models import gptj, llama
-from amber.engine.models.family import Family, FullAttention, LayerState
+from amber.engine.models import gemma3, gptj, llama
+from amber.engine.models.family import Family, FullAttention, LayerState, SlidingWindow
 
-__all__ = ["FAMILIES", "Family", "FullAttention", "LayerState", "family_for", "family_of", "supported_types"]
+__all__ = ["FAMILIES", "Family", "FullAttention", "LayerState", "SlidingWindow", "family_for", "family_of",
+           "supported_types"]
 
-FAMILIES: dict[str, Family] = {t: f.FAMILY for f in (llama, gptj) for t in f.FAMILY.model_types}
+FAMILIES: dict[str, Family] = {t: f.FAMILY for f in (llama, gptj, gemma3) for t in f.FAMILY.model_types}
 
 
 def supported_types() -> list[str]:

@@ -22,12 +22,20 @@ class FullAttention:
     head_dim: int
 
 
-# What a layer keeps between steps. Later kinds go beside FullAttention, each with its own owner in
-# kv_cache.py: SlidingWindow(kv_heads, head_dim, window) for Gemma 3's local layers (a ring of
-# `window` positions), Recurrent(conv_shape, ssm_shape) for Jamba's Mamba layers (a fixed-size
-# state per slot, copied for numResults like a prompt's keys and values), and None for a layer that
-# keeps nothing.
-LayerState = Union[FullAttention, None]
+@dataclass(frozen=True)
+class SlidingWindow:
+    """A layer whose queries see only the last `window` positions (Gemma 3's local layers). Its
+    keys and values are kept like FullAttention's for now (kv_cache.KVCache.for_layers says why)."""
+    kv_heads: int
+    head_dim: int
+    window: int
+
+
+# What a layer keeps between steps. Later kinds go beside these, each with its own owner in
+# kv_cache.py: Recurrent(conv_shape, ssm_shape) for Jamba's Mamba layers (a fixed-size state per
+# slot, copied for numResults like a prompt's keys and values), and None for a layer that keeps
+# nothing.
+LayerState = Union[FullAttention, SlidingWindow, None]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,10 @@ class Family:
     ignored: tuple[str, ...] = ()           # HF tensor name endings that are not parameters (old buffers)
     # every nn.Linear is quantized (lm_head with the head's groups) except module names ending so
     unquantized: tuple[str, ...] = ()
+    # the chat template to use when a checkpoint carries none (a GGUF conversion may not)
+    chat_template: str | None = None
+    # tokens that end the model's turn besides the checkpoint's EOS ids: generation stops at them
+    end_tokens: tuple[str, ...] = ()
 
     def part_sizes(self, cfg: Any, target: str, out_features: int) -> list[int]:
         """Output widths of the HF modules that make up `target` (one, unless it is fused)."""
