@@ -63,6 +63,7 @@ class ChatTemplate:
                 if not self.available:
                     raise NoChatTemplate(f"{self.checkpoint} has no chat template")
                 self._tokenizer = load_chat_tokenizer(self.checkpoint)
+
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids for the assistant's next message, without a leading BOS (the engine puts its
         own BOS before every prompt, so a template that starts with one would get two).

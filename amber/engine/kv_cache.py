@@ -43,8 +43,9 @@ class KVCache:
         their own owner beside this one, indexed by layer."""
         from amber.engine.models.family import FullAttention, SlidingWindow  # models import this module
 
-        shapes = {(s.kv_heads, s.head_dim) for s in states if isinstance(s, (FullAttention, SlidingWindow))}
-        if len(shapes) != 1 or not all(isinstance(s, (FullAttention, SlidingWindow)) for s in states):
+        attention = (FullAttention, SlidingWindow)
+        shapes = {(s.kv_heads, s.head_dim) for s in states if isinstance(s, attention)}
+        if len(shapes) != 1 or not all(isinstance(s, attention) for s in states):
             raise NotImplementedError(f"layer states {sorted(set(map(repr, states)))}: only attention layers "
                                       "(full or sliding-window) of one shape are served yet")
         ((kv_heads, head_dim),) = shapes

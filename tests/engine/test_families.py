@@ -56,8 +56,9 @@ CASES = {
     # whole; the real Gemma 3 270M moves far less (bf16 0.030, int8 0.066, int4 0.447 on its GGUF,
     # whose projections are mostly Q5_0). The text is several times the sliding window of 8.
     "gemma3": Case("gemma3_checkpoint", "gemma3_text",
-                   [SlidingWindow(2, 16, 8), FullAttention(2, 16), SlidingWindow(2, 16, 8), SlidingWindow(2, 16, 8)],
-                   "Gemma 3 interleaves sliding-window layers, which see only the last few positions, with global ones.",
+                   [SlidingWindow(2, 16, 8), FullAttention(2, 16), *[SlidingWindow(2, 16, 8)] * 2],
+                   "Gemma 3 interleaves sliding-window layers, which see only the last few positions, "
+                   "with global ones.",
                    ("q_proj", "v_proj", "down_proj"),
                    {"bfloat16": 0.16, "int8": 0.3, "int8-bf16": 0.36, "int4": 3.7}),
 }

@@ -4,8 +4,9 @@ without naming it; and the state each layer keeps between steps.
 Every family's model is laid out the same way at the top (`model.embed_tokens`, `model.layers[i]`,
 `model.norm`, `lm_head`) with Hugging Face's names inside each layer, and answers the same calls:
 `forward(input_ids, positions, cache, slots, lora)` -> hidden states after the final norm, and
-`logits(hidden)`. A family may add a fast decode path (`forward_one`, `forward_rows`: llama.py);
-the runner uses it when the model has one and the family's forward otherwise.
+`logits(hidden)`; layers.CausalLM holds that shared top level. A family may add a fast decode path
+(`forward_one`, `forward_rows`: llama.py); the runner uses it when the model has one and the
+family's forward otherwise.
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@ Its differences from Llama, each as transformers' Gemma3ForCausalLM computes it:
 - RMSNorm scales by (1 + w) and runs in fp32 whatever the activations' dtype; four per layer
   (input, post-attention, pre- and post-feedforward), and one more on each head's queries and keys
   (q_norm, k_norm) before RoPE.
-- Attention scores are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5, and can be
-  soft-capped (tanh) when the config says so; so can the final logits.
+- Attention scores are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5. The final
+  logits are soft-capped (tanh) when the config says so; attention scores are not, whatever
+  `attn_logit_softcapping` says: transformers' Gemma 3 reads that setting and never applies it
+  (Gemma 2 did), and every Gemma 3 config sets it to null.
 - Layers are sliding-window ("sliding_attention": a query sees the last `sliding_window`
   positions) or full ("full_attention"), each kind with its own RoPE theta.
 - Embeddings are scaled by sqrt(hidden_size), rounded to the weights' dtype; the MLP is GeGLU
@@ -56,7 +58,6 @@ class Gemma3Config:
     rope_scaling: float                # linear RoPE scaling of the full-attention layers (1: none)
     max_position_embeddings: int
     attention_bias: bool
-    attn_logit_softcapping: float | None
     final_logit_softcapping: float | None
     tie_word_embeddings: bool
     bos_token_id: int | None = None
@@ -87,7 +88,6 @@ class Gemma3Config:
             rope_theta=full[0], rope_local_theta=local[0], rope_scaling=full[1],
             max_position_embeddings=cfg.get("max_position_embeddings", 131_072),
             attention_bias=cfg.get("attention_bias", False),
-            attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
             tie_word_embeddings=cfg.get("tie_word_embeddings", True), bos_token_id=cfg.get("bos_token_id", 2))
 
@@ -127,24 +127,12 @@ class RMSNorm(nn.Module):
         return (xf * (1.0 + self.weight.float())).type_as(x)
 
 
-def softcapped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                         scale: float, cap: float) -> torch.Tensor:
-    """Attention with scores soft-capped to (-cap, cap) by tanh before the softmax (which SDPA
-    cannot do); q (batch, heads, seq, dim), keys/values (batch, kv_heads, context, dim)."""
-    groups = q.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-    scores = torch.tanh(q @ keys.transpose(-1, -2) * scale / cap) * cap     # (batch, heads, seq, context)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer: int):
         super().__init__()
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.scale, self.cap = cfg.query_pre_attn_scalar ** -0.5, cfg.attn_logit_softcapping
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim,
                                   bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
@@ -162,11 +150,8 @@ class Attention(nn.Module):
         keys, values = cache.write_and_read(self.layer, k.to(cache.dtype),
                                             qkv[:, self.heads + self.kv_heads:].to(cache.dtype))
         q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
-        if self.cap is None:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask, scale=self.scale,
-                                                 enable_gqa=self.heads != self.kv_heads)
-        else:
-            out = softcapped_attention(q, keys, values, inputs.mask, self.scale, self.cap)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask, scale=self.scale,
+                                             enable_gqa=self.heads != self.kv_heads)
         out = out.transpose(1, 2).reshape(batch * seq, -1)
         return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (tokens, hidden)
 

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         """x: (tokens, hidden), the batch's rows one after another; `inputs.cache.shape` is (batch, seq)."""
         cache, batch, seq = inputs.cache, *inputs.cache.shape
         qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x)).view(-1, 3 * self.heads, self.head_dim)
-        qk = apply_rotary(qkv[:, :2 * self.heads], inputs.cos, inputs.sin)  # in the residual stream's dtype, as Llama
+        qk = apply_rotary(qkv[:, :2 * self.heads], inputs.cos, inputs.sin)  # in the residual's dtype, as Llama
         v = qkv[:, 2 * self.heads:]
         if qk.dtype != cache.dtype:
             qk = qk.to(cache.dtype)
@@ -117,7 +117,8 @@ class Attention(nn.Module):
             v = v.to(cache.dtype)
         keys, values = cache.write_and_read(self.layer, qk[:, self.heads:], v)
         q = qk[:, :self.heads].view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask)  # scale 1/sqrt(head_dim), as GPT-J's
+        # scale 1/sqrt(head_dim), as GPT-J's
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask)
         out = out.transpose(1, 2).reshape(batch * seq, -1)
         return with_lora(lora, self.layer, OUT, out, self.out_proj(out))  # (tokens, hidden)
 

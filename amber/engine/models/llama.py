@@ -127,7 +127,8 @@ class Attention(nn.Module):
             v = v.to(cache.dtype)
         keys, values = cache.write_and_read(self.layer, qk[:, self.heads:], v)
         q = qk[:, :self.heads].view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask, enable_gqa=self.heads != self.kv_heads)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask,
+                                             enable_gqa=self.heads != self.kv_heads)
         out = out.transpose(1, 2).reshape(batch * seq, -1)
         return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (tokens, hidden)
 
