@@ -56,17 +56,19 @@ class Engine:
         (a budget that shrinks while a training job shares the cores: amber/threads.py)."""
         cfg = model.config
         self.device = model.model.embed_tokens.weight.device
-        self.model, self.tokenizer = model, tokenizer
+        family = family_of(model)
+        # the family's end-of-turn tokens (Gemma's <end_of_turn>) end generation as EOS does
+        self.model, self.tokenizer = model, tokenizer.with_eos(family.end_tokens)
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.threads = threads
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
-        self.cache = KVCache.for_layers(family_of(model).layer_states(cfg), max_batch, max_context,
+        self.cache = KVCache.for_layers(family.layer_states(cfg), max_batch, max_context,
                                         model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
         # recurrent states exist only after a whole prefix, not per block: no prefix cache for them
         self.prefixes = PrefixCache(max_blocks=0 if self.cache.recurrent is not None else prefix_blocks)
         # one slot more than the batch: every running request's adapter and the next one's fit
         self.adapters = AdapterSlots(model, capacity=max_batch + 1)
-        self.runner = ModelRunner(model, self.cache, self.adapters, tokenizer.eos_ids, prefill_chunk, self.device)
+        self.runner = ModelRunner(model, self.cache, self.adapters, self.tokenizer.eos_ids, prefill_chunk, self.device)
         masks = tokenizer.category_masks().to(self.device)
         self.category_masks = torch.zeros(masks.shape[0], cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.category_masks[:, :masks.shape[1]] = masks[:, :cfg.vocab_size]

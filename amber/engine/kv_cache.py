@@ -51,21 +51,28 @@ class KVCache:
     @classmethod
     def for_layers(cls, states: list, slots: int, max_len: int, dtype: torch.dtype,
                    device: str | torch.device = "cpu") -> KVCache:
-        """The cache for a model whose layers keep `states` (its family's `layer_states`): full
-        attention of one shape, and recurrent states of one shape (if any layer has one)."""
-        from amber.engine.models.family import FullAttention, Recurrent  # models import this module
+        """The cache for a model whose layers keep `states` (its family's `layer_states`): attention
+        layers (full or sliding-window) whose keys and values have one shape, and recurrent states
+        of one shape (if any layer has one).
 
-        attention = [i for i, s in enumerate(states) if isinstance(s, FullAttention)]
+        A sliding-window layer keeps every position here, like a full one, and its attention mask
+        hides what lies behind the window: so the prefix cache, numResults copies and slot moves
+        treat all attention layers alike. Dropping the positions behind the window (the memory
+        Gemma 3's local layers save) is left to the paged pool of a later issue."""
+        from amber.engine.models.family import FullAttention, Recurrent, SlidingWindow  # models import this module
+
+        attention = [i for i, s in enumerate(states) if isinstance(s, (FullAttention, SlidingWindow))]
         recurrent = [i for i, s in enumerate(states) if isinstance(s, Recurrent)]
-        kinds = {states[i] for i in attention}, {states[i] for i in recurrent}
-        if len(kinds[0]) != 1 or len(kinds[1]) > 1 or len(attention) + len(recurrent) != len(states):
-            raise NotImplementedError(f"layer states {sorted(map(repr, set(states)))}: only full attention "
-                                      "of one shape, and recurrent states of one shape, are served yet")
-        (state,) = kinds[0]
+        shapes = {(states[i].kv_heads, states[i].head_dim) for i in attention}
+        kinds = {states[i] for i in recurrent}
+        if len(shapes) != 1 or len(kinds) > 1 or len(attention) + len(recurrent) != len(states):
+            raise NotImplementedError(f"layer states {sorted(set(map(repr, states)))}: only attention layers "
+                                      "(full or sliding-window) of one shape, and recurrent states of one "
+                                      "shape, are served yet")
+        ((kv_heads, head_dim),) = shapes
         index = [attention.index(i) if i in attention else -1 for i in range(len(states))]
-        return cls(len(attention), slots, state.kv_heads, max_len, state.head_dim, dtype, device,
-                   attention_index=index,
-                   recurrent=RecurrentStates(recurrent, *kinds[1], slots, device) if recurrent else None)
+        return cls(len(attention), slots, kv_heads, max_len, head_dim, dtype, device, attention_index=index,
+                   recurrent=RecurrentStates(recurrent, *kinds, slots, device) if recurrent else None)
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Give `dst` the first `length` positions of `src`, and its recurrent states."""

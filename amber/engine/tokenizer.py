@@ -8,10 +8,12 @@ per-request work is list lookups.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import unicodedata
 from bisect import bisect_left
+from collections.abc import Iterable
 from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
@@ -145,6 +147,16 @@ class Tokenizer:
             eos.update(value if isinstance(value, list) else [value])
             bos = config.get("bos_token_id") if bos is None else bos
         return cls(backend, bos, frozenset(i for i in eos if i is not None))
+
+    def with_eos(self, tokens: Iterable[str]) -> Tokenizer:
+        """This vocabulary with `tokens` (those it has) also ending generation, such as a model
+        family's end-of-turn token that the checkpoint's own files do not list as an EOS."""
+        ids = {self._pieces[t] for t in tokens if t in self._pieces}
+        if ids <= self.eos_ids:
+            return self
+        extended = copy.copy(self)
+        extended.eos_ids = self.eos_ids | ids
+        return extended
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids

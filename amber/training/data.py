@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from amber.engine.chat_template import NoChatTemplate, load_chat_tokenizer
 from amber.engine.models import family_for
 from amber.engine.tokenizer import Tokenizer
 
@@ -31,7 +32,7 @@ class TrainingError(Exception):
 class Example:
     """One training row: a prompt and the completion to learn, or a chat. When `messages` is set
     (a sequence of {"role", "content"} ending with the assistant's reply), prompt and completion
-    are ignored and come from the checkpoint's chat template instead."""
+    are ignored and come from the checkpoint's chat template (or its family's) instead."""
     prompt: str = ""
     completion: str = ""
     messages: tuple[Mapping[str, str], ...] | None = None
@@ -96,11 +97,11 @@ class ExampleEncoder:
             raise TrainingError(f"{where}: messages must end with an assistant message")
         if any(not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in messages):
             raise TrainingError(f"{where}: every message needs a string role and content")
-        if self._chat is None:
-            from transformers import AutoTokenizer  # slow import; plain prompt/completion rows never pay it
-            self._chat = AutoTokenizer.from_pretrained(self.checkpoint)
-            if not self._chat.chat_template:
-                raise TrainingError("this model has no chat template, so chat examples cannot be used")
+        if self._chat is None:  # slow to load; plain prompt/completion rows never pay it
+            try:
+                self._chat = load_chat_tokenizer(self.checkpoint)
+            except NoChatTemplate:
+                raise TrainingError("this model has no chat template, so chat examples cannot be used") from None
         prompt = self._chat.apply_chat_template([dict(m) for m in messages[:-1]], tokenize=False,
                                                 add_generation_prompt=True)
         # Serving prepends BOS itself; a template that opens with the BOS text (SmolLM2's opens with

@@ -1,4 +1,5 @@
-"""Model families, one module each (llama.py, gptj.py, jamba.py), found by config.json's `model_type`.
+"""Model families, one module each (llama.py, gptj.py, gemma3.py, jamba.py), found by config.json's
+`model_type`.
 
 A family module holds its architecture and a `FAMILY` (family.py) declaring its config, weight
 names and fusions, LoRA targets, quantization and each layer's state. Nothing outside this package
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from amber.engine.models import gptj, jamba, llama
-from amber.engine.models.family import Family, FullAttention, LayerState, Recurrent
+from amber.engine.models import gemma3, gptj, jamba, llama
+from amber.engine.models.family import Family, FullAttention, LayerState, Recurrent, SlidingWindow
 
-__all__ = ["FAMILIES", "Family", "FullAttention", "LayerState", "Recurrent", "family_for", "family_of",
-           "supported_types"]
+__all__ = ["FAMILIES", "Family", "FullAttention", "LayerState", "Recurrent", "SlidingWindow", "family_for",
+           "family_of", "supported_types"]
 
-FAMILIES: dict[str, Family] = {t: f.FAMILY for f in (llama, gptj, jamba) for t in f.FAMILY.model_types}
+FAMILIES: dict[str, Family] = {t: f.FAMILY for f in (llama, gptj, gemma3, jamba) for t in f.FAMILY.model_types}
 
 
 def supported_types() -> list[str]:

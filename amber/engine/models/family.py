@@ -4,8 +4,9 @@ without naming it; and the state each layer keeps between steps.
 Every family's model is laid out the same way at the top (`model.embed_tokens`, `model.layers[i]`,
 `model.norm`, `lm_head`) with Hugging Face's names inside each layer, and answers the same calls:
 `forward(input_ids, positions, cache, slots, lora)` -> hidden states after the final norm, and
-`logits(hidden)`. A family may add a fast decode path (`forward_one`, `forward_rows`: llama.py);
-the runner uses it when the model has one and the family's forward otherwise.
+`logits(hidden)`; layers.CausalLM holds that shared top level. A family may add a fast decode path
+(`forward_one`, `forward_rows`: llama.py); the runner uses it when the model has one and the
+family's forward otherwise.
 """
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ class FullAttention:
 
 
 @dataclass(frozen=True)
+class SlidingWindow:
+    """A layer whose queries see only the last `window` positions (Gemma 3's local layers). Its
+    keys and values are kept like FullAttention's for now (kv_cache.KVCache.for_layers says why)."""
+    kv_heads: int
+    head_dim: int
+    window: int
+
+
+@dataclass(frozen=True)
 class Recurrent:
     """A layer that keeps a fixed-size state per sequence instead of past positions (Jamba's Mamba
     mixers): the last inputs of its causal convolution and the state of its selective scan."""
@@ -30,10 +40,8 @@ class Recurrent:
     ssm_shape: tuple[int, ...]    # (channels, state size)
 
 
-# What a layer keeps between steps. Later kinds go beside these, owned by kv_cache.py:
-# SlidingWindow(kv_heads, head_dim, window) for Gemma 3's local layers (a ring of `window`
-# positions), and None for a layer that keeps nothing.
-LayerState = Union[FullAttention, Recurrent, None]
+# What a layer keeps between steps, each kind owned by kv_cache.py; None: a layer that keeps nothing.
+LayerState = Union[FullAttention, SlidingWindow, Recurrent, None]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,10 @@ class Family:
     ignored: tuple[str, ...] = ()           # HF tensor name endings that are not parameters (old buffers)
     # every nn.Linear is quantized (lm_head with the head's groups) except module names ending so
     unquantized: tuple[str, ...] = ()
+    # the chat template to use when a checkpoint carries none (a GGUF conversion may not)
+    chat_template: str | None = None
+    # tokens that end the model's turn besides the checkpoint's EOS ids: generation stops at them
+    end_tokens: tuple[str, ...] = ()
 
     def part_sizes(self, cfg: Any, target: str, out_features: int) -> list[int]:
         """Output widths of the HF modules that make up `target` (one, unless it is fused)."""

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.kv_cache import BatchCache, KVCache
 from amber.engine.models.family import Family, FullAttention
-from amber.engine.models.layers import attention_mask, with_lora
+from amber.engine.models.layers import CausalLM, LayerInputs, with_lora
 
 if TYPE_CHECKING:
     from amber.engine.lora import LoraBatch
@@ -106,11 +105,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: BatchCache, mask, lora: LoraBatch | None) -> torch.Tensor:
-        """x: (tokens, hidden), the batch's rows one after another; `cache.shape` is (batch, seq)."""
-        batch, seq = cache.shape
+    def forward(self, x, inputs: LayerInputs, lora: LoraBatch | None) -> torch.Tensor:
+        """x: (tokens, hidden), the batch's rows one after another; `inputs.cache.shape` is (batch, seq)."""
+        cache, batch, seq = inputs.cache, *inputs.cache.shape
         qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x)).view(-1, 3 * self.heads, self.head_dim)
-        qk = apply_rotary(qkv[:, :2 * self.heads], cos, sin)  # in the residual stream's dtype, as Llama
+        qk = apply_rotary(qkv[:, :2 * self.heads], inputs.cos, inputs.sin)  # in the residual's dtype, as Llama
         v = qkv[:, 2 * self.heads:]
         if qk.dtype != cache.dtype:
             qk = qk.to(cache.dtype)
@@ -118,7 +117,8 @@ class Attention(nn.Module):
             v = v.to(cache.dtype)
         keys, values = cache.write_and_read(self.layer, qk[:, self.heads:], v)
         q = qk[:, :self.heads].view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # scale 1/sqrt(head_dim), as GPT-J's
+        # scale 1/sqrt(head_dim), as GPT-J's
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask)
         out = out.transpose(1, 2).reshape(batch * seq, -1)
         return with_lora(lora, self.layer, OUT, out, self.out_proj(out))  # (tokens, hidden)
 
@@ -142,55 +142,20 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg, layer)
 
-    def forward(self, x, cos, sin, cache: BatchCache, mask, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x, inputs: LayerInputs, lora: LoraBatch | None) -> torch.Tensor:
         h = self.ln_1(x)
         # quantized projections answer in bf16: added to the residual first, so the sum is in its dtype
-        return x + self.attn(h, cos, sin, cache, mask, lora) + self.mlp(h, lora)
+        return x + self.attn(h, inputs, lora) + self.mlp(h, lora)
 
 
-class GPTJModel(nn.Module):
+class GPTJForCausalLM(CausalLM):
     def __init__(self, cfg: GPTJConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        super().__init__(cfg, [Block(cfg, i) for i in range(cfg.num_hidden_layers)],
+                         nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps), head_bias=True)
 
-
-class GPTJForCausalLM(nn.Module):
-    def __init__(self, cfg: GPTJConfig):
-        super().__init__()
-        self.config = cfg
-        self.kv_dtype: torch.dtype | None = None  # KV cache and attention dtype; None: the weights'
-        self.kernels: dict = {}  # layer shape -> kernels.Choice, when kernels.tune chose them
-        self.model = GPTJModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rotary_tables(cfg, cfg.max_position_embeddings)
-        self.register_buffer("rotary_cos", cos, persistent=False)
-        self.register_buffer("rotary_sin", sin, persistent=False)
-
-    def init_buffers(self) -> None:
-        """(Re)make the rotary tables on the CPU, in fp32: the loader builds the model on meta."""
-        self.rotary_cos, self.rotary_sin = rotary_tables(self.config, self.config.max_position_embeddings)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor | slice, lora: LoraBatch | None = None) -> torch.Tensor:
-        """Hidden states (batch, seq, hidden) after the final norm; arguments as Llama's forward:
-        input_ids, positions (batch, seq), each row's positions contiguous and increasing; slots
-        the rows' cache slots (batch,) or a slice; `lora` the rows' adapters, if any has one."""
-        x = self.model.embed_tokens(input_ids.flatten())  # (tokens, hidden)
-        batch = cache.batch(slots, positions)
-        mask = attention_mask(positions, batch.context)
-        cos = self.rotary_cos[positions.flatten()].unsqueeze(1).to(x.dtype)  # (tokens, 1, rotary_dim)
-        sin = self.rotary_sin[positions.flatten()].unsqueeze(1).to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, mask, lora)
-        return self.model.norm(x).view(*input_ids.shape, -1)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits in fp32, whatever the weights' dtype."""
-        return self.lm_head(hidden).float()
+    def position_tables(self) -> dict[str, torch.Tensor]:
+        cos, sin = rotary_tables(self.config, self.config.max_position_embeddings)
+        return {"rope_cos": cos, "rope_sin": sin}
 
 
 FAMILY = Family(

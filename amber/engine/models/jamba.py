@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.kv_cache import BatchCache, KVCache
+from amber.engine.kv_cache import BatchCache
 from amber.engine.models.family import Family, FullAttention, Recurrent
-from amber.engine.models.layers import attention_mask, with_lora
+from amber.engine.models.layers import CausalLM, LayerInputs, attention_mask, with_lora
 from amber.engine.models.llama import RMSNorm
 
 if TYPE_CHECKING:
@@ -245,50 +245,26 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cache: BatchCache, mask, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x, inputs: LayerInputs, lora: LoraBatch | None) -> torch.Tensor:
         h = self.input_layernorm(x)
-        x = x + (self.self_attn(h, cache, mask, lora) if self.attention else self.mamba(h, cache, lora))
+        mixed = (self.self_attn(h, inputs.cache, inputs.mask, lora) if self.attention
+                 else self.mamba(h, inputs.cache, lora))
+        x = x + mixed
         return x + self.feed_forward(self.pre_ff_layernorm(x), lora)
 
 
-class JambaModel(nn.Module):
+class JambaForCausalLM(CausalLM):
+    """Every token of a row is real: a Mamba state would run on through padding (runner.py prefills
+    rows of a recurrent family one at a time), and a row that starts at position 0 starts from a
+    zero state. No position tables: attention here has no RoPE."""
+
     def __init__(self, cfg: JambaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg, [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)],
+                         RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
 
-
-class JambaForCausalLM(nn.Module):
-    def __init__(self, cfg: JambaConfig):
-        super().__init__()
-        self.config = cfg
-        self.kv_dtype: torch.dtype | None = None  # KV cache and attention dtype; None: the weights'
-        self.kernels: dict = {}  # layer shape -> kernels.Choice, when kernels.tune chose them
-        self.model = JambaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def init_buffers(self) -> None:
-        """Nothing to remake: Jamba has no positional tables."""
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor | slice, lora: LoraBatch | None = None) -> torch.Tensor:
-        """Hidden states (batch, seq, hidden) after the final norm; arguments as Llama's forward.
-        Every token of a row is real: a Mamba state would run on through padding (runner.py
-        prefills rows of a recurrent family one at a time), and a row that starts at position 0
-        starts from a zero state."""
-        x = self.model.embed_tokens(input_ids.flatten())  # (tokens, hidden)
-        batch = cache.batch(slots, positions)
-        mask = attention_mask(positions, batch.context)
-        for layer in self.model.layers:
-            x = layer(x, batch, mask, lora)
-        return self.model.norm(x).view(*input_ids.shape, -1)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits in fp32, whatever the weights' dtype."""
-        return self.lm_head(hidden).float()
+    def layer_inputs(self, positions: torch.Tensor, cache: BatchCache, dtype: torch.dtype) -> list[LayerInputs]:
+        inputs = LayerInputs(cache, attention_mask(positions, cache.context), None, None)
+        return [inputs] * len(self.model.layers)
 
 
 FAMILY = Family(

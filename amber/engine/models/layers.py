@@ -1,22 +1,134 @@
-"""Pieces every family's forward shares: the attention mask over a batch's cache rows and the
-per-row LoRA update. Pure tensor functions; `lora_add` is TorchScript-compatible, since
-llama_decode.py's scripted decode step calls it too."""
+"""What every family's model shares: the top level (`CausalLM`: embeddings, layers, final norm and
+LM head, and the forward preamble that turns a batch into what each layer reads), the attention
+masks over a batch's cache rows, rotate-half RoPE, and the per-row LoRA update. `lora_add` is
+TorchScript-compatible, since llama_decode.py's scripted decode step calls it too."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import torch
+from torch import nn
+
+from amber.engine.kv_cache import BatchCache, KVCache
 
 if TYPE_CHECKING:
     from amber.engine.lora import LoraBatch
 
 
-def attention_mask(positions: torch.Tensor, context: int) -> torch.Tensor | None:
-    """(batch, 1, seq, context) bool, key j visible to query t when j <= positions[b, t]; None when
-    every row is one query that sees its whole context (single-sequence decode needs no mask)."""
-    if positions.shape == (1, 1):
+@dataclass
+class LayerInputs:
+    """What a layer reads besides the hidden states, worked out once per forward pass."""
+    cache: BatchCache
+    mask: torch.Tensor | None  # attention_mask's
+    cos: torch.Tensor | None   # (tokens, 1, rotary dims), in the residual stream's dtype; None: no RoPE
+    sin: torch.Tensor | None   # the same, with rotate-half's (or rotate-every-two's) negation folded in
+
+
+class Decoder(nn.Module):
+    """The shared layout under `model.`: embed_tokens, layers, norm."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, layers: list[nn.Module], norm: nn.Module):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+
+class CausalLM(nn.Module):
+    """A family's model: `model` (Decoder) and `lm_head`, tied to the embeddings when the config
+    says so. A family builds its layers and final norm and keeps its position tables as buffers
+    (`position_tables`); the forward is the same for all. Layers take (x, LayerInputs, lora), x as
+    (tokens, hidden). By default every layer attends causally to its whole context and rotates by
+    the `rope_cos` / `rope_sin` tables; a family whose layers differ says so in `layer_inputs`."""
+
+    def __init__(self, cfg: Any, layers: list[nn.Module], norm: nn.Module, head_bias: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.kv_dtype: torch.dtype | None = None  # KV cache and attention dtype; None: the weights'
+        self.kernels: dict = {}  # layer shape -> kernels.Choice, when kernels.tune chose them
+        self.model = Decoder(cfg.vocab_size, cfg.hidden_size, layers, norm)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=head_bias)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_buffers()
+
+    def position_tables(self) -> dict[str, torch.Tensor]:
+        """Buffer name -> fp32 table made from the config alone (RoPE's): none by default."""
+        return {}
+
+    def init_buffers(self) -> None:
+        """(Re)make the position tables on the CPU, in fp32: the loader builds the model on meta."""
+        for name, table in self.position_tables().items():
+            self.register_buffer(name, table, persistent=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def layer_inputs(self, positions: torch.Tensor, cache: BatchCache, dtype: torch.dtype) -> list[LayerInputs]:
+        """Per layer, what it reads besides the hidden states (in `dtype`, the residual stream's)."""
+        inputs = LayerInputs(cache, attention_mask(positions, cache.context),
+                             *gather_rows(self.rope_cos, self.rope_sin, positions, dtype))
+        return [inputs] * len(self.model.layers)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor | slice, lora: LoraBatch | None = None) -> torch.Tensor:
+        """Hidden states (batch, seq, hidden) after the final norm.
+
+        input_ids, positions: (batch, seq), each row's positions contiguous and increasing;
+        slots: the cache slot of each row, (batch,), or a slice for consecutive slots (no gather).
+        Row b attends to its slot's positions <= its own. `lora`: the rows' adapters, if any has one.
+        """
+        # Rows travel as (tokens, hidden): every layer but attention treats tokens alike, and the
+        # matmul kernels take 2-D inputs, so no reshape is paid per projection.
+        x = self.embed(input_ids.flatten())
+        batch = cache.batch(slots, positions)
+        for layer, inputs in zip(self.model.layers, self.layer_inputs(positions, batch, x.dtype)):
+            x = layer(x, inputs, lora)
+        return self.model.norm(x).view(*input_ids.shape, -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits in fp32, whatever the weights' dtype."""
+        return self.lm_head(hidden).float()
+
+
+def attention_mask(positions: torch.Tensor, context: int, window: int | None = None) -> torch.Tensor | None:
+    """(batch, 1, seq, context) bool, key j visible to query t when j <= positions[b, t] and, with
+    a sliding `window`, positions[b, t] - window < j (Hugging Face's sliding_window_overlay). None
+    when every row is one query that sees its whole context (single-sequence decode needs no mask)."""
+    if positions.shape == (1, 1) and (window is None or context <= window):
         return None
-    return (torch.arange(context, device=positions.device) <= positions.unsqueeze(-1)).unsqueeze(1)
+    keys, queries = torch.arange(context, device=positions.device), positions.unsqueeze(-1)
+    visible = keys <= queries
+    if window is not None:
+        visible &= keys > queries - window
+    return visible.unsqueeze(1)
+
+
+def inverse_frequencies(theta: float, dim: int) -> torch.Tensor:
+    """RoPE's default frequencies, (dim / 2,) fp32, as transformers computes them."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin, (positions, head_dim) fp32, for rotate-half RoPE (`apply_rope`)."""
+    angles = positions.float()[:, None] * inv_freq  # transformers' product, so the same fp32 angles
+    sin = angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, heads, head_dim); cos/sin: (tokens, 1, head_dim) in x's dtype, with sin's first
+    half negated. HF's rotate-half layout."""
+    half = x.shape[-1] // 2
+    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), sin)
+
+
+def gather_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables' rows at `positions` (batch, seq), as (tokens, 1, dims) in `dtype`."""
+    at = positions.flatten()
+    return cos[at].unsqueeze(1).to(dtype), sin[at].unsqueeze(1).to(dtype)
 
 
 def with_lora(lora: LoraBatch | None, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
