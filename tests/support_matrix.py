@@ -2,7 +2,9 @@
 
 A test that shows a family can do something carries `@pytest.mark.supports(family, column, ...)`
 (several columns at once, and `cell="..."` where the answer is not a plain yes, such as a prefix
-cache that is off by design for a family, proven by a test that checks it is off). When a run has
+cache that is off by design for a family, proven by a test that checks it is off). In a
+parametrized test, "{name}" in a family or column stands for the parameter `name` of each case
+(`supports("{tiny}", "{mode}")`). When a run has
 a result for every family x column, the matrix is drawn from those results: a cell is its
 marker's text if every test marked for it passed, "FAILED" if any failed. The run then fails if the
 README's matrix differs (`AMBER_WRITE_MATRIX=1` rewrites it instead). Runs of a subset of the tests
@@ -29,13 +31,22 @@ def pytest_configure(config) -> None:
                                        "cells of the README's support matrix (tests/support_matrix.py)")
 
 
+def cells(item) -> list[tuple[str, list[str], str]]:
+    """(family, columns, cell text) of each `supports` mark on a collected test, "{param}"s filled in."""
+    params = {k: str(v) for k, v in getattr(getattr(item, "callspec", None), "params", {}).items()}
+    out = []
+    for mark in item.iter_markers("supports"):
+        family, *columns = (arg.format(**params) for arg in mark.args)
+        out.append((family, columns, mark.kwargs.get("cell", "yes")))
+    return out
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        for mark in item.iter_markers("supports"):
-            family, *columns = mark.args
+        for family, columns, _ in cells(item):
             unknown = {family} - set(FAMILIES) | set(columns) - set(COLUMNS)
             if unknown or not columns:
-                raise pytest.UsageError(f"{item.nodeid}: supports{mark.args}: unknown {sorted(unknown)} "
+                raise pytest.UsageError(f"{item.nodeid}: supports({family}, {columns}): unknown {sorted(unknown)} "
                                         f"(families {FAMILIES}, columns {COLUMNS})")
 
 
@@ -43,13 +54,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    marks = list(item.iter_markers("supports"))
-    if not marks or report.skipped or (report.when != "call" and report.passed):
+    if report.skipped or (report.when != "call" and report.passed):
         return
-    for mark in marks:
-        family, *columns = mark.args
+    for family, columns, text in cells(item):
         for column in columns:
-            _results.setdefault((family, column), []).append((report.outcome, mark.kwargs.get("cell", "yes")))
+            _results.setdefault((family, column), []).append((report.outcome, text))
 
 
 def render() -> str:

@@ -45,11 +45,11 @@ def create_key(env: dict, account: str) -> str:
 
 def registry(default_checkpoint: Path, tiny_checkpoint: Path, default: str = "smollm2-135m-instruct",
              gemma_checkpoint: Path | None = None) -> str:
-    """`gemma_checkpoint`: also the second general model, as j2-mid in its registry precision."""
+    """`gemma_checkpoint`: also the second general model, as j2-mid in its registry precision (int8)."""
     gemma = f'''[models.gemma-3-270m]
 aliases = ["j2-mid"]
 path = "{gemma_checkpoint}"
-dtype = "int4"
+dtype = "int8"
 max_context = 2048
 ''' if gemma_checkpoint else ""
     return f'''default = "{default}"

@@ -102,6 +102,7 @@ def test_the_registry_dispatches_on_model_type(tiny, tiny_checkpoint, tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.supports("{tiny}", "prompt logprobs", "float32")
 def test_logprobs_equal_transformers_forward(tiny, reference):
     ids = [BOS, *tiny.tokenizer.encode(tiny.case.text)]
     with torch.inference_mode():
@@ -110,6 +111,7 @@ def test_logprobs_equal_transformers_forward(tiny, reference):
     assert (ours - expected).abs().max() < 1e-4
 
 
+@pytest.mark.supports("{tiny}", "{mode}")
 @pytest.mark.parametrize("mode", ["bfloat16", "int8", "int8-bf16", "int4"])
 def test_precisions_quantize_every_projection_keep_biases_and_stay_close(tiny, mode):
     ids = [BOS, *tiny.tokenizer.encode(tiny.case.text)]
@@ -132,6 +134,7 @@ def test_precisions_quantize_every_projection_keep_biases_and_stay_close(tiny, m
     assert drift.abs().mean() < tiny.case.drift[mode], f"{mode}: mean |logprob - fp32| {drift.abs().mean():.4f}"
 
 
+@pytest.mark.supports("{tiny}", "complete", "batching")
 @pytest.mark.parametrize("mode", ["float32", "int8"])
 def test_batched_engine_equals_one_request_at_a_time(tiny, reference, mode):
     tokenizer = tiny.tokenizer
@@ -161,6 +164,7 @@ def test_batched_engine_equals_one_request_at_a_time(tiny, reference, mode):
             assert [t.raw_logprob for t in single.completions[0].tokens] == pytest.approx([e[1] for e in expected], abs=1e-4)
 
 
+@pytest.mark.supports("{tiny}", "custom models")
 def test_adapters_equal_peft_and_mix_with_base_rows(tiny, tmp_path):
     checkpoint, tokenizer = tiny.checkpoint, tiny.tokenizer
     adapter = make_adapter(checkpoint, tmp_path / "a", 1, 8, list(target_modules(checkpoint)))
@@ -182,6 +186,7 @@ def test_adapters_equal_peft_and_mix_with_base_rows(tiny, tmp_path):
             assert [t.raw_logprob for t in single.completions[0].tokens] == pytest.approx([e[1] for e in expected], abs=1e-4)
 
 
+@pytest.mark.supports("{tiny}", "custom models")
 def test_custom_model_trains_and_serves(tiny, tmp_path):
     """training adapts the family's projections (PEFT names); the adapter serves as PEFT computes it."""
     checkpoint, family = tiny.checkpoint, family_for(tiny.case.model_type)
@@ -206,3 +211,24 @@ def test_custom_model_trains_and_serves(tiny, tmp_path):
     assert len(got) == 3 or got[-1].token_id in engine.tokenizer.eos_ids
     assert [t.token_id for t in got] == [e[0] for e in want]
     assert [t.raw_logprob for t in got] == pytest.approx([e[1] for e in want], abs=1e-4)
+
+
+@pytest.mark.supports("{tiny}", "prefix cache")
+def test_the_prefix_cache_serves_later_prompts_as_transformers_scores_them(tiny, reference):
+    engine = Engine(load_model(tiny.checkpoint), tiny.tokenizer, max_batch=4, max_context=256, prefill_chunk=16).start()
+    shared = tiny.tokenizer.encode(tiny.case.text * 4)
+    first, second = shared + tiny.tokenizer.encode(" One?"), shared + tiny.tokenizer.encode(" And two?")
+    assert len(shared) > 2 * engine.prefixes.block_size
+    filled, load = [], engine.prefixes.load  # how many positions each prefill found in the cache
+    engine.prefixes.load = lambda *args, **kw: (filled.append((found := load(*args, **kw))[0]), found)[1]
+    try:
+        run(engine, [GenerationRequest("a", tuple(first), SamplingParams(temperature=0, max_tokens=4))])
+        (b,) = run(engine, [GenerationRequest("b", tuple(second), SamplingParams(temperature=0, max_tokens=4))])
+    finally:
+        engine.stop()
+    assert filled[0] == 0 and filled[1] >= 2 * engine.prefixes.block_size
+    with torch.inference_mode():  # what `second` read from the cache scores as transformers says
+        lp = reference(torch.tensor([[BOS, *second]])).logits[0].float().log_softmax(-1)
+    assert [t.logprob for t in b.prompt] == pytest.approx([float(lp[i, t]) for i, t in enumerate(second)], abs=1e-4)
+    expected = reference_greedy(reference, second, 4)
+    assert [t.token_id for t in b.completions[0].tokens] == [e[0] for e in expected]

@@ -10,10 +10,12 @@ import torch
 from amber.engine.engine import Engine
 from amber.engine.kv_cache import KVCache
 from amber.engine.loader import load_model
+from amber.engine.models import family_of
 from amber.engine.kernels import UNLIMITED, Choice
 from amber.engine.quantize import Int4Linear, Int8Linear, QuantizedLinear
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, SamplingParams
+from tests.conftest import REPO
 
 MODES = ["float32", "bfloat16", "int8", "int8-bf16", "int4"]
 
@@ -188,20 +190,29 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape():
     assert isinstance(model[1], Int8Linear)      # 96 inputs are 3 groups of 32, but 40 outputs are not x16
 
 
+# limits on mean |logprob - fp32| per general model. SmolLM2's GGUF is Q4_1, int4's own grid; Gemma
+# 3 270M's stores most projections as Q5_0, which int4 re-rounds (measured: bf16 0.030, int8 0.066,
+# int8-bf16 0.070, int4 0.447: the registry serves it in int8)
+REAL_LIMITS = {"default_checkpoint": {"bfloat16": 0.05, "int8": 0.05, "int8-bf16": 0.1, "int4": 0.05},
+               "gemma_checkpoint": {"bfloat16": 0.05, "int8": 0.1, "int8-bf16": 0.12, "int4": 0.6}}
+
+
 @pytest.mark.slow
-def test_real_model_precision_modes_stay_close_to_fp32(default_checkpoint):
-    text = open(default_checkpoint.parents[2] / "tests/data/sst2/dev.jsonl").read()[:3000]
-    ids = [1, *Tokenizer.from_pretrained(default_checkpoint).encode(text)][:500]
+@pytest.mark.parametrize("which", list(REAL_LIMITS))
+def test_real_model_precision_modes_stay_close_to_fp32(request, which):
+    checkpoint = request.getfixturevalue(which)
+    text = (REPO / "tests/data/sst2/dev.jsonl").read_text()[:3000]
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    ids = [tokenizer.bos_id, *tokenizer.encode(text)][:500]
     scores = {}
     for mode in MODES:
-        model = load_model(default_checkpoint, mode)
-        cfg = model.config
-        cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, len(ids), cfg.head_dim,
-                        model.kv_dtype or model.model.embed_tokens.weight.dtype)
+        model = load_model(checkpoint, mode)
+        cache = KVCache.for_layers(family_of(model).layer_states(model.config), 1, len(ids),
+                                   model.kv_dtype or model.model.embed_tokens.weight.dtype)
         with torch.inference_mode():
             lp = model.logits(model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slice(0, 1))[0])
         scores[mode] = lp.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     dev = {m: float((scores[m] - scores["float32"]).abs().mean()) for m in MODES}
-    print("mean |logprob - fp32|:", dev)
-    assert dev["bfloat16"] < 0.05 and dev["int8"] < 0.05 and dev["int4"] < 0.05
-    assert dev["int8-bf16"] < 0.1
+    print(which, "mean |logprob - fp32|:", dev)
+    for mode, limit in REAL_LIMITS[which].items():
+        assert dev[mode] < limit, f"{mode}: {dev[mode]:.3f}"
