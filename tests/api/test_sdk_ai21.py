@@ -30,12 +30,17 @@ def test_completion_create_with_every_parameter(server, model):
     scored = httpx.post(f"{server.url}/studio/v1/{model}/complete", headers=server.headers, timeout=60,
                         json={"prompt": text, "maxTokens": 0}).json()["prompt"]["tokens"]
     n = len(prompt_tokens)
+    # int4 SmolLM2 (j2-light) scores alike in any batch shape; Gemma 3 in int8 (j2-mid) does not: its
+    # bf16 matmuls round differently at 13 rows than at 25 and its post-norms carry that to the
+    # logits (in-process, the same prompt tokens alone vs. inside a longer text: max 0.049 nats in
+    # int8, 0.097 in bfloat16, 6e-6 in float32)
+    close = 1e-3 if model == "j2-light" else 0.15
     for got, ref in zip(prompt_tokens, scored[:n]):
-        assert got["generatedToken"]["logprob"] == pytest.approx(ref["generatedToken"]["logprob"], abs=1e-3)
+        assert got["generatedToken"]["logprob"] == pytest.approx(ref["generatedToken"]["logprob"], abs=close)
     for got, ref in zip(tokens, scored[n:]):  # re-tokenising may merge at the seam; compare what lines up
         if got["generatedToken"]["token"] != ref["generatedToken"]["token"]:
             break
-        assert got["generatedToken"]["raw_logprob"] == pytest.approx(ref["generatedToken"]["logprob"], abs=1e-3)
+        assert got["generatedToken"]["raw_logprob"] == pytest.approx(ref["generatedToken"]["logprob"], abs=close)
 
     assert len(report["sampled"]["completions"]) == 3
     # the SDK has typed errors for 401 and 422; a 404 arrives as its generic AI21APIError
