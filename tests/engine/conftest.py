@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of the non-Llama families, built on the fly with transformers' own
+"""Tiny random checkpoints of the non-Llama families (GPT-J, Gemma 3, Jamba), built on the fly with transformers' own
 classes and saved beside the real tokenizer (tests/conftest.py builds the Llama one)."""
 from __future__ import annotations
 
@@ -70,3 +70,24 @@ def gemma3_checkpoint(default_checkpoint, tmp_path_factory):
     token["content"] = "<end_of_turn>"
     (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
     return directory
+
+
+@pytest.fixture(scope="session")
+def jamba_checkpoint(default_checkpoint, tmp_path_factory):
+    """A seeded, random 4-layer Jamba: Mamba + dense MLP in layers 0 and 2, attention + 4 experts
+    (top 2) in 1 and 3; random D, dt and conv biases (so dropping one shows), and the real tokenizer."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = JambaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                      expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                      mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = JambaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("mamba.D", "conv1d.bias", "dt_proj.bias")):
+                p.normal_(0, 0.5)
+        model.lm_head.weight.mul_(40)  # sharper than the default init: greedy choices well separated
+    return save_tiny(model, tmp_path_factory.mktemp("tiny-jamba"), default_checkpoint)
