@@ -20,7 +20,7 @@ import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FAMILIES = ("llama", "gemma3", "gptj", "jamba")
-COLUMNS = ("complete", "prompt logprobs", "batching", "prefix cache", "custom models",
+COLUMNS = ("complete", "prompt logprobs", "batching", "prefix cache", "custom models", "fast decode",
            "float32", "bfloat16", "int8", "int8-bf16", "int4")
 START, END = "<!-- support-matrix -->", "<!-- /support-matrix -->"
 _results: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (family, column) -> [(outcome, cell)]

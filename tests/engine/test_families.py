@@ -101,6 +101,7 @@ def prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
     return model.logits(hidden[0]).log_softmax(-1)
 
 
+@pytest.mark.supports("{tiny}", "fast decode", cell="no (family forward)")
 def test_the_registry_dispatches_on_model_type(tiny, tiny_checkpoint, tmp_path):
     model, llama = load_model(tiny.checkpoint), load_model(tiny_checkpoint)
     assert family_of(model) is family_for(tiny.case.model_type) and family_of(llama) is family_for("llama")

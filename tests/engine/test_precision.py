@@ -70,6 +70,7 @@ def test_batched_engine_equals_the_slow_loop_in_every_mode(tiny_checkpoint, mode
                     break
 
 
+@pytest.mark.supports("llama", "fast decode", cell="TorchScript, bit for bit")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scripted", [True, False])
 def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_checkpoint, mode, scripted, monkeypatch):
