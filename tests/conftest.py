@@ -34,8 +34,6 @@ def gemma_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(default_checkpoint: Path, tmp_path_factory) -> Path:
     """A seeded, random 2-layer Llama with the real tokenizer: fast, and still a real model."""
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,7 +45,14 @@ def tiny_checkpoint(default_checkpoint: Path, tmp_path_factory) -> Path:
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # sharper than the default init, so greedy choices are well separated
         model.lm_head.weight.mul_(40)
-    directory = tmp_path_factory.mktemp("tiny")
+    return save_tiny(model, tmp_path_factory.mktemp("tiny"), default_checkpoint)
+
+
+def save_tiny(model, directory: Path, default_checkpoint: Path) -> Path:
+    """Save a tiny random `model` with the real tokenizer's files, and no chat template (as a GGUF
+    conversion): what every family's tiny checkpoint is (tests/engine/conftest.py has the others)."""
+    import shutil
+
     model.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_checkpoint / name, directory / name)

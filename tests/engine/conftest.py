@@ -1,25 +1,17 @@
-"""Tiny random checkpoints of the non-Llama families (GPT-J, Gemma 3, Jamba), built on the fly with transformers' own
-classes and saved beside the real tokenizer (tests/conftest.py builds the Llama one)."""
+"""Tiny random checkpoints of the non-Llama families (GPT-J, Gemma 3, Jamba), built on the fly with
+transformers' own classes and saved beside the real tokenizer (tests/conftest.py builds the Llama one)."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import save_tiny
+
 # Stands in for Gemma's <end_of_turn> in the tiny Gemma's tokenizer (SmolLM2's has none): an added
 # special token the model never needs, renamed.
 END_OF_TURN_ID = 3
-
-
-def save_tiny(model, directory: Path, default_checkpoint: Path) -> Path:
-    """Save `model` with the real tokenizer's files, and no chat template (as a GGUF conversion)."""
-    model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_checkpoint / name, directory / name)
-    return directory
 
 
 @pytest.fixture(scope="session")
