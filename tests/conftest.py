@@ -11,7 +11,7 @@ from amber.config import DEFAULT_MODEL, DEFAULT_REGISTRY, SECOND_MODEL, parse_re
 from amber.engine.checkpoint import ensure_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["tests.support_matrix"]
+pytest_plugins = ["tests.support_matrix", "tests.tiny_models"]
 TEST_CACHE = REPO / ".amber-test"
 # Every `amber` process the tests start, whatever its AMBER_HOME, measures this machine's kernels
 # once (engine/kernels.py) and shares the result, as servers on one machine would.
@@ -29,34 +29,6 @@ def gemma_checkpoint() -> Path:
     """Checkpoint directory of the second general model (Gemma 3 270M, fp32), converted from the GGUF
     its chunk packages assemble (about a minute, once per machine)."""
     return ensure_checkpoint(parse_registry(DEFAULT_REGISTRY).models[SECOND_MODEL], TEST_CACHE / "checkpoints")
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(default_checkpoint: Path, tmp_path_factory) -> Path:
-    """A seeded, random 2-layer Llama with the real tokenizer: fast, and still a real model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # sharper than the default init, so greedy choices are well separated
-        model.lm_head.weight.mul_(40)
-    return save_tiny(model, tmp_path_factory.mktemp("tiny"), default_checkpoint)
-
-
-def save_tiny(model, directory: Path, default_checkpoint: Path) -> Path:
-    """Save a tiny random `model` with the real tokenizer's files, and no chat template (as a GGUF
-    conversion): what every family's tiny checkpoint is (tests/engine/conftest.py has the others)."""
-    import shutil
-
-    model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_checkpoint / name, directory / name)
-    return directory
 
 
 @pytest.fixture(scope="session")

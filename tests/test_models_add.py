@@ -218,3 +218,13 @@ def test_remove_refuses_the_default_an_alias_an_unknown_name_and_a_model_with_cu
     store.custom_models.delete(who.id, model.id)
     assert amber(home, "models", "remove", "tiny-llama").returncode == 0
     assert "tiny-llama" not in (home / "models.toml").read_text()
+
+
+@pytest.mark.parametrize("fixture, model_type", [("gptj_checkpoint", "gptj"), ("gemma3_checkpoint", "gemma3_text"),
+                                                 ("jamba_checkpoint", "jamba")])
+def test_every_family_adds_from_a_save_pretrained_directory(request, home, fixture, model_type):
+    """The checks before adding (one token, logprobs against transformers) hold for every family."""
+    out = amber(home, "models", "add", "other", "--from", str(request.getfixturevalue(fixture)), "--max-context", "256")
+    assert out.returncode == 0, out.stderr
+    assert f"added other ({model_type}, float32, max_context 256)" in out.stdout
+    assert "logprobs vs transformers' float32 forward" in out.stdout

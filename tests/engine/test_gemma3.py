@@ -21,7 +21,7 @@ from amber.engine.models.layers import attention_mask
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import FinishKind, GenerationRequest, SamplingParams
 from amber.training.data import ExampleEncoder
-from tests.engine.conftest import END_OF_TURN_ID, GEMMA3_LAYERS
+from tests.tiny_models import END_OF_TURN_ID, GEMMA3_LAYERS
 from tests.engine.test_engine import BOS, reference_greedy, run
 from tests.engine.test_families import prompt_logprobs
 

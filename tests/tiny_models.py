@@ -1,13 +1,40 @@
-"""Tiny random checkpoints of the non-Llama families (GPT-J, Gemma 3, Jamba), built on the fly with
-transformers' own classes and saved beside the real tokenizer (tests/conftest.py builds the Llama one)."""
+"""Tiny random checkpoints of every model family, built on the fly with transformers' own classes and
+saved beside the real default model's tokenizer: Llama (`tiny_checkpoint`), GPT-J, Gemma 3 and
+Jamba. Session fixtures, shared by every test directory (tests/conftest.py loads this module)."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import save_tiny
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(default_checkpoint: Path, tmp_path_factory) -> Path:
+    """A seeded, random 2-layer Llama with the real tokenizer: fast, and still a real model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharper than the default init, so greedy choices are well separated
+        model.lm_head.weight.mul_(40)
+    return save_tiny(model, tmp_path_factory.mktemp("tiny"), default_checkpoint)
+
+
+def save_tiny(model, directory: Path, default_checkpoint: Path) -> Path:
+    """Save a tiny random `model` with the real tokenizer's files, and no chat template (as a GGUF
+    conversion leaves)."""
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_checkpoint / name, directory / name)
+    return directory
+
 
 # Stands in for Gemma's <end_of_turn> in the tiny Gemma's tokenizer (SmolLM2's has none): an added
 # special token the model never needs, renamed.
