@@ -7,6 +7,7 @@ Builds Config, then dispatches.
                            `models train|show|export` for custom ones
     amber datasets upload  upload a training set
     amber keys create A    make an API key for account A (printed as the last line)
+    amber accounts limits A  show or set account A's rate limits (requests and tokens per minute)
     amber doctor           this machine as the engine sees it: CPU, torch, kernels chosen per layer
 """
 from __future__ import annotations
@@ -22,12 +23,14 @@ from rich.table import Table
 
 from amber.cli_custom import datasets_app, register_model_commands
 from amber.cli_home import console, home_config
-from amber.config import Config, EngineConfig, load_registry
+from amber.config import Config, EngineConfig, RateLimits, load_registry
 
 app = typer.Typer(help="Amber: a self-hosted language-model studio (AI21 Studio's J2 API).",
                   no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+accounts_app = typer.Typer(help="Accounts: rate limits.", no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
 models_app = typer.Typer(help="General models (the registry) and custom models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
@@ -35,11 +38,12 @@ register_model_commands(models_app)
 
 
 def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-                 max_batch: int = 16, max_queue: int = 256, prefix_blocks: int = 256) -> Config:
+                 max_batch: int = 16, max_queue: int = 256, prefix_blocks: int = 256,
+                 rate_limits: RateLimits = RateLimits()) -> Config:
     from amber.serving import pick_device  # torch import only for commands that need it
     engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue,
                      prefix_blocks=prefix_blocks)
-    return replace(home_config(), host=host, port=port, engine=engine)
+    return replace(home_config(), host=host, port=port, engine=engine, rate_limits=rate_limits)
 
 
 @app.command()
@@ -51,7 +55,11 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
           prefix_cache_blocks: Annotated[int, typer.Option(min=0, help="32-token prompt blocks kept; 0: off")] = 256,
           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
           worker: Annotated[bool, typer.Option(help="start a training worker process beside the server")] = True,
-          keep_alive: Annotated[int, typer.Option(min=1, help="seconds an idle client connection stays open")] = 75
+          keep_alive: Annotated[int, typer.Option(min=1, help="seconds an idle client connection stays open")] = 75,
+          rpm: Annotated[int, typer.Option(min=0, envvar="AMBER_RPM", help="default requests per minute per "
+                                           "account; 0: unlimited")] = 0,
+          tpm: Annotated[int, typer.Option(min=0, envvar="AMBER_TPM", help="default tokens per minute per "
+                                           "account; 0: unlimited")] = 0
           ) -> None:
     """Serve the J2 API; the default model loads in the background (/health says when)."""
 
@@ -64,7 +72,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     from amber.worker import WorkerProcess
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks)
+    config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks, RateLimits(rpm, tpm))
     registry = load_registry(config.registry_path)
     store = Store(open_database(config.database_url))
     app_ = create_app(ModelPool(config, registry), store)
@@ -248,6 +256,31 @@ def keys_revoke(prefix_or_key: str) -> None:
     if not ok:
         raise typer.BadParameter("no active key matches", param_hint="PREFIX_OR_KEY")
     print("revoked")
+
+
+@accounts_app.command("limits")
+def accounts_limits(account: str,
+                    rpm: Annotated[Optional[int], typer.Option(min=0, help="requests per minute; 0: unlimited")] = None,
+                    tpm: Annotated[Optional[int], typer.Option(min=0, help="tokens per minute (prompt + "
+                                                               "completion); 0: unlimited")] = None,
+                    reset: Annotated[bool, typer.Option(help="back to the server's defaults "
+                                                        "(amber serve --rpm/--tpm)")] = False) -> None:
+    """Show ACCOUNT's rate limits, or set them; a running server applies them at the next request."""
+    if reset and (rpm is not None or tpm is not None):
+        raise typer.BadParameter("give --reset alone, or --rpm/--tpm", param_hint="--reset")
+    store = _store()
+    try:
+        found = store.get_account(account)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="ACCOUNT") from exc
+    if found is None:
+        raise typer.BadParameter(f"no account {account!r} (`amber keys create {account}` makes it)",
+                                 param_hint="ACCOUNT")
+    if reset:
+        store.reset_limits(found.id)
+    own = store.set_limits(found.id, rpm, tpm)
+    for name, value in (("requests per minute", own.rpm), ("tokens per minute", own.tpm)):
+        print(f"{name}: " + ("server default" if value is None else "unlimited" if value == 0 else str(value)))
 
 
 if __name__ == "__main__":

@@ -127,12 +127,29 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RateLimits:
+    """Per-account limits per minute (amber/ratelimit.py); `amber serve --rpm/--tpm` set the
+    defaults, `amber accounts limits` an account's own."""
+    rpm: int = 0   # requests per minute; 0: unlimited
+    tpm: int = 0   # tokens per minute (prompt + completion); 0: unlimited
+
+    def __post_init__(self) -> None:
+        if self.rpm < 0 or self.tpm < 0:
+            raise ValueError("rate limits must be 0 (unlimited) or more")
+
+    def override(self, rpm: int | None, tpm: int | None) -> RateLimits:
+        """These limits with an account's own settings (None: keep this default) applied."""
+        return RateLimits(self.rpm if rpm is None else rpm, self.tpm if tpm is None else tpm)
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path
     host: str = "127.0.0.1"
     port: int = 8000
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
+    rate_limits: RateLimits = field(default_factory=RateLimits)  # defaults for accounts without their own
     kernels_path: Path | None = None  # AMBER_KERNELS: kernel timings shared by several homes on one machine
 
     @property

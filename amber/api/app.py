@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from amber.api import docs
+from amber.api import docs, rate_limits
 from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
 from amber.api.studio.custom_models import router as custom_models_router
@@ -22,6 +22,7 @@ from amber.api.studio.datasets import router as datasets_router
 from amber.api.errors import unavailable, validation_error
 from amber.api.openai import errors as openai_errors
 from amber.api.openai.routes import router as openai_router
+from amber.ratelimit import Limiter
 from amber.serving import ModelPool, ModelUnavailable
 from amber.store.repo import Store
 
@@ -53,6 +54,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
 
     app = FastAPI(title="Amber", version="0.1.0", lifespan=lifespan)
     app.state.pool, app.state.store = pool, store
+    app.state.limiter = Limiter()  # one for both APIs: an account's limits span them
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
     app.include_router(custom_models_router)
     app.include_router(ai21_chat_router)
@@ -60,7 +62,9 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ModelUnavailable, unavailable)
     v1 = openai_app(pool, store)
+    v1.state.limiter = app.state.limiter
     app.mount("/v1", v1)
+    app.add_middleware(rate_limits.HeadersMiddleware)
     docs.install(app, mount=("/v1", v1, "OpenAI"))  # one document for both APIs
 
     @app.get("/health", responses=docs.UNHEALTHY)

@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from amber.api import rate_limits
 from amber.serving import ModelPool
 from amber.store.repo import AccountInfo
 from amber.store.repo import Store as StoreType
@@ -28,6 +29,7 @@ def current_account(request: Request, store: Annotated[StoreType, Depends(get_st
     account = store.account_for_key(key.strip())
     if account is None:
         raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    rate_limits.remember(request, account.id, store.own_limits(account.id))
     return account
 
 

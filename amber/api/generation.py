@@ -1,8 +1,9 @@
 """Running a route's engine requests: all at once, abandoned when the client goes away.
 
 Shared by every API that generates; knows engine requests and HTTP exceptions (429 when the
-queue is full, 499 when the client left, 500 when a custom model cannot be loaded), never a wire
-format.
+queue is full or the account's rate limit is reached, 499 when the client left, 500 when a custom
+model cannot be loaded), never a wire format. Every generation is admitted against its account's
+rate limits here (rate_limits.py), and settled with the tokens it used when it ends.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import AsyncIterator
 
 from fastapi import HTTPException, Request
 
+from amber.api import rate_limits
 from amber.engine.engine import Engine, QueueFull
 from amber.engine.lora import AdapterError
 from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
+from amber.ratelimit import Reservation
 
 Event = list[tuple[int, TokenLogprob]] | RequestOutput  # what Engine.stream yields
 
@@ -36,6 +39,7 @@ async def generate_all(http: Request, engine: Engine, requests: list[GenerationR
     """Every request's output, in order. If one fails (a full queue for the later prompts of a
     multi-prompt request, say), or the client disconnects first, all are abandoned: the ones
     already queued leave at the engine's next step."""
+    reservation = rate_limits.admit(http, requests)
     tasks = [asyncio.ensure_future(engine.generate(r)) for r in requests]
     try:
         while True:
@@ -54,10 +58,28 @@ async def generate_all(http: Request, engine: Engine, requests: list[GenerationR
     finally:
         for task in tasks:
             task.cancel()  # no-op for finished ones; aborts the rest in the engine
+        for i, (request, task) in enumerate(zip(requests, tasks)):
+            reservation.settle(i, _spent(request, task))
 
 
-def open_streams(engine: Engine, requests: list[GenerationRequest]) -> list[AsyncIterator[Event]]:
-    """Submit every request now, so a full queue is a 429 before any response starts."""
+def _spent(request: GenerationRequest, task: asyncio.Future) -> int | None:
+    """What a request used if it finished, 0 if the queue refused it, None if it was abandoned or
+    failed on the way (its reservation then stands)."""
+    if not task.done() or task.cancelled():
+        return None
+    if task.exception() is None:
+        return used(request, task.result())
+    return 0 if isinstance(task.exception(), QueueFull) else None
+
+
+def used(request: GenerationRequest, out: RequestOutput) -> int:
+    """Tokens a finished request used: BOS + prompt, and every sample's completion."""
+    return 1 + len(request.prompt_ids) + sum(len(c.tokens) for c in out.completions)
+
+
+def open_streams(http: Request, engine: Engine, requests: list[GenerationRequest]) -> list[AsyncIterator[Event]]:
+    """Submit every request now, so a full queue or a rate limit is a 429 before any response starts."""
+    reservation = rate_limits.admit(http, requests)
     streams = []
     try:
         for request in requests:
@@ -65,8 +87,25 @@ def open_streams(engine: Engine, requests: list[GenerationRequest]) -> list[Asyn
     except QueueFull as exc:
         for request in requests[:len(streams)]:
             engine.abort(request.request_id)
+        for i in range(len(requests)):
+            reservation.settle(i, 0)  # never ran
         raise busy(exc) from exc
-    return streams
+    return [_settled(stream, i, request, reservation) for i, (stream, request) in enumerate(zip(streams, requests))]
+
+
+async def _settled(stream: AsyncIterator[Event], part: int, request: GenerationRequest,
+                   reservation: Reservation) -> AsyncIterator[Event]:
+    """The stream, settling its reservation with what it used once it ends (or keeping the
+    reservation when it ends without a final output: cancelled, failed)."""
+    final = None
+    try:
+        async for event in stream:
+            if isinstance(event, RequestOutput):
+                final = event
+            yield event
+    finally:
+        await stream.aclose()
+        reservation.settle(part, None if final is None else used(request, final))
 
 
 async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:

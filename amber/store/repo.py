@@ -14,12 +14,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.dialects.sqlite import insert
 
 from amber.store.custom_models import CustomModelRepo, DatasetRepo
 from amber.store.db import make_sessions, open_database
-from amber.store.tables import Account, ApiKey, utcnow
+from amber.store.tables import Account, AccountLimits, ApiKey, utcnow
 
 KEY_PREFIX = "amber-"
 PREFIX_CHARS = len(KEY_PREFIX) + 8  # "amber-" alone would tell keys apart by two characters
@@ -30,6 +30,13 @@ _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 class AccountInfo:
     id: int
     name: str
+
+
+@dataclass(frozen=True)
+class OwnLimits:
+    """An account's own rate limits per minute; None: the server's default, 0: unlimited."""
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,3 +135,23 @@ class Store:
                 raise ValueError(f"prefix {prefix_or_key!r} matches {revoked} active keys; "
                                  "give the full key")
         return revoked == 1
+
+    def own_limits(self, account_id: int) -> OwnLimits:
+        """The account's own rate limits (all None when it has none). One primary-key lookup."""
+        with self._sessions() as session:
+            row = session.get(AccountLimits, account_id)
+        return OwnLimits() if row is None else OwnLimits(row.rpm, row.tpm)
+
+    def set_limits(self, account_id: int, rpm: int | None, tpm: int | None) -> OwnLimits:
+        """Set the limits given (None leaves one as it is); the account's own limits after."""
+        values = {k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v is not None}
+        if values:
+            with self._sessions.begin() as session:
+                session.execute(insert(AccountLimits).values(account_id=account_id, **values)
+                                .on_conflict_do_update(index_elements=[AccountLimits.account_id], set_=values))
+        return self.own_limits(account_id)
+
+    def reset_limits(self, account_id: int) -> None:
+        """Back to the server's defaults."""
+        with self._sessions.begin() as session:
+            session.execute(delete(AccountLimits).where(AccountLimits.account_id == account_id))

@@ -121,3 +121,13 @@ class CustomModel(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class AccountLimits(Base):
+    """An account's own rate limits (per minute); a missing row or a NULL column means the server's
+    default, 0 unlimited. A table of its own, so that create_all adds it to existing databases."""
+    __tablename__ = "account_limits"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
+    rpm: Mapped[int | None]
+    tpm: Mapped[int | None]
