@@ -12,13 +12,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from amber.api import docs, rate_limits
 from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
 from amber.api.studio.custom_models import router as custom_models_router
 from amber.api.studio.datasets import router as datasets_router
+from amber.api.studio.usage import router as usage_router
+from amber.api.metering import Metering, Metrics
 from amber.api.errors import unavailable, validation_error
 from amber.api.openai import errors as openai_errors
 from amber.api.openai.routes import router as openai_router
@@ -48,6 +51,9 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        interrupted = store.usage.interrupt_running()  # rows a crash left open: before any request
+        if interrupted:
+            log.warning("%d usage records of requests cut off by a previous stop marked interrupted", interrupted)
         threading.Thread(target=load_default, name="amber-load", daemon=True).start()
         yield
         pool.close()
@@ -57,6 +63,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.state.limiter = Limiter()  # one for both APIs: an account's limits span them
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
     app.include_router(custom_models_router)
+    app.include_router(usage_router)
     app.include_router(ai21_chat_router)
     app.include_router(ai21_router)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -66,6 +73,12 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.mount("/v1", v1)
     app.add_middleware(rate_limits.HeadersMiddleware)
     docs.install(app, mount=("/v1", v1, "OpenAI"))  # one document for both APIs
+    metrics = Metrics(pool)
+    app.add_middleware(Metering, store=store, metrics=metrics)  # sees /v1 too: wraps the mount
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus():  # unauthenticated, like /health: counts and timings, no account's data
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", responses=docs.UNHEALTHY)
     def health():

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi.responses import StreamingResponse
@@ -36,6 +37,7 @@ class Delta:
 class Usage:
     prompt_tokens: int = 0             # BOS + prompt: what the model read
     completion_tokens: int = 0
+    first_token_at: float | None = field(default=None, compare=False)  # time.monotonic(), streams only
 
     def add(self, prompt_ids: tuple[int, ...], out: RequestOutput) -> None:
         """Count a finished request: its prompt once, every completion's tokens."""
@@ -85,6 +87,7 @@ async def deltas(streams: list[AsyncIterator[Event]], requests: list[GenerationR
     n = requests[0].params.num_results
     texts = [[TextStream(tokenizer, r.params.stop_sequences) for _ in range(n)] for r in requests]
     async for i, event in merge(streams):
+        usage.first_token_at = usage.first_token_at or time.monotonic()
         if isinstance(event, RequestOutput):
             usage.add(requests[i].prompt_ids, event)
             for c in event.completions:

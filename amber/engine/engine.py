@@ -186,7 +186,8 @@ class Engine:
         scheduler = self.scheduler
         return {"waiting": len(scheduler.waiting), "prefilling": int(scheduler.prefilling is not None),
                 "running_samples": len(scheduler.rows), "prefix_blocks": len(self.prefixes),
-                "steps": self._steps}
+                "steps": self._steps, "adapters_loaded": self.adapters.loaded(),
+                "adapters_in_use": self.adapters.in_use()}
 
     @property
     def busy(self) -> bool:

@@ -126,6 +126,13 @@ class AdapterSlots:
         self._pins[slot] = self._pins.get(slot, 0) + 1
         return slot
 
+    def loaded(self) -> int:
+        return len(self._slots)
+
+    def in_use(self) -> int:
+        """Slots pinned by running rows now (read from other threads: a copy, never the live dict)."""
+        return sum(1 for pins in list(self._pins.values()) if pins)
+
     def release(self, slot: int) -> None:
         if slot:
             self._pins[slot] -= 1

@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite import insert
 from amber.store.custom_models import CustomModelRepo, DatasetRepo
 from amber.store.db import make_sessions, open_database
 from amber.store.tables import Account, AccountLimits, ApiKey, utcnow
+from amber.store.usage import UsageRepo
 
 KEY_PREFIX = "amber-"
 PREFIX_CHARS = len(KEY_PREFIX) + 8  # "amber-" alone would tell keys apart by two characters
@@ -63,6 +64,7 @@ class Store:
         self._sessions = make_sessions(engine)
         self.datasets = DatasetRepo(self._sessions)
         self.custom_models = CustomModelRepo(self._sessions)
+        self.usage = UsageRepo(self._sessions)
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -99,6 +101,14 @@ class Store:
         with self._sessions() as session:
             row = session.execute(query).first()
         return None if row is None else AccountInfo(id=row.id, name=row.name)
+
+    def key_owner(self, key: str) -> tuple[AccountInfo, str] | None:
+        """The account owning an active key and the key's listed prefix (what usage is recorded under)."""
+        query = (select(Account.id, Account.name, ApiKey.prefix).join(ApiKey, ApiKey.account_id == Account.id)
+                 .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+        with self._sessions() as session:
+            row = session.execute(query).first()
+        return None if row is None else (AccountInfo(id=row.id, name=row.name), row.prefix)
 
     def get_account(self, name: str) -> AccountInfo | None:
         check_account_name(name)

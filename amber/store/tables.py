@@ -131,3 +131,28 @@ class AccountLimits(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
     rpm: Mapped[int | None]
     tpm: Mapped[int | None]
+
+
+class UsageRecord(Base):
+    """One metered API request: inserted as `running` when it is admitted, completed by one UPDATE
+    when its response (or stream) ends. A row still `running` when a server starts was cut off by a
+    crash; start-up marks it `interrupted`. `id` is the request's own id, so it is never counted twice.
+
+    status: running -> ok | error | cancelled (the client closed the request) | interrupted.
+    """
+    __tablename__ = "usage_records"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    key_prefix: Mapped[str] = mapped_column(String(32))        # the API key's listed prefix
+    api: Mapped[str] = mapped_column(String(16))               # ai21 | openai
+    path: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str | None] = mapped_column(String(256))     # as the request named it (base or custom)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    http_status: Mapped[int | None]
+    prompt_tokens: Mapped[int] = mapped_column(default=0)
+    completion_tokens: Mapped[int] = mapped_column(default=0)
+    latency_ms: Mapped[float | None]
+    first_token_ms: Mapped[float | None]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    finished_at: Mapped[datetime | None]

@@ -18,8 +18,9 @@ from amber.api.deps import Account, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.api.generation import generate_all, open_streams
+from amber.api.metering import meter
 from amber.api.models import ModelNotFound, ResolvedModel, resolve_model
-from amber.api.streaming import Usage, deltas, event_stream
+from amber.api.streaming import deltas, event_stream
 from amber.engine.chat_template import NoChatTemplate
 
 router = APIRouter(prefix="/studio/v1", route_class=TextRoute, responses=docs.ai21(401))
@@ -58,13 +59,13 @@ def _check_batch(model: ResolvedModel, n: int, field: str) -> None:
 @router.post("/chat/completions", responses={**docs.STREAM, **docs.ai21(400, 404, 409, 429, 499, 500)})
 async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, pool: Pool, store: Store,
                            http: Request):
+    usage = meter(http, body.model)
     cc.refuse_unsupported(body)
     model = await _model(pool, store, account, body.model)
     _check_batch(model, body.n, "n")
     ids, max_tokens = await _prompt(model, cc.jamba_messages(body), body.max_tokens)
     rid = f"chat-{uuid.uuid4().hex}"
     request = model.request(rid, ids, cc.jamba_params(body, max_tokens), score_prompt=False)
-    usage = Usage()
     if not body.stream:
         (out,) = await generate_all(http, model.loaded.engine, [request])
         usage.add(ids, out)
@@ -82,10 +83,12 @@ async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, po
 @router.post("/{model}/chat", responses=docs.ai21(400, 404, 409, 429, 499, 500))
 async def j2_chat(model: str, body: cs.J2ChatRequest, account: Account, pool: Pool, store: Store,
                   http: Request) -> dict:
+    usage = meter(http, model)
     resolved = await _model(pool, store, account, model)
     _check_batch(resolved, body.numResults, "numResults")
     ids, _ = await _prompt(resolved, cc.j2_messages(body), body.maxTokens)
     params = convert.sampling_params(body, resolved.loaded.tokenizer)
     rid = str(uuid.uuid4())
     (out,) = await generate_all(http, resolved.loaded.engine, [resolved.request(rid, ids, params, score_prompt=False)])
+    usage.add(ids, out)
     return cc.j2_response(rid, out)

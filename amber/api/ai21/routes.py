@@ -15,6 +15,8 @@ from amber.api.deps import Account, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.api.generation import generate_all
+from amber.api.metering import meter
+from amber.api.streaming import Usage
 from amber.engine.types import AdapterRef, GenerationRequest
 from amber.serving import LoadedModel, ModelPool
 
@@ -31,21 +33,23 @@ async def _model(pool: ModelPool, name: str) -> LoadedModel:
              responses=docs.ai21(400, 404, 429, 499))
 async def complete(model: str, body: s.CompleteRequest, account: Account, pool: Pool,
                    http: Request) -> s.CompleteResponse:
-    return await _complete(await _model(pool, model), body, http, None)
+    usage = meter(http, model)
+    return await _complete(await _model(pool, model), body, http, None, usage)
 
 
 @router.post("/{model}/{custom}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False,
              responses=docs.ai21(400, 404, 409, 429, 499, 500))
 async def complete_custom(model: str, custom: str, body: s.CompleteRequest, account: Account, pool: Pool,
                           store: Store, http: Request) -> s.CompleteResponse:
+    usage = meter(http, custom)
     if pool.registry.resolve(model) is None:
         raise not_found(f"model {model!r} does not exist (GET /studio/v1/models lists them)")
     loaded, adapter, _ = await resolve_custom(pool, store, account, model, custom, body.epoch)
-    return await _complete(loaded, body, http, adapter)
+    return await _complete(loaded, body, http, adapter, usage)
 
 
 async def _complete(loaded: LoadedModel, body: s.CompleteRequest, http: Request,
-                    adapter: AdapterRef | None) -> s.CompleteResponse:
+                    adapter: AdapterRef | None, usage: Usage) -> s.CompleteResponse:
     tokenizer = loaded.tokenizer
     ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.prompt)
     if body.numResults > loaded.engine.max_batch:
@@ -58,6 +62,7 @@ async def _complete(loaded: LoadedModel, body: s.CompleteRequest, http: Request,
     request = GenerationRequest(str(uuid.uuid4()), tuple(ids), convert.sampling_params(body, tokenizer),
                                 adapter=adapter)
     (out,) = await generate_all(http, loaded.engine, [request])
+    usage.add(request.prompt_ids, out)
     return await run_in_threadpool(convert.complete_response, out, body.prompt, ranges, tokenizer,
                                    body.topKReturn)
 

@@ -14,12 +14,13 @@ from fastapi.concurrency import run_in_threadpool
 from amber.api import docs
 from amber.api.deps import Account, Pool, Store
 from amber.api.generation import generate_all, open_streams
+from amber.api.metering import meter
 from amber.api.models import ModelNotFound, ResolvedModel, available_models, resolve_model
 from amber.api.openai import convert as c
 from amber.api.openai import schemas as s
 from amber.api.openai.errors import OpenAIError, invalid
 from amber.api.routing import TextRoute
-from amber.api.streaming import Usage, deltas, event_stream
+from amber.api.streaming import deltas, event_stream
 from amber.engine.chat_template import NoChatTemplate
 from amber.serving import LoadedModel
 
@@ -65,6 +66,7 @@ async def get_model(model: str, account: Account, pool: Pool, store: Store) -> d
 
 @router.post("/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
 async def completions(body: s.CompletionRequest, account: Account, pool: Pool, store: Store, http: Request):
+    usage = meter(http, body.model)
     c.refuse_unsupported(body)
     model = await _model(pool, store, account, body.model)
     loaded, tokenizer = model.loaded, model.loaded.tokenizer
@@ -75,7 +77,6 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     requests = [model.request(f"{rid}-{i}", ids, params, score_prompt=body.echo and body.logprobs is not None)
                 for i, (_, ids, _) in enumerate(prompts)]
-    usage = Usage()
     if not body.stream:
         outputs = await generate_all(http, loaded.engine, requests)
         choices = await run_in_threadpool(c.completion_choices, outputs, prompts, body, tokenizer, usage)
@@ -99,6 +100,7 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
 @router.post("/chat/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
 async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool: Pool, store: Store,
                            http: Request):
+    usage = meter(http, body.model)
     c.refuse_unsupported(body)
     model = await _model(pool, store, account, body.model)
     loaded, tokenizer = model.loaded, model.loaded.tokenizer
@@ -113,7 +115,6 @@ async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     request = model.request(rid, ids, c.sampling_params(body, tokenizer, max_tokens=max_tokens, top_k=top_k),
                             score_prompt=False)
-    usage = Usage()
     if not body.stream:
         (out,) = await generate_all(http, loaded.engine, [request])
         choices = c.chat_choices(out, request.prompt_ids, body.logprobs, tokenizer, usage)
