@@ -5,7 +5,7 @@ from admission to its last byte: it records the request (store.usage.start) befo
 runs, and completes the record exactly once in a `finally`, whatever happened: a response, an
 error, a stream read to its end, a client that hung up. Routes only say which model they were
 asked for and fill the `Usage` they get back (`meter`); tokens are what the response's `usage`
-says. The middleware knows statuses and bytes, never a wire format.
+says, or for a stream cut short, the prompts it had read and the tokens it had generated. The middleware knows statuses and bytes, never a wire format.
 
 Metrics live in a registry per app (not prometheus_client's global one), served unauthenticated
 at /metrics like /health: requests and tokens by model and status, latency and time-to-first-token
@@ -65,11 +65,11 @@ class Metrics:
                                      ["model"], buckets=BUCKETS, registry=self.registry)
         self.registry.register(EngineCollector(pool))
 
-    def observe(self, api: str, model: str, status: str, usage: Usage, latency: float,
-                first_token: float | None) -> None:
+    def observe(self, api: str, model: str, status: str, prompt_tokens: int, completion_tokens: int,
+                latency: float, first_token: float | None) -> None:
         self.requests.labels(api, model, status).inc()
-        self.tokens.labels(model, status, "prompt").inc(usage.prompt_tokens)
-        self.tokens.labels(model, status, "completion").inc(usage.completion_tokens)
+        self.tokens.labels(model, status, "prompt").inc(prompt_tokens)
+        self.tokens.labels(model, status, "completion").inc(completion_tokens)
         self.latency.labels(model).observe(latency)
         if first_token is not None:
             self.first_token.labels(model).observe(first_token)
@@ -137,13 +137,14 @@ class Metering:
     async def _finish(self, request_id: str, api: str, record: Meter, status: str, http_status: int | None,
                       started: float) -> None:
         usage, now = record.usage, time.monotonic()
+        prompt_tokens, completion_tokens = usage.billed()  # a stream cut short: what it had read and made
         # a stream's first token; an unstreamed answer's tokens all reach the client at its end
         first = usage.first_token_at - started if usage.first_token_at else (now - started if status == OK else None)
         await anyio.to_thread.run_sync(
-            self.store.usage.finish, request_id, status, http_status, record.model, usage.prompt_tokens,
-            usage.completion_tokens, (now - started) * 1000, None if first is None else first * 1000)
+            self.store.usage.finish, request_id, status, http_status, record.model, prompt_tokens,
+            completion_tokens, (now - started) * 1000, None if first is None else first * 1000)
         label = record.model if record.model and http_status != 404 else "(none)"  # no label per unknown name
-        self.metrics.observe(api, label, status, usage, now - started, first)
+        self.metrics.observe(api, label, status, prompt_tokens, completion_tokens, now - started, first)
 
 
 def _outcome(status: int | None, ended: bool, raised: BaseException | None) -> tuple[str, int | None]:

@@ -38,11 +38,19 @@ class Usage:
     prompt_tokens: int = 0             # BOS + prompt: what the model read
     completion_tokens: int = 0
     first_token_at: float | None = field(default=None, compare=False)  # time.monotonic(), streams only
+    # a stream's requests as far as they got, for one cut short (its client hung up): every
+    # request's prompt once its first event arrived, and each token generated before the cut
+    streamed: list[int] = field(default_factory=lambda: [0, 0], compare=False)
 
     def add(self, prompt_ids: tuple[int, ...], out: RequestOutput) -> None:
         """Count a finished request: its prompt once, every completion's tokens."""
         self.prompt_tokens += 1 + len(prompt_ids)
         self.completion_tokens += sum(len(c.tokens) for c in out.completions)
+
+    def billed(self) -> tuple[int, int]:
+        """(prompt, completion) tokens to record: what `usage` says once every request finished,
+        what a stream had read and generated when it was cut short."""
+        return max(self.prompt_tokens, self.streamed[0]), max(self.completion_tokens, self.streamed[1])
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -86,14 +94,19 @@ async def deltas(streams: list[AsyncIterator[Event]], requests: list[GenerationR
     """Deltas of every choice of every request, as the engine steps; fills `usage` as requests end."""
     n = requests[0].params.num_results
     texts = [[TextStream(tokenizer, r.params.stop_sequences) for _ in range(n)] for r in requests]
+    begun: set[int] = set()
     async for i, event in merge(streams):
         usage.first_token_at = usage.first_token_at or time.monotonic()
+        if i not in begun:  # its prompt has been read
+            begun.add(i)
+            usage.streamed[0] += 1 + len(requests[i].prompt_ids)
         if isinstance(event, RequestOutput):
             usage.add(requests[i].prompt_ids, event)
             for c in event.completions:
                 text, tokens = texts[i][c.index].finish(c)
                 yield Delta(i * n + c.index, text, tokens, c.finish)
             continue
+        usage.streamed[1] += len(event)
         for index, token in event:
             texts[i][index].push(token)
         for index in dict.fromkeys(index for index, _ in event):

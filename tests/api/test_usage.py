@@ -129,6 +129,8 @@ def test_n_concurrent_requests_give_n_rows_with_their_usage(server, carol):
                         (r.prompt_tokens, r.completion_tokens) if r.status == "ok" else None) for r in got)
     assert recorded == expected
     assert all(r.latency_ms > 0 for r in got)
+    cut = [r for r in got if r.status == "cancelled"]  # billed what they had read and generated
+    assert cut and all(r.prompt_tokens > 1 and r.completion_tokens >= 1 for r in cut)
     assert all(r.first_token_ms is not None and r.first_token_ms <= r.latency_ms for r in got if r.status == "ok")
 
     after = httpx.get(f"{server.url}/metrics").text
