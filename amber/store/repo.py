@@ -96,11 +96,8 @@ class Store:
 
     def account_for_key(self, key: str) -> AccountInfo | None:
         """The account owning an active key; None for unknown or revoked keys. One indexed lookup."""
-        query = (select(Account.id, Account.name).join(ApiKey, ApiKey.account_id == Account.id)
-                 .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
-        with self._sessions() as session:
-            row = session.execute(query).first()
-        return None if row is None else AccountInfo(id=row.id, name=row.name)
+        owner = self.key_owner(key)
+        return None if owner is None else owner[0]
 
     def key_owner(self, key: str) -> tuple[AccountInfo, str] | None:
         """The account owning an active key and the key's listed prefix (what usage is recorded under)."""
