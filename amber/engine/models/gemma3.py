@@ -29,8 +29,8 @@ from torch import nn
 
 from amber.engine.kv_cache import BatchCache
 from amber.engine.models.family import Family, FullAttention, LayerState, SlidingWindow
-from amber.engine.models.layers import (CausalLM, LayerInputs, apply_rope, attention_mask, inverse_frequencies,
-                                        rope_cos_sin, with_lora)
+from amber.engine.models.layers import (CausalLM, LayerInputs, apply_rope, attend, attention_mask,
+                                        inverse_frequencies, rope_cos_sin, with_lora)
 from amber.engine.models.llama import LORA_TARGETS, MLP, O_PROJ, PEFT_TARGETS, QKV, fused
 
 if TYPE_CHECKING:
@@ -146,18 +146,12 @@ class Attention(nn.Module):
 
     def forward(self, x, inputs: LayerInputs, lora: LoraBatch | None) -> torch.Tensor:
         """x: (tokens, hidden), the batch's rows one after another; `inputs.cache.shape` is (batch, seq)."""
-        cache, batch, seq = inputs.cache, *inputs.cache.shape
         qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x))
         qkv = qkv.view(-1, self.heads + 2 * self.kv_heads, self.head_dim)
         # each head normed, then rotated in the residual stream's dtype (cos's), as Llama's
-        q = apply_rope(self.q_norm(qkv[:, :self.heads]), inputs.cos, inputs.sin).to(cache.dtype)
+        q = apply_rope(self.q_norm(qkv[:, :self.heads]), inputs.cos, inputs.sin)
         k = apply_rope(self.k_norm(qkv[:, self.heads:self.heads + self.kv_heads]), inputs.cos, inputs.sin)
-        keys, values = cache.write_and_read(self.layer, k.to(cache.dtype),
-                                            qkv[:, self.heads + self.kv_heads:].to(cache.dtype))
-        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask, scale=self.scale,
-                                             enable_gqa=self.heads != self.kv_heads)
-        out = out.transpose(1, 2).reshape(batch * seq, -1)
+        out = attend(inputs.cache, self.layer, q, k, qkv[:, self.heads + self.kv_heads:], inputs.mask, self.scale)
         return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (tokens, hidden)
 
 

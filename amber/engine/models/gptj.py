@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amber.engine.models.family import Family, FullAttention
-from amber.engine.models.layers import CausalLM, LayerInputs, with_lora
+from amber.engine.models.layers import CausalLM, LayerInputs, attend, with_lora
 
 if TYPE_CHECKING:
     from amber.engine.lora import LoraBatch
@@ -107,19 +107,11 @@ class Attention(nn.Module):
 
     def forward(self, x, inputs: LayerInputs, lora: LoraBatch | None) -> torch.Tensor:
         """x: (tokens, hidden), the batch's rows one after another; `inputs.cache.shape` is (batch, seq)."""
-        cache, batch, seq = inputs.cache, *inputs.cache.shape
         qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x)).view(-1, 3 * self.heads, self.head_dim)
         qk = apply_rotary(qkv[:, :2 * self.heads], inputs.cos, inputs.sin)  # in the residual's dtype, as Llama
-        v = qkv[:, 2 * self.heads:]
-        if qk.dtype != cache.dtype:
-            qk = qk.to(cache.dtype)
-        if v.dtype != cache.dtype:
-            v = v.to(cache.dtype)
-        keys, values = cache.write_and_read(self.layer, qk[:, self.heads:], v)
-        q = qk[:, :self.heads].view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         # scale 1/sqrt(head_dim), as GPT-J's
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask)
-        out = out.transpose(1, 2).reshape(batch * seq, -1)
+        out = attend(inputs.cache, self.layer, qk[:, :self.heads], qk[:, self.heads:], qkv[:, 2 * self.heads:],
+                     inputs.mask)
         return with_lora(lora, self.layer, OUT, out, self.out_proj(out))  # (tokens, hidden)
 
 

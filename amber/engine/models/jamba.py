@@ -27,7 +27,7 @@ from torch import nn
 
 from amber.engine.kv_cache import BatchCache
 from amber.engine.models.family import Family, FullAttention, Recurrent
-from amber.engine.models.layers import CausalLM, LayerInputs, attention_mask, with_lora
+from amber.engine.models.layers import CausalLM, LayerInputs, attend, attention_mask, with_lora
 from amber.engine.models.llama import RMSNorm
 
 if TYPE_CHECKING:
@@ -124,14 +124,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: BatchCache, mask, lora: LoraBatch | None) -> torch.Tensor:
         """x: (tokens, hidden), the batch's rows one after another; `cache.shape` is (batch, seq)."""
-        batch, seq = cache.shape
-        q, k, v = (with_lora(lora, self.layer, t, x, proj(x)).to(cache.dtype)
-                   for t, proj in ((Q, self.q_proj), (K, self.k_proj), (V, self.v_proj)))
-        keys, values = cache.write_and_read(self.layer, k.view(-1, self.kv_heads, self.head_dim),
-                                            v.view(-1, self.kv_heads, self.head_dim))
-        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        out = out.transpose(1, 2).reshape(batch * seq, -1)
+        q, k, v = (with_lora(lora, self.layer, t, x, proj(x)).view(-1, heads, self.head_dim)
+                   for t, proj, heads in ((Q, self.q_proj, self.heads), (K, self.k_proj, self.kv_heads),
+                                          (V, self.v_proj, self.kv_heads)))
+        out = attend(cache, self.layer, q, k, v, mask)
         return with_lora(lora, self.layer, O, out, self.o_proj(out))  # (tokens, hidden)
 
 

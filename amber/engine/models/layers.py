@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from amber.engine.kv_cache import BatchCache, KVCache
@@ -90,6 +91,22 @@ class CausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits in fp32, whatever the weights' dtype."""
         return self.lm_head(hidden).float()
+
+
+def attend(cache: BatchCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """Attention of one layer, as every family's runs it: store k, v (tokens, kv_heads, head_dim) at
+    the rows' positions in the cache, then attend each row's queries q (tokens, heads, head_dim) to
+    its slot's keys and values (`mask`: attention_mask's). q, k and v arrive in the residual
+    stream's dtype and attention runs in the cache's, which may be below it. `scale`: None for
+    1/sqrt(head_dim). Returns (tokens, heads * head_dim)."""
+    batch, seq = cache.shape
+    heads, head_dim = q.shape[1], q.shape[2]
+    keys, values = cache.write_and_read(layer, k.to(cache.dtype), v.to(cache.dtype))
+    q = q.to(cache.dtype).view(batch, seq, heads, head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=heads != k.shape[1])
+    return out.transpose(1, 2).reshape(batch * seq, -1)
 
 
 def attention_mask(positions: torch.Tensor, context: int, window: int | None = None) -> torch.Tensor | None:

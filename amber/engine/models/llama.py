@@ -19,7 +19,7 @@ from torch import nn
 
 from amber.engine.kv_cache import KVCache
 from amber.engine.models.family import Family, FullAttention
-from amber.engine.models.layers import (CausalLM, LayerInputs, apply_rope, attention_mask, gather_rows,
+from amber.engine.models.layers import (CausalLM, LayerInputs, apply_rope, attend, attention_mask, gather_rows,
                                         inverse_frequencies, rope_cos_sin, with_lora)
 from amber.engine.models.llama_decode import (DecodePlan, build_plan, decode_layers, decode_rows, rms_norm,
                                               scripted)
@@ -113,23 +113,13 @@ class Attention(nn.Module):
     def forward(self, x, inputs: LayerInputs, lora: LoraBatch | None) -> torch.Tensor:
         """x: (tokens, hidden), the batch's rows one after another; attention alone needs them
         as (batch, seq), which `inputs.cache.shape` holds."""
-        cache, batch, seq = inputs.cache, *inputs.cache.shape
         qkv = with_lora(lora, self.layer, QKV, x, self.qkv_proj(x))
         qkv = qkv.view(-1, self.heads + 2 * self.kv_heads, self.head_dim)
         # q and k rotate together, in the residual stream's dtype (cos's): in fp32 beside int8 or
         # int4 weights, whose outputs come in bf16 (rotating in bf16 moved int8's logprobs 7% more).
-        # Attention then runs in the cache's dtype, which may be below it.
         qk = apply_rope(qkv[:, :self.heads + self.kv_heads], inputs.cos, inputs.sin)
-        v = qkv[:, self.heads + self.kv_heads:]
-        if qk.dtype != cache.dtype:
-            qk = qk.to(cache.dtype)
-        if v.dtype != cache.dtype:
-            v = v.to(cache.dtype)
-        keys, values = cache.write_and_read(self.layer, qk[:, self.heads:], v)
-        q = qk[:, :self.heads].view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=inputs.mask,
-                                             enable_gqa=self.heads != self.kv_heads)
-        out = out.transpose(1, 2).reshape(batch * seq, -1)
+        out = attend(inputs.cache, self.layer, qk[:, :self.heads], qk[:, self.heads:],
+                     qkv[:, self.heads + self.kv_heads:], inputs.mask)
         return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (tokens, hidden)
 
 
