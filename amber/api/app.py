@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from amber import web
 from amber.api import docs, rate_limits
 from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
@@ -89,6 +90,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
             return JSONResponse({"status": "error", "detail": str(load_error[0])}, status_code=503)
         return JSONResponse({"status": "loading", "model": default}, status_code=503)
 
+    web.install(app)  # the studio's pages at / (amber/web: static files on the APIs above)
     return app
 
 
