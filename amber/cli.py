@@ -229,10 +229,14 @@ def _store():
 
 
 @keys_app.command("create")
-def keys_create(account: str) -> None:
+def keys_create(account: str,
+                name: Annotated[Optional[str], typer.Option(help="a label for the key, shown by `keys list`")] = None
+                ) -> None:
     """Create an API key for ACCOUNT (created if new). The key is the last line printed."""
+    if name is not None and not (1 <= len(name.strip()) <= 64 and name.strip().isprintable()):
+        raise typer.BadParameter("use 1-64 printable characters", param_hint="--name")
     try:
-        key = _store().create_key(account)
+        key = _store().create_key(account, name.strip() if name else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="ACCOUNT") from exc
     console.print(f"API key for account {account!r} (shown once, stored hashed):", highlight=False)
@@ -243,7 +247,8 @@ def keys_create(account: str) -> None:
 def keys_list(account: str) -> None:
     """List ACCOUNT's keys by prefix."""
     for info in _store().list_keys(account):
-        print(f"{info.prefix}…  created {info.created_at:%Y-%m-%d %H:%M}  {'revoked' if info.revoked else 'active'}")
+        print(f"{info.prefix}…  created {info.created_at:%Y-%m-%d %H:%M}  {'revoked' if info.revoked else 'active'}"
+              + (f"  {info.name}" if info.name else ""))
 
 
 @keys_app.command("revoke")

@@ -11,6 +11,7 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from amber.engine.engine import Engine
 from amber.engine.types import AdapterRef, GenerationRequest, RequestOutput, SamplingParams
@@ -37,6 +38,17 @@ def separator_for(examples: list[Example]) -> str:
     """Blank-line separated shots, or single lines when no completion spans lines (the common case
     for classification, and the stop sequence that then ends each answer)."""
     return "\n\n" if any("\n" in e.completion.strip() for e in examples) else "\n"
+
+
+def fit_shots(encode: Callable[[str], list[int]], train: list[Example], prompts: list[str], separator: str,
+              max_tokens: int, max_context: int, shots: int = DEFAULT_SHOTS) -> int:
+    """How many of the first `shots` training examples to put before each prompt: the most for which
+    every k-shot prompt, with BOS and `max_tokens`, fits `max_context` (0 if even none fits)."""
+    shots = min(shots, len(train))
+    while shots and max(1 + len(encode(few_shot_prompt(train[:shots], p, separator)))
+                        for p in prompts) + max_tokens > max_context:
+        shots -= 1
+    return shots
 
 
 def _run_one(engine: Engine, prompt: str, max_tokens: int, stop: str, adapter: AdapterRef | None
@@ -76,10 +88,8 @@ def evaluate(engine: Engine, adapter: AdapterRef, train: list[Example], held_out
     separator = separator_for(train + held_out)
     longest = max(len(tokenizer.encode(e.completion)) for e in train + held_out)
     max_tokens = longest + 4  # room to be wrong by a little, not to ramble
-    shots = min(shots, len(train))
-    while shots and max(1 + len(tokenizer.encode(few_shot_prompt(train[:shots], e.prompt, separator)))
-                        for e in held_out) + max_tokens > engine.max_context:
-        shots -= 1
+    shots = fit_shots(tokenizer.encode, train, [e.prompt for e in held_out], separator, max_tokens,
+                      engine.max_context, shots)
     answers = [e.completion for e in held_out]
     custom = _score(engine, [e.prompt for e in held_out], answers, max_tokens, separator, adapter)
     few_shot = _score(engine, [few_shot_prompt(train[:shots], e.prompt, separator) for e in held_out],

@@ -38,6 +38,13 @@ def test_keys_create_prints_the_key_last_and_stores_only_its_hash(tmp_path):
     assert "revoked" in amber(tmp_path, "keys", "list", "alice").stdout
 
 
+def test_keys_can_be_named_and_list_shows_the_name(tmp_path):
+    key = amber(tmp_path, "keys", "create", "alice", "--name", " ci runner ").stdout.strip().splitlines()[-1]
+    listed = amber(tmp_path, "keys", "list", "alice").stdout
+    assert key[:14] in listed and listed.rstrip().endswith("ci runner")
+    assert amber(tmp_path, "keys", "create", "alice", "--name", "").returncode == 2
+
+
 def test_bad_account_name_is_a_usage_error(tmp_path):
     out = amber(tmp_path, "keys", "create", "no spaces allowed")
     assert out.returncode == 2 and "account" in (out.stderr + out.stdout).lower()

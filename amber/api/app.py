@@ -21,6 +21,9 @@ from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
 from amber.api.studio.custom_models import router as custom_models_router
 from amber.api.studio.datasets import router as datasets_router
+from amber.api.studio.few_shot import router as few_shot_router
+from amber.api.studio.export import router as export_router
+from amber.api.studio.keys import router as keys_router
 from amber.api.studio.usage import router as usage_router
 from amber.api.metering import Metering, Metrics
 from amber.api.errors import unavailable, validation_error
@@ -64,6 +67,9 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.state.limiter = Limiter()  # one for both APIs: an account's limits span them
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
     app.include_router(custom_models_router)
+    app.include_router(export_router)
+    app.include_router(few_shot_router)
+    app.include_router(keys_router)
     app.include_router(usage_router)
     app.include_router(ai21_chat_router)
     app.include_router(ai21_router)

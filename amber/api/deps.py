@@ -7,7 +7,7 @@ from fastapi import Depends, HTTPException, Request
 
 from amber.api import rate_limits
 from amber.serving import ModelPool
-from amber.store.repo import AccountInfo
+from amber.store.repo import AccountInfo, hash_key
 from amber.store.repo import Store as StoreType
 
 
@@ -30,6 +30,7 @@ def current_account(request: Request, store: Annotated[StoreType, Depends(get_st
     if account is None:
         raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     rate_limits.remember(request, account.id, store.own_limits(account.id))
+    request.state.key_hash = hash_key(key.strip())  # which of the account's keys this is; never the key
     return account
 
 

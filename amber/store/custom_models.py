@@ -96,6 +96,10 @@ def _same_account():
     return (CustomModel.dataset_id == Dataset.id) & (CustomModel.account_id == Dataset.account_id)
 
 
+def _rows_of(dataset_id: int, split: str | None) -> list:
+    return [DatasetRow.dataset_id == dataset_id, *([DatasetRow.split == split] if split is not None else [])]
+
+
 class DatasetRepo:
     def __init__(self, sessions: sessionmaker[Session]):
         self._sessions = sessions
@@ -143,13 +147,18 @@ class DatasetRepo:
             row = session.execute(self._query(account_id).where(Dataset.name == id_or_name)).first()
         return None if row is None else _dataset(*row)
 
-    def rows(self, dataset_id: int, split: str | None = None) -> list[ExampleRow]:
-        query = select(DatasetRow).where(DatasetRow.dataset_id == dataset_id).order_by(DatasetRow.id)
-        if split is not None:
-            query = query.where(DatasetRow.split == split)
+    def rows(self, dataset_id: int, split: str | None = None, offset: int = 0,
+             limit: int | None = None) -> list[ExampleRow]:
+        """The dataset's rows in upload order (of one split if given); `offset`/`limit` page in SQL."""
+        query = (select(DatasetRow).where(*_rows_of(dataset_id, split)).order_by(DatasetRow.id)
+                 .offset(offset).limit(limit))
         with self._sessions() as session:
             return [ExampleRow(r.source_row, r.split, r.prompt, r.completion, r.messages)
                     for r in session.scalars(query)]
+
+    def count_rows(self, dataset_id: int, split: str | None = None) -> int:
+        with self._sessions() as session:
+            return session.scalar(select(func.count(DatasetRow.id)).where(*_rows_of(dataset_id, split)))
 
     def delete(self, account_id: int, dataset_id: int) -> bool:
         with self._sessions.begin() as session:

@@ -1,7 +1,9 @@
 """Opening the database: an Engine over one SQLite file shared by several processes.
 
 Owns connection settings (WAL, foreign keys, busy timeout), table creation, and bringing a file
-made by an older Amber up to the current schema. The API server and the training worker each open
+made by an older Amber up to the current schema: tables it lacks are created, nullable columns it
+lacks are added, and tables are rebuilt with AUTOINCREMENT. These steps are small and additive only;
+real migrations (Alembic) arrive in a later issue. The API server and the training worker each open
 the same file; WAL lets readers run alongside one writer, and the busy timeout makes a writer wait
 for another's lock instead of failing at once.
 Knows no queries; those are in `repo.py`.
@@ -10,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, event
+from sqlalchemy import Column, Engine, MetaData, Table, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.schema import CreateIndex, CreateTable
+from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
 from amber.store.tables import Base, CustomModel, Dataset
 
@@ -31,6 +33,7 @@ def open_database(url: str) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
     Base.metadata.create_all(engine)
     if is_sqlite:
+        _add_missing_columns(engine)  # first: a rebuild copies every column the table should have
         _adopt_autoincrement(engine)
     return engine
 
@@ -42,6 +45,44 @@ def _configure_sqlite(dbapi_connection, _connection_record) -> None:
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.close()
+
+
+def _missing_columns(db) -> list[Column]:
+    """The known tables' columns that the file's tables lack."""
+    missing = []
+    for table in Base.metadata.sorted_tables:
+        present = {row[1] for row in db.execute(f'PRAGMA table_info("{table.name}")')}
+        missing += [c for c in table.columns if c.name not in present]
+    return missing
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """ALTER TABLE ADD COLUMN for each nullable column a file made by an older Amber lacks.
+
+    Checked again inside one BEGIN IMMEDIATE transaction, so that of two processes opening the file
+    at once the second finds the columns there and adds nothing. A missing column that cannot be
+    null has no value for the existing rows: that needs a real migration, and is refused."""
+    raw = engine.raw_connection()
+    db, isolation = raw.driver_connection, raw.driver_connection.isolation_level
+    try:
+        if not _missing_columns(db):
+            return
+        db.isolation_level = None  # autocommit: the transaction below is the explicit one
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for column in _missing_columns(db):
+                if not column.nullable:
+                    raise RuntimeError(f"the database lacks {column.table.name}.{column.name}, which cannot "
+                                       "be added in place; it needs a migration")
+                ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                db.execute(f'ALTER TABLE "{column.table.name}" ADD COLUMN {ddl}')
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.isolation_level = isolation
+        raw.close()
 
 
 def _autoincrement_tables() -> list[Table]:

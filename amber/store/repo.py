@@ -45,6 +45,14 @@ class KeyInfo:
     prefix: str
     created_at: datetime
     revoked: bool
+    name: str | None = None
+    key_hash: str = ""  # sha256 of the key: tells which listed key a request used (not a secret)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    key: str  # the only time the key's text exists outside its owner
+    info: KeyInfo
 
 
 def hash_key(key: str) -> str:
@@ -73,17 +81,22 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    def create_key(self, account_name: str) -> str:
+    def create_key(self, account_name: str, name: str | None = None) -> str:
         """A new key for the account, which is created if missing. The only time the key is seen."""
+        return self.issue_key(account_name, name).key
+
+    def issue_key(self, account_name: str, name: str | None = None) -> NewKey:
+        """`create_key`, with the new key's listing. `name` is a label the caller has checked."""
         check_account_name(account_name)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = ApiKey(key_hash=hash_key(key), prefix=key[:PREFIX_CHARS], name=name, created_at=utcnow())
         with self._sessions.begin() as session:
             # One atomic statement, so two processes creating the same account cannot collide.
             session.execute(insert(Account).values(name=account_name, created_at=utcnow())
                             .on_conflict_do_nothing(index_elements=[Account.name]))
-            account_id = session.scalar(select(Account.id).where(Account.name == account_name))
-            session.add(ApiKey(account_id=account_id, key_hash=hash_key(key), prefix=key[:PREFIX_CHARS]))
-        return key
+            row.account_id = session.scalar(select(Account.id).where(Account.name == account_name))
+            session.add(row)
+        return NewKey(key, KeyInfo(row.prefix, row.created_at, False, name, row.key_hash))
 
     def ensure_account(self, account_name: str) -> AccountInfo:
         """The account, created if missing (the CLI acts for a named local account)."""
@@ -116,12 +129,12 @@ class Store:
     def list_keys(self, account_name: str) -> list[KeyInfo]:
         """The account's keys, oldest first, revoked ones included; [] for an unknown account."""
         check_account_name(account_name)
-        query = (select(ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at)
+        query = (select(ApiKey.prefix, ApiKey.created_at, ApiKey.revoked_at, ApiKey.name, ApiKey.key_hash)
                  .join(Account, ApiKey.account_id == Account.id)
                  .where(Account.name == account_name).order_by(ApiKey.id))
         with self._sessions() as session:
             rows = session.execute(query).all()
-        return [KeyInfo(r.prefix, r.created_at, r.revoked_at is not None) for r in rows]
+        return [KeyInfo(r.prefix, r.created_at, r.revoked_at is not None, r.name, r.key_hash) for r in rows]
 
     def revoke_key(self, prefix_or_key: str) -> bool:
         """Revoke one active key, named by its full text or its listed prefix.
@@ -130,17 +143,22 @@ class Store:
         several active keys revokes nothing and raises ValueError.
         """
         if len(prefix_or_key) > PREFIX_CHARS:
-            match = ApiKey.key_hash == hash_key(prefix_or_key)
-        else:
-            match = ApiKey.prefix == prefix_or_key
-        statement = (update(ApiKey).where(match, ApiKey.revoked_at.is_(None))
+            return self._revoke(ApiKey.key_hash == hash_key(prefix_or_key))
+        return self._revoke(ApiKey.prefix == prefix_or_key)
+
+    def revoke_own_key(self, account_id: int, prefix: str) -> bool:
+        """Revoke the account's active key with this listed prefix; another account's is never
+        touched. True if one was revoked now; ValueError (nothing revoked) if several match."""
+        return self._revoke(ApiKey.prefix == prefix, ApiKey.account_id == account_id)
+
+    def _revoke(self, *match) -> bool:
+        statement = (update(ApiKey).where(*match, ApiKey.revoked_at.is_(None))
                      .values(revoked_at=utcnow()).execution_options(synchronize_session=False))
         with self._sessions() as session, session.begin():
             # The UPDATE is the check: counting first would race with another process's insert.
             revoked = session.execute(statement).rowcount
-            if revoked > 1:
-                raise ValueError(f"prefix {prefix_or_key!r} matches {revoked} active keys; "
-                                 "give the full key")
+            if revoked > 1:  # raising inside the transaction rolls the UPDATE back
+                raise ValueError(f"that prefix matches {revoked} active keys; give the full key")
         return revoked == 1
 
     def own_limits(self, account_id: int) -> OwnLimits:

@@ -55,6 +55,7 @@ class ApiKey(Base):
         ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex; the key is never stored
     prefix: Mapped[str] = mapped_column(String(32), index=True)      # shown in listings, used to revoke
+    name: Mapped[str | None] = mapped_column(String(64))             # the owner's label, for listings
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
 

@@ -97,7 +97,7 @@ async def list_custom_models(account: Account, store: Store) -> list[dict]:
     return [custom_model_json(m) for m in store.custom_models.list(account.id)]
 
 
-def _get(store, account, model_id: str) -> CustomModelInfo:
+def owned_model(store, account, model_id: str) -> CustomModelInfo:
     model = store.custom_models.get(account.id, int(model_id)) if model_id.isdigit() else None
     if model is None:
         raise not_found(f"custom model {model_id!r} does not exist")
@@ -106,12 +106,12 @@ def _get(store, account, model_id: str) -> CustomModelInfo:
 
 @router.get("/custom-model/{model_id}", responses=docs.ai21(404))
 async def get_custom_model(model_id: str, account: Account, store: Store) -> dict:
-    return custom_model_json(_get(store, account, model_id))
+    return custom_model_json(owned_model(store, account, model_id))
 
 
 @router.put("/custom-model/{model_id}", responses=docs.ai21(400, 404))
 async def update_custom_model(model_id: str, body: UpdateCustomModel, account: Account, store: Store) -> dict:
-    model = _get(store, account, model_id)
+    model = owned_model(store, account, model_id)
     done = model.current_epoch or 0
     if not 1 <= body.defaultEpoch <= done:
         raise invalid(("body", "defaultEpoch"), f"defaultEpoch must be a trained epoch, 1..{done}"
@@ -122,7 +122,7 @@ async def update_custom_model(model_id: str, body: UpdateCustomModel, account: A
 @router.delete("/custom-model/{model_id}", responses=docs.ai21(404))
 async def delete_custom_model(model_id: str, account: Account, pool: Pool, store: Store) -> dict:
     """Deletes the record and its adapters; a worker training it stops at its next step."""
-    model = _get(store, account, model_id)
+    model = owned_model(store, account, model_id)
     store.custom_models.delete(account.id, model.id)
     shutil.rmtree(pool.config.custom_model_dir(model.id), ignore_errors=True)
     return {"id": model_id, "deleted": True}

@@ -1,4 +1,5 @@
-"""Datasets: `POST/GET /studio/v1/dataset`, `GET/DELETE /studio/v1/dataset/{id}`.
+"""Datasets: `POST/GET /studio/v1/dataset`, `GET/DELETE /studio/v1/dataset/{id}`, and a page of a
+dataset's rows, `GET /studio/v1/dataset/{id}/rows`.
 
 Translates the multipart form into `save_dataset`'s arguments (the rules live in
 `amber/datasets/parse.py`, the keeping in `amber/datasets/store.py`) and errors into 422s.
@@ -15,9 +16,9 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Annotated, BinaryIO, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from python_multipart.exceptions import MultipartParseError
@@ -229,6 +230,22 @@ async def get_dataset(dataset_id: str, account: Account, store: Store) -> dict:
     if info is None:
         raise not_found(f"dataset {dataset_id!r} does not exist")
     return dataset_json(info)
+
+
+@router.get("/dataset/{dataset_id}/rows", responses=docs.ai21(404, 422))
+async def dataset_rows(dataset_id: str, account: Account, store: Store,
+                       split: Literal["train", "validation"] | None = None,
+                       offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+                       limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict:
+    """A page of the rows as parsed (both splits, in upload order, unless `split` names one);
+    `row` is the row's place in the uploaded file, `total` the count of rows matching."""
+    ident = _id(dataset_id)
+    if store.datasets.get(account.id, ident) is None:
+        raise not_found(f"dataset {dataset_id!r} does not exist")
+    rows = store.datasets.rows(ident, split, offset, limit)
+    return {"rows": [{"row": r.source_row, "split": r.split, "prompt": r.prompt, "completion": r.completion,
+                      "messages": r.messages} for r in rows],
+            "total": store.datasets.count_rows(ident, split)}
 
 
 @router.delete("/dataset/{dataset_id}", responses=docs.ai21(404, 409))
