@@ -53,7 +53,7 @@ def _build(loaded: LoadedModel, rows: list[ExampleRow], body: FewShotRequest) ->
             "maxTokens": body.maxTokens}
 
 
-@router.post("/custom-model/{model_id}/few-shot", responses=docs.ai21(404, 409, 422))
+@router.post("/custom-model/{model_id}/few-shot", responses=docs.ai21(400, 404, 409, 422))
 async def few_shot(model_id: str, body: FewShotRequest, account: Account, pool: Pool, store: Store) -> dict:
     """The k-shot prompt for `prompt` on the custom model's base model: the first `shots` training
     rows (fewer if prompt + maxTokens would not fit the context), each followed by the separator,

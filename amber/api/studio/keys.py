@@ -53,7 +53,7 @@ async def list_keys(request: Request, account: Account, store: Store) -> dict:
                      for k in store.list_keys(account.name)]}
 
 
-@router.post("/keys", responses=docs.ai21(422))
+@router.post("/keys", responses=docs.ai21(400, 422))
 async def create_key(account: Account, store: Store, body: CreateKey | None = None) -> dict:
     """A new key for the caller's account; `key` is its only showing."""
     new = store.issue_key(account.name, body.name if body else None)
