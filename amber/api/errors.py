@@ -13,9 +13,11 @@ from fastapi.responses import JSONResponse
 from amber.api.routing import without_surrogates
 
 
-def invalid(loc: tuple, msg: str) -> HTTPException:
-    """A 422 naming the offending field, shaped like FastAPI's own validation errors."""
-    return HTTPException(status_code=422, detail=[{"loc": list(loc), "msg": msg, "type": "value_error"}])
+def invalid(loc: tuple, msg: str, rows: list[int] | None = None) -> HTTPException:
+    """A 422 naming the offending field, shaped like FastAPI's own validation errors; `rows`: the
+    numbers of an uploaded file's rows at fault, every one (the message cites the first few)."""
+    error = {"loc": list(loc), "msg": msg, "type": "value_error"}
+    return HTTPException(status_code=422, detail=[{**error, "rows": rows} if rows else error])
 
 
 def not_found(what: str) -> HTTPException:

@@ -39,9 +39,9 @@ _TOKEN_BATCH = 1024  # texts per count_tokens call
 class DatasetError(Exception):
     """A problem the uploader must fix; `field` is the form field to look at."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, rows: list[int] | tuple[int, ...] = ()):
         super().__init__(message)
-        self.field, self.message = field, message
+        self.field, self.message, self.rows = field, message, list(rows)  # rows: every one at fault
 
 
 @dataclass(frozen=True)
@@ -186,9 +186,9 @@ def _read_jsonl(source: BinaryIO, max_rows: int) -> tuple[list[str], Records]:
                 record = json.loads(line) if line.strip() else None
             except json.JSONDecodeError as e:
                 raise DatasetError("dataset_file", f"line {number} is not valid JSON ({e.msg} at column "
-                                                   f"{e.colno}); expected one JSON object per line") from None
+                                                   f"{e.colno}); expected one JSON object per line", [number]) from None
             if record is not None and not isinstance(record, dict):
-                raise DatasetError("dataset_file", f"line {number} is not a JSON object; expected one per line")
+                raise DatasetError("dataset_file", f"line {number} is not a JSON object; expected one per line", [number])
             records.append((number, record))
     finally:
         lines.detach()  # the caller's file stays open
@@ -208,7 +208,7 @@ def _read_delimited(source: BinaryIO, kind: str, max_rows: int) -> tuple[list[st
             blank = not any(f.strip() for f in fields)
             if not blank and len(fields) != len(columns):
                 raise DatasetError("dataset_file", f"row {number} has {_count(len(fields), 'field')} but the header "
-                                                   f"has {len(columns)}; quote values that hold the separator")
+                                                   f"has {len(columns)}; quote values that hold the separator", [number])
             records.append((number, None if blank else dict(zip(columns, fields))))
     except csv.Error as e:
         raise DatasetError("dataset_file", f"row {len(records) + 1} is not valid {kind.upper()}: {e}") from None
@@ -253,7 +253,7 @@ def _is_chat(records: Records) -> bool:
     (first, chat), odd = shapes[0], [number for number, c in shapes if c != shapes[0][1]]
     if odd:
         raise DatasetError("dataset_file", f"{_cite(odd)} differ in shape from row {first} ("
-                           f"{'chat' if chat else 'prompt/completion'}); a file is all prompt/completion or all chat")
+                           f"{'chat' if chat else 'prompt/completion'}); a file is all prompt/completion or all chat", odd)
     return chat
 
 
@@ -264,7 +264,7 @@ def _prompt_completion_rows(records: Records, mapping: dict[str, str]) -> tuple[
         for column, value in zip(mapping.values(), values):
             if not isinstance(value, str):
                 problem = "has no" if column not in record else "has a non-string"
-                raise DatasetError("dataset_file", f"row {number} {problem} {column!r} value")
+                raise DatasetError("dataset_file", f"row {number} {problem} {column!r} value", [number])
         blank = [not v.strip() for v in values]
         if all(blank):
             empty.append(number)
@@ -273,7 +273,7 @@ def _prompt_completion_rows(records: Records, mapping: dict[str, str]) -> tuple[
             rows.append(Row(number, *values))
     if half_empty:
         raise DatasetError("dataset_file", f"{_cite(half_empty)}: a row needs both a prompt and a completion "
-                                           "(a row with neither is skipped)")
+                                           "(a row with neither is skipped)", half_empty)
     return rows, empty
 
 
@@ -284,7 +284,7 @@ def _chat_rows(records: Records) -> tuple[list[Row], list[int]]:
 
 def _chat_messages(number: int, messages) -> tuple[dict[str, str], ...]:
     def bad(problem: str) -> DatasetError:
-        return DatasetError("dataset_file", f"row {number}: {problem}")
+        return DatasetError("dataset_file", f"row {number}: {problem}", [number])
 
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list")
@@ -346,7 +346,7 @@ def _drop_long(rows: list[Row], count_tokens: Callable[[list[str]], list[int]], 
         long_rows.update(r.index for r, n in zip(batch, count_tokens([text(r) for r in batch])) if n > max_tokens)
     if long_rows and not delete:
         raise DatasetError("delete_long_rows", f"{_cite(sorted(long_rows))} exceed the model's limit of "
-                                               f"{max_tokens} tokens; delete_long_rows=true removes them")
+                                               f"{max_tokens} tokens; delete_long_rows=true removes them", sorted(long_rows))
     return [r for r in rows if r.index not in long_rows], sorted(long_rows)
 
 

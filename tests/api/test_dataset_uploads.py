@@ -280,3 +280,19 @@ def test_an_existing_home_is_made_private(tmp_path):
     assert subprocess.run([AMBER, "models"], env={**os.environ, "AMBER_HOME": str(fresh)},
                           capture_output=True, timeout=120).returncode == 0
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700 and _open_to_others(fresh) == []
+
+
+@pytest.mark.parametrize("content, filename, at_fault", [
+    (rows(3) + b'{"prompt": "x", "completion": ""}\n' + rows(2) + b'{"prompt": "", "completion": "y"}\n',
+     b"half.jsonl", [4, 7]),
+    (rows(2) + b"not json\n", b"bad.jsonl", [3]),
+    (b"prompt,completion\na,b\nc,d,e\n", b"wide.csv", [2]),
+    (rows(1) + b'{"messages": [{"role": "user", "content": "hi"}]}\n', b"mixed.jsonl", [2]),
+])
+def test_a_refused_upload_names_every_row_at_fault(server, content, filename, at_fault):
+    """Besides the sentence (which cites the first few), `rows` lists each row to fix, so a page can
+    show them one by one."""
+    r = upload(server, server.key, "refused", content, filename)
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", "dataset_file"] and error["rows"] == at_fault

@@ -187,7 +187,7 @@ async def _create(form: _Form, account: Account, pool: Pool, store: Store) -> di
         info = await run_in_threadpool(save_dataset, store, pool.config, account.id, name, form.filename, form.file,
                                        loaded.tokenizer, loaded.spec.max_context - 1, **options)
     except DatasetError as exc:
-        raise invalid(("body", exc.field), str(exc)) from exc
+        raise invalid(("body", exc.field), str(exc), exc.rows) from exc
     except NameTaken as exc:
         raise invalid(("body", "dataset_name"), str(exc)) from exc
     except OSError as exc:  # its message names server paths: the log has it, the answer does not

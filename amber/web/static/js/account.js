@@ -65,20 +65,29 @@ function rowNumbers(report) {
   return items.length ? h("ul", { class: "report" }, items) : null;
 }
 
-// A 422 from the upload: each error, and the file rows it names, one per line.
-function uploadErrors(err) {
+const SHOWN_ROWS = 20;
+
+// A 422 from the upload: each error, then a table of the rows it names, with each row's text when
+// the file is JSON Lines (row n is line n; a CSV row may span lines, so only its number is shown).
+async function uploadErrors(err, file) {
   const details = Array.isArray(err.detail) ? err.detail : [{ loc: [], msg: err.message }];
+  const lines = file && /\.jsonl?$/i.test(file.name) && details.some((d) => d.rows) ? (await file.text()).split("\n") : null;
   return h("div", { class: "error", role: "alert" }, h("p", null, "The file was not accepted:"),
-    h("ul", null, details.map((d) => {
-      const rows = d.rows ? ` (rows ${d.rows.join(", ")})` : "";
+    details.map((d) => {
       const where = (d.loc || []).filter((p) => p !== "body").join(".");
-      return h("li", null, where ? h("strong", null, `${where}: `) : null, d.msg + rows);
-    })));
+      const rows = d.rows || [];
+      return [h("p", null, where ? h("strong", null, `${where}: `) : null, d.msg),
+        rows.length ? h("table", { class: "list rows-at-fault", tabindex: "0" },
+          h("caption", null, `${rows.length} row${rows.length > 1 ? "s" : ""} to fix${rows.length > SHOWN_ROWS ? ` (first ${SHOWN_ROWS} shown)` : ""}`),
+          h("thead", null, h("tr", null, h("th", { scope: "col" }, "Row"), lines ? h("th", { scope: "col" }, "Content") : null)),
+          h("tbody", null, rows.slice(0, SHOWN_ROWS).map((n) => h("tr", null, h("td", null, String(n)),
+            lines ? h("td", null, h("pre", null, (lines[n - 1] || "").slice(0, 300))) : null)))) : null];
+    }));
 }
 
 async function preview(dataset, into) {
   const page = await get(`/studio/v1/dataset/${dataset.id}/rows?limit=20`);
-  replace(into, h("table", { class: "list preview" },
+  replace(into, h("table", { class: "list preview", tabindex: "0" },
     h("caption", null, `${dataset.datasetName}: first ${page.rows.length} of ${page.total} rows`),
     h("thead", null, h("tr", null, ["Row", "Split", "Prompt", "Completion"].map((t) => h("th", { scope: "col" }, t)))),
     h("tbody", null, page.rows.map((r) => h("tr", null, h("td", null, String(r.row)), h("td", null, r.split),
@@ -114,7 +123,7 @@ async function datasetsSection(el, onChange) {
           + `${made.validationNumExamples} validation examples.`), rowNumbers(made.report || {})));
       onChange();
     } catch (err) {
-      replace(result, uploadErrors(err));
+      replace(result, await uploadErrors(err, file.files[0]));
     } finally {
       upload.disabled = false;
     }
@@ -163,7 +172,7 @@ function evaluationView(ev) {
   if (!ev || !ev.custom_model) return ev ? h("p", { class: "meta" }, "No evaluation: the dataset has no validation rows.") : null;
   const row = (label, r) => h("tr", null, h("th", { scope: "row" }, label), h("td", null, `${fmt.pct(r.accuracy)} (${r.correct}/${ev.examples})`),
     h("td", null, fmt.ms(r.mean_latency_s)));
-  return h("table", { class: "list evaluation" },
+  return h("table", { class: "list evaluation", tabindex: "0" },
     h("caption", null, `Against ${ev.shots}-shot prompting, epoch ${ev.epoch}, ${ev.examples} validation examples`),
     h("thead", null, h("tr", null, h("th", { scope: "col" }, ""), h("th", { scope: "col" }, "exact match"), h("th", { scope: "col" }, "mean latency"))),
     h("tbody", null, row("custom model", ev.custom_model), row(`${ev.shots}-shot base model`, ev.few_shot)),

@@ -23,7 +23,7 @@ function report(data) {
       { name: "prompt tokens", values: byDay("promptTokens"), class: "prompt" },
       { name: "completion tokens", values: byDay("completionTokens"), class: "completion" },
     ]),
-    data.usage.length ? h("table", { class: "list usage" }, h("caption", null, "By day, model and key"),
+    data.usage.length ? h("table", { class: "list usage", tabindex: "0" }, h("caption", null, "By day, model and key"),
       h("thead", null, h("tr", null, ["Day", "Model", "Key", "Requests", "Failed", "Prompt tokens", "Completion tokens"]
         .map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", null, data.usage.map((r) => h("tr", null, h("td", null, r.date), h("td", null, r.model || "—"),
