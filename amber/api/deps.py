@@ -26,7 +26,8 @@ def current_account(request: Request, store: Annotated[StoreType, Depends(get_st
         raise HTTPException(401, "missing API key: send 'Authorization: Bearer KEY' "
                                  "(create one with `amber keys create ACCOUNT`)",
                             headers={"WWW-Authenticate": "Bearer"})
-    account = store.account_for_key(key.strip())
+    owner = getattr(request.state, "key_owner", None)  # the meter's lookup of this same header
+    account = owner[0] if owner is not None else store.account_for_key(key.strip())
     if account is None:
         raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     rate_limits.remember(request, account.id, store.own_limits(account.id))

@@ -113,7 +113,9 @@ class Metering:
         api = "openai" if scope["path"].startswith("/v1/") else "ai21"
         request_id, started = uuid.uuid4().hex, time.monotonic()
         await anyio.to_thread.run_sync(self.store.usage.start, request_id, account.id, prefix, api, scope["path"])
-        record = scope.setdefault("state", {})["meter"] = Meter()
+        state = scope.setdefault("state", {})
+        record = state["meter"] = Meter()
+        state["key_owner"] = owner  # this request's key, already looked up: auth need not again
         sent = {"status": None, "ended": False}
 
         async def watch(message: Message) -> None:
@@ -130,7 +132,7 @@ class Metering:
             raised = exc
             raise
         finally:
-            status, http_status = _outcome(sent["status"], sent["ended"], raised)
+            status, http_status = _outcome(sent["status"], sent["ended"], raised, record.usage.failed)
             with anyio.CancelScope(shield=True):
                 await self._finish(request_id, api, record, status, http_status, started)
 
@@ -147,15 +149,17 @@ class Metering:
         self.metrics.observe(api, label, status, prompt_tokens, completion_tokens, now - started, first)
 
 
-def _outcome(status: int | None, ended: bool, raised: BaseException | None) -> tuple[str, int | None]:
-    """(usage status, HTTP status) of a request from what was sent and what the app raised."""
+def _outcome(status: int | None, ended: bool, raised: BaseException | None, failed: bool = False
+             ) -> tuple[str, int | None]:
+    """(usage status, HTTP status) of a request from what was sent and what the app raised;
+    `failed`: a stream that had started ended in an error event (its HTTP status stays 200)."""
     if isinstance(raised, (ClientDisconnect, OSError)) or status == CLIENT_CLOSED:
         return CANCELLED, CLIENT_CLOSED
     if raised is not None:
         return (CANCELLED, CLIENT_CLOSED) if isinstance(raised, anyio.get_cancelled_exc_class()) else (ERROR, 500)
     if status is None or not ended:  # the response never finished: the client went away mid-stream
         return CANCELLED, status if status is not None else CLIENT_CLOSED
-    return (OK if status < 400 else ERROR), status
+    return (OK if status < 400 and not failed else ERROR), status
 
 
 def _bearer(scope: Scope) -> str:

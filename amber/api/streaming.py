@@ -41,6 +41,7 @@ class Usage:
     # a stream's requests as far as they got, for one cut short (its client hung up): every
     # request's prompt once its first event arrived, and each token generated before the cut
     streamed: list[int] = field(default_factory=lambda: [0, 0], compare=False)
+    failed: bool = field(default=False, compare=False)  # a stream that ended in an error event
 
     def add(self, prompt_ids: tuple[int, ...], out: RequestOutput) -> None:
         """Count a finished request: its prompt once, every completion's tokens."""
@@ -120,19 +121,21 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def sse_events(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+async def sse_events(chunks: AsyncIterator[dict], usage: Usage) -> AsyncIterator[str]:
     """Chunks as SSE, then `[DONE]`. A failure after the response has started can only be told in
-    the stream: an `error` event (which the openai SDK raises as an APIError), and no `[DONE]`."""
+    the stream: an `error` event (which the openai SDK raises as an APIError), and no `[DONE]`;
+    `usage.failed` tells the meter, which would otherwise see a 200 that ended."""
     try:
         async for chunk in chunks:
             yield sse(chunk)
     except Exception as exc:
+        usage.failed = True
         yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
                              "param": None, "code": None}})
         return
     yield DONE
 
 
-def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    return StreamingResponse(sse_events(chunks), media_type="text/event-stream",
+def event_stream(chunks: AsyncIterator[dict], usage: Usage) -> StreamingResponse:
+    return StreamingResponse(sse_events(chunks, usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

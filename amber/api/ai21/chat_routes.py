@@ -77,7 +77,7 @@ async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, po
         async for d in deltas(streams, [request], model.loaded.tokenizer, usage):
             yield cc.jamba_delta_chunk(rid, d, usage)
 
-    return event_stream(chunks())
+    return event_stream(chunks(), usage)
 
 
 @router.post("/{model}/chat", responses=docs.ai21(400, 404, 409, 429, 499, 500))

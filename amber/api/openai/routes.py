@@ -94,7 +94,7 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
         if _include_usage(body):
             yield c.completion_body(rid, created, model.name, [], usage.as_dict())
 
-    return event_stream(chunks())
+    return event_stream(chunks(), usage)
 
 
 @router.post("/chat/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
@@ -129,4 +129,4 @@ async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool
         if _include_usage(body):
             yield c.chat_chunk(rid, created, model.name, [], usage.as_dict())
 
-    return event_stream(chunks())
+    return event_stream(chunks(), usage)
