@@ -62,7 +62,9 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
         yield
         pool.close()
 
-    app = FastAPI(title="Amber", version="0.1.0", lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's pages fetch Swagger UI and ReDoc from a CDN, which an offline
+    # server cannot reach; /openapi.json describes both APIs, and the studio's pages are at /.
+    app = FastAPI(title="Amber", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.pool, app.state.store = pool, store
     app.state.limiter = Limiter()  # one for both APIs: an account's limits span them
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
@@ -102,7 +104,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
 
 def openai_app(pool: ModelPool, store: Store) -> FastAPI:
     """The OpenAI-compatible API, mounted at /v1 (same keys, same models)."""
-    v1 = FastAPI(title="Amber (OpenAI-compatible)", version="0.1.0")
+    v1 = FastAPI(title="Amber (OpenAI-compatible)", version="0.1.0", docs_url=None, redoc_url=None)
     v1.state.pool, v1.state.store = pool, store
     v1.include_router(openai_router)
     openai_errors.install(v1)

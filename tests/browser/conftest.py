@@ -26,7 +26,7 @@ LAPTOP = {"width": 1366, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def studio(default_checkpoint, tiny_checkpoint, tmp_path_factory):
     """`amber serve` with its worker: keys for alice (`key`) and bob (`other_key`)."""
     text = registry(default_checkpoint, tiny_checkpoint)
@@ -34,8 +34,8 @@ def studio(default_checkpoint, tiny_checkpoint, tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture(scope="module")  # not session: Playwright's sync API holds an asyncio loop in this
+def browser():                    # thread while it runs, and later tests' asyncio.run() would fail
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium package"
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:

@@ -88,6 +88,12 @@ def test_pages_send_a_csp_without_inline_script(studio):
     assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", html))
     assert not re.search(r"<script[^>]*>\s*[^<\s]", html)  # no inline script body
     assert not re.search(r"\son\w+=", html)            # no inline handlers
+    assert all(link.startswith(("/", "#")) for link in re.findall(r'(?:src|href)="([^"]*)"', html))
+    for asset in (REPO / "amber/web/static").rglob("*.*"):  # nothing fetched from elsewhere, no HTML parsing
+        text = asset.read_text()
+        assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", text), asset
+        assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function", text), asset
+    assert httpx.get(studio.url + "/docs").status_code == 404  # FastAPI's page would load Swagger UI from a CDN
 
 
 def test_a_completion_shows_the_apis_logprobs_in_its_token_view(page, studio, axe_source):
@@ -96,10 +102,15 @@ def test_a_completion_shows_the_apis_logprobs_in_its_token_view(page, studio, ax
     page.get_by_label("Max tokens").fill("8")
     page.get_by_label("Results (numResults)").fill("2")
     page.get_by_label("Top alternatives (topKReturn)").fill("3")
+    page.get_by_label("Logit bias").fill("[1]")  # not an object: refused before anything is sent
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_role("alert").filter(has_text="logitBias").wait_for()
+    page.get_by_label("Logit bias").fill('{"▁banana": -5}')
     with page.expect_response(re.compile(r"/studio/v1/smollm2-135m-instruct/complete$")) as done:
         page.get_by_role("button", name="Run", exact=True).click()
     sent, got = done.value.request.post_data_json, done.value.json()
     assert sent["temperature"] == 0 and sent["numResults"] == 2 and sent["topKReturn"] == 3
+    assert sent["logitBias"] == {"▁banana": -5}
     # the same request straight to the API, from outside the browser: the same numbers
     direct = httpx.post(f"{studio.url}/studio/v1/smollm2-135m-instruct/complete", headers=studio.headers,
                         json=sent, timeout=60).json()
@@ -171,6 +182,27 @@ def test_model_output_and_prompts_render_as_text(page, studio):
     assert page.locator("main img, main script").count() == 0
     page.wait_for_timeout(300)
     assert page.watch.dialogs == []
+
+
+def test_penalties_are_sent_with_their_apply_to_flags(page, studio):
+    page.get_by_text("Penalties", exact=True).click()
+    presence = page.locator("fieldset.penalty").filter(has_text="Presence penalty")
+    presence.get_by_label("scale").fill("0.3")
+    presence.get_by_label("numbers").uncheck()
+    count = page.locator("fieldset.penalty").filter(has_text="Count penalty")
+    count.get_by_label("scale").fill("0.1")
+    count.get_by_label("stopwords").uncheck()
+    with page.expect_response(re.compile(r"/complete$")) as done:
+        page.get_by_role("button", name="Run", exact=True).click()
+    assert done.value.status == 200
+    sent = done.value.request.post_data_json
+    every = {"applyToWhitespaces": True, "applyToPunctuations": True, "applyToNumbers": True,
+             "applyToStopwords": True, "applyToEmojis": True}
+    assert sent["presencePenalty"] == {"scale": 0.3, **every, "applyToNumbers": False}
+    assert sent["countPenalty"] == {"scale": 0.1, **every, "applyToStopwords": False}
+    assert "frequencyPenalty" not in sent  # scale 0: not sent
+    page.get_by_role("button", name="Preset: Precise").click()  # presets reset the scales
+    assert presence.get_by_label("scale").input_value() == "0"
 
 
 def test_chat_streams(page, studio):

@@ -28,6 +28,8 @@ export function paramsForm() {
     topKReturn: number("topKReturn", 5, { min: 0, max: 64, step: 1 }),
     numResults: number("numResults", 1, { min: 1, max: 16, step: 1 }),
     stopSequences: h("input", { type: "text", name: "stopSequences", value: "", autocomplete: "off" }),
+    logitBias: h("input", { type: "text", name: "logitBias", value: "", autocomplete: "off", spellcheck: "false",
+      placeholder: '{"▁banana": -5}' }),
   };
   const penalties = PENALTIES.map(([name, label]) => {
     const scale = number(`${name}.scale`, 0, { min: 0, max: 500, step: 0.05 });
@@ -46,6 +48,7 @@ export function paramsForm() {
   function apply(preset) {
     for (const [name, value] of Object.entries(preset)) controls[name].value = value;
     controls.stopSequences.value = preset.stopSequences || "";
+    controls.logitBias.value = "";
   }
 
   const el = h("fieldset", { class: "params" }, h("legend", null, "Parameters"),
@@ -55,7 +58,8 @@ export function paramsForm() {
       field("Temperature", controls.temperature), field("Top P", controls.topP),
       field("Results (numResults)", controls.numResults), field("Top alternatives (topKReturn)", controls.topKReturn)),
     field("Stop sequences", controls.stopSequences, "comma-separated; write \\n for a line break"),
-    h("details", null, h("summary", null, "Penalties"), penalties.map((p) => p.el)));
+    h("details", null, h("summary", null, "Penalties"), penalties.map((p) => p.el)),
+    field("Logit bias", controls.logitBias, "a JSON object of J2 token strings to biases, -100..100"));
 
   // The J2 request body these controls describe (the prompt is added by the caller).
   function body() {
@@ -64,6 +68,15 @@ export function paramsForm() {
     for (const name of ["temperature", "topP"]) out[name] = Number(controls[name].value);
     const stops = controls.stopSequences.value.split(",").map((s) => s.trim().replaceAll("\\n", "\n")).filter(Boolean);
     if (stops.length) out.stopSequences = stops;
+    const bias = controls.logitBias.value.trim();
+    if (bias) {
+      let parsed;
+      try { parsed = JSON.parse(bias); } catch { parsed = null; }
+      if (!parsed || typeof parsed !== "object" || Array.isArray(parsed)) {
+        throw new Error('logitBias: write a JSON object such as {"▁banana": -5}');
+      }
+      out.logitBias = parsed;
+    }
     for (const p of penalties) {
       const scale = Number(p.scale.value);
       if (!scale) continue;

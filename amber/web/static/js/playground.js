@@ -63,8 +63,15 @@ function copyBar(request) {
   const kinds = [["curl", "curl"], ["ai21", "Python (ai21 SDK)"], ["openai", "Python (openai)"]];
   const buttons = kinds.map(([kind, label]) => h("button", {
     type: "button", class: "chip", onclick: async () => {
-      const { target, body } = request();
-      out.textContent = snippets[kind](location.origin, target, body);
+      let made;
+      try {
+        made = request();
+      } catch (err) {
+        out.textContent = err.message;
+        out.hidden = false;
+        return;
+      }
+      out.textContent = snippets[kind](location.origin, made.target, made.body);
       out.hidden = false;
       try {
         await navigator.clipboard.writeText(out.textContent);
@@ -132,7 +139,13 @@ export async function playground(main) {
 
   const completeForm = h("form", { class: "complete", onsubmit: async (e) => {
     e.preventDefault();
-    const { target, body } = request();
+    let target, body;
+    try {
+      ({ target, body } = request());
+    } catch (err) {
+      replace(out, errorBox(err));
+      return;
+    }
     const path = target.custom ? `/studio/v1/${encodeURIComponent(target.model)}/${encodeURIComponent(target.custom)}/complete`
       : `/studio/v1/${encodeURIComponent(target.model)}/complete`;
     if (target.custom) body.epoch = target.epoch;

@@ -27,6 +27,7 @@ export function ai21(origin, target, body) {
   if (target.custom && target.epoch) args.push(`    epoch=${target.epoch},`);
   args.push(`    prompt=${py(body.prompt)},`);
   for (const [k, name] of Object.entries(SNAKE)) if (body[k] !== undefined) args.push(`    ${name}=${py(body[k])},`);
+  if (body.logitBias) args.push(`    logit_bias=${py(body.logitBias)},`);
   const penalties = Object.entries(PENALTY_ARGS).filter(([k]) => body[k]);
   for (const [k, name] of penalties) {
     const flags = Object.entries(body[k]).filter(([f]) => f !== "scale").map(([f, v]) => `, ${PENALTY_SNAKE[f]}=${v ? "True" : "False"}`);
@@ -56,6 +57,7 @@ export function openai(origin, target, body) {
   if (body.frequencyPenalty) args.push(`    frequency_penalty=${body.frequencyPenalty.scale},`);
   const notes = [];
   if (body.countPenalty) notes.push("# countPenalty has no OpenAI equivalent; it is left out.");
+  if (body.logitBias) notes.push("# logitBias is left out: OpenAI's logit_bias takes token ids, not token strings.");
   if (body.presencePenalty || body.frequencyPenalty) {
     notes.push("# OpenAI's penalties have no applyTo flags and scale differently from J2's.");
   }
