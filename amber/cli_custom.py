@@ -204,3 +204,8 @@ def _follow(store, account_id: int, model_id: int) -> None:
     _print_evaluation(model.evaluation)
     if model.status == "FAILED":
         raise typer.Exit(1)
+
+
+from amber.cli_datagen import register_datagen_commands  # noqa: E402  (generate/generated: their own module)
+
+register_datagen_commands(datasets_app, _context)

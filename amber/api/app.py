@@ -21,6 +21,7 @@ from amber.api.ai21.chat_routes import router as ai21_chat_router
 from amber.api.ai21.routes import router as ai21_router
 from amber.api.studio.custom_models import router as custom_models_router
 from amber.api.studio.datasets import router as datasets_router
+from amber.api.studio.generate import router as generate_router
 from amber.api.studio.few_shot import router as few_shot_router
 from amber.api.studio.export import router as export_router
 from amber.api.studio.keys import router as keys_router
@@ -67,6 +68,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app = FastAPI(title="Amber", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.pool, app.state.store = pool, store
     app.state.limiter = Limiter()  # one for both APIs: an account's limits span them
+    app.include_router(generate_router)      # before datasets': /dataset/generate is no dataset id
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
     app.include_router(custom_models_router)
     app.include_router(export_router)

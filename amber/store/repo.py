@@ -19,6 +19,7 @@ from sqlalchemy.dialects.sqlite import insert
 
 from amber.store.custom_models import CustomModelRepo, DatasetRepo
 from amber.store.db import make_sessions, open_database
+from amber.store.generated import GeneratedRepo
 from amber.store.tables import Account, AccountLimits, ApiKey, utcnow
 from amber.store.usage import UsageRepo
 
@@ -73,6 +74,7 @@ class Store:
         self.datasets = DatasetRepo(self._sessions)
         self.custom_models = CustomModelRepo(self._sessions)
         self.usage = UsageRepo(self._sessions)
+        self.generated = GeneratedRepo(self._sessions)
 
     @classmethod
     def open(cls, url: str) -> Store:

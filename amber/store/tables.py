@@ -157,3 +157,27 @@ class UsageRecord(Base):
     first_token_ms: Mapped[float | None]
     started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     finished_at: Mapped[datetime | None]
+
+
+class GeneratedRow(Base):
+    """One row a generation job wrote (amber/datagen), what the filters said of it, and the
+    reviewer's word. Rows belong to their job until a reviewer saves them as a dataset, so a job cut
+    off halfway leaves no half-written dataset anywhere; a resumed job goes on after its last row.
+
+    decision: NULL (the filters decide: kept rows are in, flagged ones out) | approved | rejected.
+    """
+    __tablename__ = "generated_rows"
+    __table_args__ = (UniqueConstraint("job_id", "idx"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    idx: Mapped[int]                                           # 1-based row number in the set
+    input: Mapped[str] = mapped_column(Text)
+    output: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(16))
+    samples: Mapped[list | None] = mapped_column(JSON)         # self-consistency draws
+    confidence: Mapped[float | None]
+    reasons: Mapped[list] = mapped_column(JSON, default=list)  # filter codes; [] = kept
+    details: Mapped[list] = mapped_column(JSON, default=list)
+    decision: Mapped[str | None] = mapped_column(String(16))
+    edited: Mapped[bool] = mapped_column(default=False)

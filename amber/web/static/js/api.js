@@ -54,6 +54,7 @@ export async function request(method, path, { json, form, signal, raw } = {}) {
 export const get = (path, opts) => request("GET", path, opts);
 export const post = (path, json, opts) => request("POST", path, { ...opts, json });
 export const put = (path, json) => request("PUT", path, { json });
+export const patch = (path, json) => request("PATCH", path, { json });
 export const del = (path) => request("DELETE", path);
 
 // Server-sent events from a POST (fetch, since EventSource cannot send a body or a header):

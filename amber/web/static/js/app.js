@@ -2,12 +2,15 @@
 import { ApiError, get, session } from "./api.js";
 import { account } from "./account.js";
 import { compare } from "./compare.js";
+import { generatePage } from "./generate.js";
 import { errorBox, field, h, replace } from "./dom.js";
 import { playground } from "./playground.js";
 import { usage } from "./usage.js";
 
-const PAGES = { "/playground": playground, "/compare": compare, "/account": account, "/usage": usage };
-const TITLES = { "/playground": "Playground", "/compare": "Compare", "/account": "Account", "/usage": "Usage" };
+const PAGES = { "/playground": playground, "/compare": compare, "/generate": generatePage, "/account": account,
+  "/usage": usage };
+const TITLES = { "/playground": "Playground", "/compare": "Compare", "/generate": "Generate data", "/account": "Account",
+  "/usage": "Usage" };
 let generation = 0;  // a page's pollers stop once another page is shown
 
 function signIn(main, problem) {
