@@ -1,0 +1,1 @@
+"""Synthetic training data: a general model writes rows for a custom model; `filters` judges them."""
