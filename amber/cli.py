@@ -2,7 +2,7 @@
 Builds Config, then dispatches.
 
     amber serve            serve the API (default http://127.0.0.1:8000), with a training worker
-    amber worker           train queued custom models (what `serve` starts)
+    amber worker           run queued jobs: custom-model training, ... (what `serve` starts)
     amber models           list the registry's models; `models add|remove` edit it;
                            `models train|show|export` for custom ones
     amber datasets upload  upload a training set
@@ -90,7 +90,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
 def run_worker(once: Annotated[bool, typer.Option(help="exit when no job is waiting")] = False,
                parent: Annotated[Optional[int], typer.Option(hidden=True, help="exit when this pid is gone")] = None,
                log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
-    """Train queued custom models, one at a time; takes over jobs whose worker died."""
+    """Run queued jobs (training custom models, ...), one at a time; takes over jobs whose worker died."""
     from amber.store.repo import Store
     from amber.worker import Worker
 

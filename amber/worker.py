@@ -1,10 +1,12 @@
-"""`amber worker`: the training process. Never runs inside the API process.
+"""`amber worker`: the process that runs jobs. Never runs inside the API process.
 
-Loops: claim the oldest queued job (or one whose worker died: a dead pid on this host, or no
-heartbeat for `STALE_AFTER`), train its LoRA adapter with `amber.training`, which resumes from the
-last complete epoch on disk, then score it against k-shot prompting (`amber.evaluation`) and mark it
-COMPLETED, or FAILED with a reason the user can act on. Progress goes to the store about once a
-second; a job deleted meanwhile is noticed at the next report and dropped.
+Loops: claim the oldest queued job of any kind (or one whose worker died: a dead pid on this host,
+or no heartbeat for `STALE_AFTER`) and hand it to the runner registered for its kind (`RUNNERS`); a
+kind with no runner fails at once, saying so. The "train" runner trains a custom model's LoRA
+adapter with `amber.training`, which resumes from the last complete epoch on disk, then scores it
+against k-shot prompting (`amber.evaluation`) and marks the job COMPLETED, or FAILED with a reason
+the user can act on. Progress goes to the store about once a second, and is the heartbeat; a job
+cancelled or deleted meanwhile is noticed at the next report (`JobGone`) and dropped.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from typing import Callable
 
 from amber.config import Config, Registry
 from amber.store.custom_models import CustomModelInfo, worker_name
+from amber.store.jobs import JobInfo
 from amber.store.repo import Store
 from amber.threads import CoreShare
 
@@ -34,7 +38,7 @@ NICENESS = 5
 
 
 class JobGone(Exception):
-    """The job was deleted, or another worker took it over."""
+    """The job was cancelled or deleted, or another worker took it over."""
 
 
 class ParentGone(Exception):
@@ -75,58 +79,57 @@ class Worker:
         """`parent`: the pid of the server that started this worker; stop when it is gone (a
         killed server leaves no worker behind). Passed in rather than read here, since the server
         may die before this process gets that far."""
-        log.info("worker %s waiting for training jobs", self.name)
+        log.info("worker %s waiting for training jobs (kinds: %s)", self.name, ", ".join(sorted(RUNNERS)))
         os.nice(NICENESS)
         self.parent = parent
         while not self._parent_gone():
-            job = self.store.custom_models.claim(self.name, is_alive, STALE_AFTER)
+            job = self.store.jobs.claim(self.name, is_alive, STALE_AFTER)
             if job is not None:
                 try:
                     self.run_job(job)
                 except ParentGone:
-                    log.info("server gone; custom model %d will resume from its last epoch", job.id)
+                    log.info("server gone; job %d (%s) will be resumed", job.id, job.kind)
                     return
             elif once:
                 return
             else:
                 time.sleep(poll_seconds)
 
-    def run_job(self, job: CustomModelInfo) -> None:
-        from amber.training.data import TrainingError
-
-        log.info("training custom model %s (id %d) on %s", job.name, job.id, job.base_model)
+    def run_job(self, job: JobInfo) -> None:
+        """Run a claimed job with its kind's runner; a runner ends it (complete or fail) itself."""
+        runner = RUNNERS.get(job.kind)
+        if runner is None:
+            self.store.jobs.fail(job.id, self.name, f"no runner for jobs of kind {job.kind!r} in this worker "
+                                                    f"(it runs {', '.join(sorted(RUNNERS))})")
+            return
         try:
-            with self.cores.training():  # a server on this AMBER_HOME leaves us cores meanwhile
-                self._train_and_evaluate(job)
+            runner(self, job)
         except ParentGone:
             raise
         except JobGone:
-            log.info("custom model %d was deleted or taken over; dropped", job.id)
-            if self.store.custom_models.get_any(job.id) is None:
-                shutil.rmtree(self.config.custom_model_dir(job.id), ignore_errors=True)
-        except TrainingError as exc:
-            self.store.custom_models.fail(job.id, self.name, str(exc))
+            log.info("job %d (%s) was cancelled, deleted or taken over; dropped", job.id, job.kind)
         except Exception as exc:
-            log.exception("custom model %d failed", job.id)
-            self.store.custom_models.fail(job.id, self.name, f"training failed: {type(exc).__name__}: {exc}")
+            log.exception("job %d (%s) failed", job.id, job.kind)
+            doing = "training" if job.kind == "train" else job.kind
+            self.store.jobs.fail(job.id, self.name, f"{doing} failed: {type(exc).__name__}: {exc}")
 
-    def _train_and_evaluate(self, job: CustomModelInfo) -> None:
+    def _train_and_evaluate(self, model: CustomModelInfo, job_id: int) -> None:
         from amber.engine.checkpoint import ensure_checkpoint
         from amber.training.data import TrainingError
         from amber.training.lora import TrainConfig, train_lora
 
-        spec = self.registry.resolve(job.base_model)
+        spec = self.registry.resolve(model.base_model)
         if spec is None:
-            raise TrainingError(f"base model {job.base_model!r} is not in this server's registry")
-        rows = self.store.datasets.rows(job.dataset_id)
+            raise TrainingError(f"base model {model.base_model!r} is not in this server's registry")
+        rows = self.store.datasets.rows(model.dataset_id)
         if not rows:
-            raise TrainingError(f"dataset {job.dataset_name!r} (id {job.dataset_id}) was deleted before "
+            raise TrainingError(f"dataset {model.dataset_name!r} (id {model.dataset_id}) was deleted before "
                                 "training finished; upload it again and create a new custom model")
         train = [_example(r) for r in rows if r.split == "train"]
         held_out = [_example(r) for r in rows if r.split == "validation"]
         checkpoint = ensure_checkpoint(spec, self.config.checkpoints_dir)
-        settings = TrainConfig(learning_rate=job.learning_rate, epochs=job.num_epochs)
-        epochs = [e for e in job.epochs]
+        settings = TrainConfig(learning_rate=model.learning_rate, epochs=model.num_epochs)
+        epochs = [e for e in model.epochs]
         last_report = 0.0
 
         def on_progress(p) -> None:
@@ -139,36 +142,36 @@ class Worker:
             last_report = time.monotonic()
             progress = {"phase": "training", "epoch": p.epoch, "epochs": p.epochs, "step": p.step,
                         "totalSteps": p.total_steps, "loss": p.loss, "etaSeconds": round(p.eta_seconds, 1)}
-            if not self.store.custom_models.report_progress(job.id, self.name, progress):
+            if not self.store.jobs.report_progress(job_id, self.name, progress):
                 raise JobGone()
 
         def on_epoch(result) -> None:
             epochs[:] = [e for e in epochs if e["epoch"] < result.epoch] + [_epoch_json(result)]
-            if not self.store.custom_models.report_epoch(job.id, self.name, epochs):
+            if not self.store.custom_models.report_epoch(model.id, job_id, self.name, epochs):
                 raise JobGone()
 
         _use_threads(self.cores.between_steps())
         started = time.perf_counter()
-        results = train_lora(checkpoint, train, held_out, settings, self.config.custom_model_dir(job.id),
+        results = train_lora(checkpoint, train, held_out, settings, self.config.custom_model_dir(model.id),
                              on_progress=on_progress, on_epoch=on_epoch)
         train_seconds = time.perf_counter() - started
         # from disk, which is never behind the store (an epoch is saved before it is reported)
-        if not self.store.custom_models.report_epoch(job.id, self.name, [_epoch_json(r) for r in results]):
+        if not self.store.custom_models.report_epoch(model.id, job_id, self.name, [_epoch_json(r) for r in results]):
             raise JobGone()
         with_loss = [r for r in results if r.validation_loss is not None]
         best = min(with_loss, key=lambda r: r.validation_loss) if with_loss else results[-1]
         evaluation = None
         if held_out:
-            if not self.store.custom_models.report_progress(job.id, self.name, {"phase": "evaluating"}):
+            if not self.store.jobs.report_progress(job_id, self.name, {"phase": "evaluating"}):
                 raise JobGone()
-            evaluation = self._evaluate(job, spec, checkpoint, best.epoch, train, held_out)
+            evaluation = self._evaluate(model, spec, checkpoint, best.epoch, train, held_out)
         evaluation = {**(evaluation or {}), "trainingSeconds": round(train_seconds, 2)}
         size = sum(f.stat().st_size for f in best.path.glob("adapter_model.*"))
-        if not self.store.custom_models.complete(job.id, self.name, best.epoch, evaluation, size):
+        if not self.store.custom_models.complete(model.id, job_id, self.name, best.epoch, evaluation, size):
             raise JobGone()
-        log.info("custom model %s completed: epoch %d chosen", job.name, best.epoch)
+        log.info("custom model %s completed: epoch %d chosen", model.name, best.epoch)
 
-    def _evaluate(self, job, spec, checkpoint, epoch, train, held_out) -> dict:
+    def _evaluate(self, custom, spec, checkpoint, epoch, train, held_out) -> dict:
         """Through Amber's own engine, in the served precision, on this thread."""
         from amber.engine.engine import Engine
         from amber.engine.loader import load_model
@@ -183,8 +186,46 @@ class Worker:
         model = load_model(checkpoint, spec.dtype, kernel_cache=self.config.kernels_dir)
         engine = Engine(model, Tokenizer.from_pretrained(checkpoint),
                         max_batch=1, max_context=spec.max_context, threads=self.cores.between_steps)
-        adapter = AdapterRef(f"eval-{job.id}-{epoch}", str(self.config.adapter_dir(job.id, epoch)))
+        adapter = AdapterRef(f"eval-{custom.id}-{epoch}", str(self.config.adapter_dir(custom.id, epoch)))
         return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
+
+
+def train(worker: Worker, job: JobInfo) -> None:
+    """The "train" runner: the custom model `job.spec["custom_model_id"]`."""
+    from amber.training.data import TrainingError
+
+    model_id = job.spec["custom_model_id"]
+    model = worker.store.custom_models.get_any(model_id)
+    if model is None:
+        worker.store.jobs.fail(job.id, worker.name, f"custom model {model_id} no longer exists")
+        return
+    log.info("training custom model %s (id %d, job %d) on %s", model.name, model.id, job.id, model.base_model)
+    try:
+        with worker.cores.training():  # a server on this AMBER_HOME leaves us cores meanwhile
+            worker._train_and_evaluate(model, job.id)
+    except JobGone:
+        if worker.store.custom_models.get_any(model_id) is None:  # deleted: its adapters go too
+            shutil.rmtree(worker.config.custom_model_dir(model_id), ignore_errors=True)
+        raise
+    except TrainingError as exc:
+        worker.store.jobs.fail(job.id, worker.name, str(exc))
+
+
+# What the worker runs, by job kind. Another module adds its kind with `register_runner` before the
+# worker starts (the "generate" kind, say); a runner ends its job itself (complete or fail), raises
+# JobGone when a report is refused, and leaves any other exception to fail the job.
+def generate(worker: Worker, job: JobInfo) -> None:
+    """A generation job (amber/datagen/job.py)."""
+    from amber.datagen.job import run
+    run(worker, job)
+
+
+RUNNERS: dict[str, Callable[[Worker, JobInfo], None]] = {"train": train, "generate": generate}
+
+
+def register_runner(kind: str, runner: Callable[[Worker, JobInfo], None]) -> None:
+    assert kind not in RUNNERS or RUNNERS[kind] is runner, f"a runner for {kind!r} is already registered"
+    RUNNERS[kind] = runner
 
 
 def _use_threads(count: int) -> None:

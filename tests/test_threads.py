@@ -120,12 +120,12 @@ def test_a_worker_trains_at_its_share_while_serving_is_busy(tiny_checkpoint, tmp
     monkeypatch.setattr(lora, "completion_nll", recording_nll)
 
     try:
-        job = store.custom_models.claim(worker.name, lambda _: False, worker_module.STALE_AFTER)
+        job = store.jobs.claim(worker.name, lambda _: False, worker_module.STALE_AFTER)
         worker.run_job(job)
     finally:
         stop.set()
         server.join()
-    assert store.custom_models.get_any(job.id).status == "COMPLETED"
+    assert store.custom_models.get_any(job.spec["custom_model_id"]).status == "COMPLETED"
     assert [threads for threads, _ in steps[:3]] == [1, 1, 1]   # training steps beside busy serving
     assert {threads for threads, _ in steps[3:]} == {4}          # the rest: every core
     assert all(training for _, training in steps)

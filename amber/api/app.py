@@ -24,6 +24,7 @@ from amber.api.studio.datasets import router as datasets_router
 from amber.api.studio.generate import router as generate_router
 from amber.api.studio.few_shot import router as few_shot_router
 from amber.api.studio.export import router as export_router
+from amber.api.studio.jobs import router as jobs_router
 from amber.api.studio.keys import router as keys_router
 from amber.api.studio.usage import router as usage_router
 from amber.api.metering import Metering, Metrics
@@ -71,6 +72,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.include_router(generate_router)      # before datasets': /dataset/generate is no dataset id
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
     app.include_router(custom_models_router)
+    app.include_router(jobs_router)
     app.include_router(export_router)
     app.include_router(few_shot_router)
     app.include_router(keys_router)

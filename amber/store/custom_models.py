@@ -1,8 +1,12 @@
-"""Queries for datasets and custom models (with their training jobs): frozen dataclasses out.
+"""Queries for datasets and custom models: frozen dataclasses out.
 
-Every read and delete takes the caller's account id and treats another account's row as missing,
-so privacy is decided here once rather than in each route. The worker's methods (`claim`,
-`report_progress`, ...) take the worker's name instead and do nothing to a job another worker owns.
+A custom model's training is a job of kind "train" (`jobs.py`) whose spec is {"custom_model_id": id},
+created in the same transaction as the model. A model reads its status, progress and failure from
+its job, in AI21's vocabulary: QUEUED, TRAINING (the job RUNNING), COMPLETED, FAILED (a cancelled
+job too, failure "cancelled"). Every read and delete takes the caller's account id and treats
+another account's row as missing, so privacy is decided here once rather than in each route. The
+worker's methods (`report_epoch`, `complete`) take the job and the worker's name and do nothing
+once the job is no longer that worker's.
 A dataset and the custom models trained on it are matched on (account, dataset id), and ids are
 never reused, so a deleted dataset's id never comes to name someone else's.
 """
@@ -10,16 +14,19 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Callable, Sequence
 
-from sqlalchemy import delete, exists, func, insert, or_, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from amber.store.tables import Account, CustomModel, Dataset, DatasetRow, utcnow
+from amber.store import jobs
+from amber.store.jobs import JobInfo, JobRepo
+from amber.store.tables import Account, CustomModel, Dataset, DatasetRow, Job, utcnow
 
-QUEUED, TRAINING, COMPLETED, FAILED = "QUEUED", "TRAINING", "COMPLETED", "FAILED"
+QUEUED, TRAINING, COMPLETED, FAILED = "QUEUED", "TRAINING", "COMPLETED", "FAILED"  # AI21's words
+TRAIN = "train"  # the job kind
 INSERT_BATCH = 5_000  # dataset rows per INSERT statement
 
 
@@ -71,12 +78,11 @@ class CustomModelInfo:
     epochs: list
     evaluation: dict | None
     failure: str | None
-    worker: str | None
-    heartbeat_at: datetime | None
     size_bytes: int | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    job_id: int | None
     dataset_deleted: bool = False  # the account's dataset `dataset_id` is gone (the model still works)
 
 
@@ -86,9 +92,37 @@ def _dataset(row: Dataset, used: int = 0) -> DatasetInfo:
                        row.created_at, used)
 
 
-def _model(row: CustomModel, dataset_deleted: bool = False) -> CustomModelInfo:
-    fields = {f: getattr(row, f) for f in CustomModelInfo.__dataclass_fields__ if f != "dataset_deleted"}
-    return CustomModelInfo(**fields, dataset_deleted=bool(dataset_deleted))
+_OWN = ("id", "account_id", "name", "base_model", "model_type", "dataset_id", "dataset_name", "learning_rate",
+        "num_epochs", "settings", "default_epoch", "current_epoch", "epochs", "evaluation", "size_bytes",
+        "created_at")
+
+
+def ai21_status(job: JobInfo | Job | None) -> tuple[str, str | None]:
+    """(status, failure) in AI21's vocabulary from the training job's."""
+    if job is None:  # not made by Amber: every model gets its job when it is created
+        return FAILED, "its training job is missing"
+    if job.status == jobs.CANCELLED:
+        return FAILED, job.failure or "cancelled"
+    return {jobs.RUNNING: TRAINING}.get(job.status, job.status), job.failure
+
+
+def _model(row: CustomModel, job: Job | None, dataset_deleted: bool = False) -> CustomModelInfo:
+    status, failure = ai21_status(job)
+    return CustomModelInfo(
+        **{f: getattr(row, f) for f in _OWN}, status=status, failure=failure,
+        progress=job and job.progress, started_at=job and job.started_at, finished_at=job and job.finished_at,
+        job_id=job and job.id, dataset_deleted=bool(dataset_deleted))
+
+
+def _train_job_of(model_id):
+    """Train jobs whose spec names custom model `model_id` (a column or a value)."""
+    return (Job.kind == TRAIN) & (func.json_extract(Job.spec, "$.custom_model_id") == model_id)
+
+
+def _with_job(*columns):
+    """select(CustomModel, its latest train job, *columns), the job outer-joined."""
+    latest = select(func.max(Job.id)).where(_train_job_of(CustomModel.id)).correlate(CustomModel).scalar_subquery()
+    return select(CustomModel, Job, *columns).outerjoin(Job, Job.id == latest)
 
 
 def _same_account():
@@ -171,26 +205,29 @@ def worker_name(pid: int) -> str:
 
 
 class CustomModelRepo:
-    def __init__(self, sessions: sessionmaker[Session]):
-        self._sessions = sessions
+    def __init__(self, sessions: sessionmaker[Session], jobs: JobRepo):
+        self._sessions, self._jobs = sessions, jobs
 
     # ---- the account's side ----
     def create(self, account_id: int, name: str, base_model: str, model_type: str, dataset: DatasetInfo,
                learning_rate: float, num_epochs: int, settings: dict) -> CustomModelInfo:
+        """The model and its queued train job, in one transaction."""
         record = CustomModel(account_id=account_id, name=name, base_model=base_model, model_type=model_type,
-                             dataset_id=dataset.id, dataset_name=dataset.name, status=QUEUED,
+                             dataset_id=dataset.id, dataset_name=dataset.name,
                              learning_rate=learning_rate, num_epochs=num_epochs, settings=settings, epochs=[])
         try:
             with self._sessions.begin() as session:
                 session.add(record)
+                session.flush()
+                job = self._jobs.create(account_id, TRAIN, {"custom_model_id": record.id}, session=session)
         except IntegrityError as exc:
             raise NameTaken(f"a custom model named {name!r} already exists") from exc
-        return _model(record)
+        return _model(record, job)
 
     @staticmethod
     def _query(account_id: int, *where):
-        """The account's custom models, each with whether its dataset is gone."""
-        return (select(CustomModel, ~exists().where(_same_account()))
+        """The account's custom models, each with its job and whether its dataset is gone."""
+        return (_with_job(~exists().where(_same_account()))
                 .where(CustomModel.account_id == account_id, *where).order_by(CustomModel.id))
 
     def _first(self, account_id: int, *where) -> CustomModelInfo | None:
@@ -221,70 +258,47 @@ class CustomModelRepo:
         return self.get(account_id, model_id)
 
     def delete(self, account_id: int, model_id: int) -> bool:
+        """The model goes and its unfinished train job is cancelled: a worker training it stops at its
+        next report. (The job stays, so that the account's job list keeps what happened.)"""
         with self._sessions.begin() as session:
-            return session.execute(delete(CustomModel).where(CustomModel.id == model_id,
+            gone = session.execute(delete(CustomModel).where(CustomModel.id == model_id,
                                                              CustomModel.account_id == account_id)).rowcount == 1
+            if gone:
+                jobs.cancel_in(session, "custom model deleted", _train_job_of(model_id), Job.account_id == account_id)
+            return gone
 
-    # ---- the worker's side ----
-    def claim(self, worker: str, alive: Callable[[str], bool], stale_after: timedelta) -> CustomModelInfo | None:
-        """Take the oldest job that is queued, or training under a worker that is gone (dead on
-        this host, or silent for `stale_after`). Atomic: two workers never get the same job."""
-        stale = utcnow() - stale_after
-        query = (select(CustomModel.id, CustomModel.status, CustomModel.worker, CustomModel.heartbeat_at)
-                 .where(or_(CustomModel.status == QUEUED, CustomModel.status == TRAINING))
-                 .order_by(CustomModel.id))
-        with self._sessions() as session:
-            candidates = session.execute(query).all()
-        for job in candidates:
-            if job.status == TRAINING and job.worker != worker and alive(job.worker) and \
-                    job.heartbeat_at is not None and job.heartbeat_at > stale:
-                continue
-            claim = (update(CustomModel)
-                     .where(CustomModel.id == job.id, CustomModel.status == job.status,
-                            (CustomModel.worker == job.worker) if job.worker else CustomModel.worker.is_(None))
-                     .values(status=TRAINING, worker=worker, heartbeat_at=utcnow(), failure=None,
-                             started_at=func.coalesce(CustomModel.started_at, utcnow()))
-                     .execution_options(synchronize_session=False))
-            with self._sessions.begin() as session:
-                if session.execute(claim).rowcount == 1:
-                    return _model(session.get(CustomModel, job.id))
-        return None
+    # ---- the worker's side: `job_id` is the model's train job, which `worker` must still own ----
+    def report_epoch(self, model_id: int, job_id: int, worker: str, epochs: list[dict]) -> bool:
+        return self._update_owned(model_id, job_id, worker, {}, epochs=epochs, current_epoch=epochs[-1]["epoch"])
 
-    def _update_owned(self, model_id: int, worker: str, **values) -> bool:
-        """Apply `values` if `worker` still owns the job; False when it was deleted or taken over."""
-        statement = (update(CustomModel).where(CustomModel.id == model_id, CustomModel.worker == worker,
-                                               CustomModel.status == TRAINING)
-                     .values(heartbeat_at=utcnow(), **values).execution_options(synchronize_session=False))
-        with self._sessions.begin() as session:
-            return session.execute(statement).rowcount == 1
-
-    def report_progress(self, model_id: int, worker: str, progress: dict) -> bool:
-        return self._update_owned(model_id, worker, progress=progress)
-
-    def report_epoch(self, model_id: int, worker: str, epochs: list[dict]) -> bool:
-        return self._update_owned(model_id, worker, epochs=epochs, current_epoch=epochs[-1]["epoch"])
-
-    def complete(self, model_id: int, worker: str, default_epoch: int, evaluation: dict | None,
+    def complete(self, model_id: int, job_id: int, worker: str, default_epoch: int, evaluation: dict | None,
                  size_bytes: int) -> bool:
-        return self._update_owned(model_id, worker, status=COMPLETED, default_epoch=default_epoch,
-                                  evaluation=evaluation, size_bytes=size_bytes, finished_at=utcnow(),
-                                  progress=None)
+        """The model's results and its job COMPLETED, in one transaction."""
+        done = {"status": jobs.COMPLETED, "progress": None, "finished_at": utcnow(),
+                "result": {"custom_model_id": model_id, "default_epoch": default_epoch}}
+        return self._update_owned(model_id, job_id, worker, done, default_epoch=default_epoch,
+                                  evaluation=evaluation, size_bytes=size_bytes)
 
-    def fail(self, model_id: int, worker: str, reason: str) -> bool:
-        return self._update_owned(model_id, worker, status=FAILED, failure=reason, finished_at=utcnow())
+    def _update_owned(self, model_id: int, job_id: int, worker: str, job_values: dict, **values) -> bool:
+        """Apply `values` to the model and `job_values` to its job (and beat its heartbeat) if
+        `worker` still owns the job; False when it was cancelled, deleted or taken over."""
+        statement = (update(CustomModel).where(CustomModel.id == model_id, exists().where(jobs.owned(job_id, worker)))
+                     .values(**values).execution_options(synchronize_session=False))
+        with self._sessions.begin() as session:  # the first UPDATE holds SQLite's write lock till commit
+            return session.execute(statement).rowcount == 1 and jobs.finish_in(session, job_id, worker, **job_values)
 
     # ---- across accounts (the worker; `amber models remove`) ----
     def on_base(self, base_model: str) -> list[tuple[str, CustomModelInfo]]:
         """Every account's custom models trained on registry model `base_model`, whatever their
         status, each with its account's name: what removing that model would strand."""
-        query = (select(Account.name, CustomModel, ~exists().where(_same_account()))
+        query = (_with_job(Account.name, ~exists().where(_same_account()))
                  .join(Account, Account.id == CustomModel.account_id)
                  .where(CustomModel.base_model == base_model).order_by(CustomModel.id))
         with self._sessions() as session:
-            return [(account, _model(row, gone)) for account, row, gone in session.execute(query)]
+            return [(account, _model(row, job, gone)) for row, job, account, gone in session.execute(query)]
 
     def get_any(self, model_id: int) -> CustomModelInfo | None:
         """Whoever owns it: for the worker, which acts for every account."""
         with self._sessions() as session:
-            row = session.get(CustomModel, model_id)
-            return None if row is None else _model(row)
+            row = session.execute(_with_job().where(CustomModel.id == model_id)).first()
+            return None if row is None else _model(*row)

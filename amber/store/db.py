@@ -2,7 +2,8 @@
 
 Owns connection settings (WAL, foreign keys, busy timeout), table creation, and bringing a file
 made by an older Amber up to the current schema: tables it lacks are created, nullable columns it
-lacks are added, and tables are rebuilt with AUTOINCREMENT. These steps are small and additive only;
+lacks are added, tables are rebuilt with AUTOINCREMENT, and custom models trained before the
+`jobs` table get their train job from the columns they carried. These steps are small and additive only;
 real migrations (Alembic) arrive in a later issue. The API server and the training worker each open
 the same file; WAL lets readers run alongside one writer, and the busy timeout makes a writer wait
 for another's lock instead of failing at once.
@@ -35,6 +36,7 @@ def open_database(url: str) -> Engine:
     if is_sqlite:
         _add_missing_columns(engine)  # first: a rebuild copies every column the table should have
         _adopt_autoincrement(engine)
+        _move_training_to_jobs(engine)
     return engine
 
 
@@ -147,6 +149,40 @@ def _rebuild(db, table: Table, engine: Engine) -> None:
     (last,) = db.execute(f"SELECT max(coalesce(({used[0]}), 0), coalesce(({used[-1]}), 0))").fetchone()
     db.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table.name,))
     db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table.name, last))
+
+
+# A custom model's job bookkeeping, copied into its train job; status "JOB" marks a row done.
+_LEGACY = "status <> 'JOB'"
+_COPY_TO_JOBS = f"""
+INSERT INTO jobs (account_id, kind, status, spec, progress, failure, worker, heartbeat_at, created_at,
+                  started_at, finished_at)
+SELECT account_id, 'train', CASE status WHEN 'TRAINING' THEN 'RUNNING' ELSE status END,
+       json_object('custom_model_id', id), progress, failure, worker, heartbeat_at, created_at,
+       started_at, finished_at
+FROM custom_models WHERE {_LEGACY} ORDER BY id"""
+
+
+def _move_training_to_jobs(engine: Engine) -> None:
+    """Give each custom model made before `jobs` its train job, once: a model mid-training is
+    RUNNING under its old worker, so the next worker takes it over as it would have."""
+    raw = engine.raw_connection()
+    db, isolation = raw.driver_connection, raw.driver_connection.isolation_level
+    try:
+        if db.execute(f"SELECT 1 FROM custom_models WHERE {_LEGACY} LIMIT 1").fetchone() is None:
+            return
+        db.isolation_level = None
+        db.execute("BEGIN IMMEDIATE")  # of two processes opening the file, the second copies nothing
+        try:
+            db.execute(_COPY_TO_JOBS)
+            db.execute(f"UPDATE custom_models SET status = 'JOB', progress = NULL, failure = NULL, worker = NULL, "
+                       f"heartbeat_at = NULL, started_at = NULL, finished_at = NULL WHERE {_LEGACY}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.isolation_level = isolation
+        raw.close()
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:

@@ -1,5 +1,6 @@
 """All queries: accounts and API keys here, datasets and custom models in `custom_models.py`
-(as `store.datasets`, `store.custom_models`); plain frozen dataclasses out.
+(as `store.datasets`, `store.custom_models`), jobs in `jobs.py` (`store.jobs`); plain frozen
+dataclasses out.
 
 Callers never see an ORM row or a session. Each method opens its own short session, so one `Store`
 can serve many FastAPI handler threads, and several processes can each hold a `Store` on one file.
@@ -20,6 +21,7 @@ from sqlalchemy.dialects.sqlite import insert
 from amber.store.custom_models import CustomModelRepo, DatasetRepo
 from amber.store.db import make_sessions, open_database
 from amber.store.generated import GeneratedRepo
+from amber.store.jobs import JobRepo
 from amber.store.tables import Account, AccountLimits, ApiKey, utcnow
 from amber.store.usage import UsageRepo
 
@@ -72,7 +74,8 @@ class Store:
         self.engine = engine
         self._sessions = make_sessions(engine)
         self.datasets = DatasetRepo(self._sessions)
-        self.custom_models = CustomModelRepo(self._sessions)
+        self.jobs = JobRepo(self._sessions)
+        self.custom_models = CustomModelRepo(self._sessions, self.jobs)
         self.usage = UsageRepo(self._sessions)
         self.generated = GeneratedRepo(self._sessions)
 

@@ -4,14 +4,14 @@ Owns column types, keys and indexes; knows no queries (those are in `repo.py`) a
 settings (those are in `db.py`). Every resource a user owns (keys now; datasets, custom models and
 training jobs later) carries an `account_id` foreign key to `accounts`.
 Times are stored as naive UTC (SQLite has no time zones) and read back as aware UTC datetimes.
-Tables whose ids the API shows (datasets, custom models) never reuse an id (SQLite AUTOINCREMENT):
+Tables whose ids the API shows (datasets, custom models, jobs) never reuse an id (SQLite AUTOINCREMENT):
 a custom model names its dataset by id, and a directory under AMBER_HOME is named after one.
 """
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -91,10 +91,12 @@ class DatasetRow(Base):
 
 
 class CustomModel(Base):
-    """A LoRA adapter trained on a dataset, and its training job (one row: a model is its job).
+    """A LoRA adapter trained on a dataset: the model, not its training. Its training is a `Job` of
+    kind "train" whose spec names this row; the job owns status, worker, heartbeat and progress.
 
-    status: QUEUED -> TRAINING -> COMPLETED, or FAILED with `failure`. A TRAINING row names its
-    worker (host:pid) and heartbeat, so a worker that starts can take over a job whose worker died.
+    `status` .. `finished_at` marked legacy are the job bookkeeping this row carried before `jobs`:
+    no longer read or written (opening an older file copies them into jobs once, `db.py`), kept
+    because SQLite cannot drop the NOT NULL `status` in place; a real migration drops them.
     """
     __tablename__ = "custom_models"
     __table_args__ = (UniqueConstraint("account_id", "name"), {"sqlite_autoincrement": True})
@@ -106,19 +108,46 @@ class CustomModel(Base):
     model_type: Mapped[str] = mapped_column(String(128))       # as the client asked (an alias, say)
     dataset_id: Mapped[int]                                    # no foreign key: the model outlives it
     dataset_name: Mapped[str] = mapped_column(String(128))
-    status: Mapped[str] = mapped_column(String(16), index=True)
     learning_rate: Mapped[float]
     num_epochs: Mapped[int]
     settings: Mapped[dict] = mapped_column(JSON)               # the rest of the training settings
     default_epoch: Mapped[int | None]
     current_epoch: Mapped[int | None]
-    progress: Mapped[dict | None] = mapped_column(JSON)        # step, total_steps, epoch, loss, eta
     epochs: Mapped[list] = mapped_column(JSON, default=list)   # per epoch: losses, seconds
     evaluation: Mapped[dict | None] = mapped_column(JSON)
+    size_bytes: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # legacy (see above)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="JOB")
+    progress: Mapped[dict | None] = mapped_column(JSON)
     failure: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[datetime | None]
-    size_bytes: Mapped[int | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class Job(Base):
+    """Background work of some `kind` ("train", "generate", ...), one queue for every kind.
+
+    status: QUEUED -> RUNNING -> COMPLETED | FAILED (with `failure`) | CANCELLED. A RUNNING job names
+    its worker (host:pid) and heartbeat, so a worker that starts can take over one whose worker died.
+    `spec` says what to do, `progress` how far it got, `result` what came out; their keys are the
+    kind's own business.
+    """
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict] = mapped_column(JSON)
+    progress: Mapped[dict | None] = mapped_column(JSON)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    failure: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

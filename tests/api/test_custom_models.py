@@ -152,14 +152,14 @@ def test_a_worker_killed_mid_training_is_replaced_and_resumes(server):
         time.sleep(0.05)
     first_epoch = (run_dir / "epoch-1" / "adapter_model.safetensors").stat().st_mtime_ns
     with sqlite3.connect(server.home / "amber.db") as db:
-        (worker,) = db.execute("select worker from custom_models where id = ?", (int(model["id"]),)).fetchone()
+        (worker,) = db.execute("select worker from jobs where id = ?", (int(model["jobId"]),)).fetchone()
     os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
     done = wait_for(server, model["id"])
     assert done["status"] == "COMPLETED", done
     assert [e["epoch"] for e in done["epochs"]] == [1, 2, 3]
     assert (run_dir / "epoch-1" / "adapter_model.safetensors").stat().st_mtime_ns == first_epoch, "epoch 1 redone"
     with sqlite3.connect(server.home / "amber.db") as db:
-        (finisher,) = db.execute("select worker from custom_models where id = ?", (int(model["id"]),)).fetchone()
+        (finisher,) = db.execute("select worker from jobs where id = ?", (int(model["jobId"]),)).fetchone()
     assert finisher != worker
 
 

@@ -51,7 +51,8 @@ def _size(size_bytes: int | None) -> str | None:
 def custom_model_json(m: CustomModelInfo) -> dict:
     """AI21's custom-model object (the SDK's CustomBaseModelResponse: datasetId an integer,
     customModelType and currentEpoch present even when null), plus training detail and whether
-    the dataset it was trained on has since been deleted (`datasetDeleted`)."""
+    the dataset it was trained on has since been deleted (`datasetDeleted`). `status`, `progress`
+    and `failure` come from its training job (`jobId`, at /studio/v1/jobs)."""
     chosen = next((e for e in m.epochs if e["epoch"] == m.default_epoch), None)
     return {
         "id": str(m.id), "name": m.name, "tier": "custom", "modelType": m.model_type,
@@ -64,7 +65,7 @@ def custom_model_json(m: CustomModelInfo) -> dict:
         "datasetId": m.dataset_id, "datasetName": m.dataset_name, "datasetDeleted": m.dataset_deleted,
         "creationDate": m.created_at.isoformat(), "currentEpoch": m.current_epoch, "size": _size(m.size_bytes),
         "progress": m.progress, "epochs": m.epochs, "evaluation": m.evaluation, "failure": m.failure,
-        "settings": m.settings,
+        "settings": m.settings, "jobId": None if m.job_id is None else str(m.job_id),
     }
 
 
@@ -121,7 +122,8 @@ async def update_custom_model(model_id: str, body: UpdateCustomModel, account: A
 
 @router.delete("/custom-model/{model_id}", responses=docs.ai21(404))
 async def delete_custom_model(model_id: str, account: Account, pool: Pool, store: Store) -> dict:
-    """Deletes the record and its adapters; a worker training it stops at its next step."""
+    """Deletes the record and its adapters and cancels its training job; a worker training it stops
+    at its next report."""
     model = owned_model(store, account, model_id)
     store.custom_models.delete(account.id, model.id)
     shutil.rmtree(pool.config.custom_model_dir(model.id), ignore_errors=True)
