@@ -31,7 +31,13 @@ def verdicts(store, job_id: int, spec: GenerationSpec) -> tuple[int, int, dict[s
 
 
 def run(worker, job) -> None:
-    """Registered with the worker for jobs of kind "generate"; raises JobGone when cancelled."""
+    """Registered with the worker for jobs of kind "generate"; raises JobGone when cancelled.
+    Background work like training: it shares the cores with a server on this AMBER_HOME the same way."""
+    with worker.cores.training():
+        _run(worker, job)
+
+
+def _run(worker, job) -> None:
     from amber.engine.engine import Engine
     from amber.engine.checkpoint import ensure_checkpoint
     from amber.engine.loader import load_model

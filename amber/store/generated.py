@@ -40,7 +40,7 @@ def _info(r: GeneratedRow) -> GeneratedInfo:
 
 
 def _view(query, view: str):
-    included = ((GeneratedRow.decision == APPROVED)
+    included = ((func.coalesce(GeneratedRow.decision, "") == APPROVED)  # not NULL: NOT NULL is no "true"
                 | (GeneratedRow.decision.is_(None) & (func.json_array_length(GeneratedRow.reasons) == 0)))
     return {
         "all": query,
