@@ -286,6 +286,41 @@ def test_train_a_custom_model_and_watch_its_progress_and_loss(page, studio, axe_
     no_serious_violations(page, axe_source)
 
 
+def test_generate_data_then_review_and_save_it(page, studio, axe_source):
+    """Label SST-2's other inputs with the base model and 8 of its examples, watch the job, review
+    the flagged rows, save the rest as a dataset."""
+    page.get_by_role("link", name="Generate", exact=True).click()
+    page.get_by_role("heading", name="Generate data").wait_for()
+    page.get_by_label("Examples from").select_option(label="sst2")
+    page.get_by_label("Inputs from").select_option(index=1)  # the prompts of the first dataset, sst2
+    page.get_by_label("Max tokens per row").fill("4")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    card = page.locator("article.job").first
+    card.locator("progress").wait_for(timeout=120_000)  # live progress while it runs
+    done = page.locator("article.job[data-status=COMPLETED]").first
+    done.wait_for(timeout=400_000)
+    (job,) = httpx.get(f"{studio.url}/studio/v1/dataset/generate", headers=studio.headers).json()
+    assert job["result"]["generated"] == 92 and f"{job['result']['kept']} kept" in done.inner_text()
+    done.get_by_role("button", name="Review rows").click()
+    table = page.locator("table.review")
+    table.wait_for()
+    assert "92 all rows" in table.locator("caption").inner_text()
+    page.get_by_label("Show").select_option("kept")
+    expect(table.locator("caption")).to_contain_text(f"{job['result']['kept']} kept rows")
+    first = table.locator("tbody tr").first
+    index = first.get_attribute("data-index")
+    first.get_by_role("button", name=f"Reject row {index}").click()
+    expect(table.locator(f"tbody tr[data-index='{index}']")).to_have_attribute("data-included", "false")
+    screenshot(page, "generate")
+    no_serious_violations(page, axe_source)
+    page.get_by_label("Save approved rows as dataset").fill("sst2-labelled")
+    page.get_by_role("button", name="Save dataset").click()
+    page.get_by_text("Dataset sst2-labelled saved").wait_for()
+    saved = next(d for d in httpx.get(f"{studio.url}/studio/v1/dataset", headers=studio.headers).json()
+                 if d["datasetName"] == "sst2-labelled")
+    assert saved["numExamples"] == job["result"]["kept"] - 1
+
+
 def test_export_downloads_the_adapter(page, studio):
     card = page.locator("article.model[data-name=sentiment]")
     with page.expect_download() as download:
