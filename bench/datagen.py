@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, amber_server, update_doc_section, write_results
+from common import REPO, amber_server, machine, update_doc_section, write_results
 from custom_models import Client, rows
 
 RESULTS = REPO / "bench/results/datagen.json"
@@ -72,7 +72,10 @@ def score(client: Client, path: str, prompts: list[str], answers: list[str]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--candidates", type=int, default=200, help="examples mode: rows to write")
+    parser.add_argument("--redraw", action="store_true", help="only redraw docs/benchmarks.md from the results file")
     args = parser.parse_args()
+    if args.redraw:
+        return redraw()
     train, dev = rows("train"), rows("dev")
     seeds, inputs = train[:SHOTS], train[SHOTS:]
     truth = {r["prompt"]: r["completion"].strip() for r in inputs}
@@ -118,6 +121,11 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
+def redraw() -> None:
+    """The docs section again from the last results file (`--redraw`)."""
+    update_doc_section("datagen", table(json.loads(RESULTS.read_text())))
+
+
 def table(r: dict) -> str:
     t, rows_ = r["teacher"], []
     for mode, e in r["modes"].items():
@@ -127,7 +135,10 @@ def table(r: dict) -> str:
                      f"{d['mean_latency_s'] * 1000:.0f} ms ({e['speedup_vs_teacher']:.2f}x faster) |")
     agreement = r["modes"]["inputs"].get("teacher_label_agreement")
     reasons = "; ".join(f"{mode}: {e['reasons'] or 'none'}" for mode, e in r["modes"].items())
+    cpu = r.get("machine") or machine()  # the run's own, when redrawn from its file
     return "\n".join([
+        f"Machine: {cpu['cpu']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}), torch {cpu['torch']}.",
+        "",
         f"SST-2, {r['shots']} training rows as the examples, j2-light (SmolLM2-135M-Instruct) as the teacher; "
         f"{r['dev_rows']} dev rows, greedy, exact match, one request at a time, prefix cache off.",
         "",

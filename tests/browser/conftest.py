@@ -77,10 +77,10 @@ def sign_in(page, url: str, key: str) -> None:
     page.get_by_role("heading", name="Playground").wait_for()
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(page, name: str, full_page: bool = True) -> None:
     if os.environ.get("AMBER_WRITE_SCREENSHOTS"):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
 
 def axe_violations(page, axe_source: str) -> list[dict]:
