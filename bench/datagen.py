@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from common import REPO, amber_server, machine, update_doc_section, write_results
-from custom_models import Client, rows
+from custom_models import Client, accuracy, rows
 
 RESULTS = REPO / "bench/results/datagen.json"
 SHOTS = 8
@@ -56,17 +55,6 @@ def all_rows(client: Client, job: dict) -> list[dict]:
         offset += 500
         if offset >= page["total"]:
             return out
-
-
-def score(client: Client, path: str, prompts: list[str], answers: list[str]) -> dict:
-    client.complete(path, prompts[0], maxTokens=4, stopSequences=["\n"])  # warm-up
-    correct, latencies = 0, []
-    for prompt, answer in zip(prompts, answers):
-        body, seconds = client.complete(path, prompt, maxTokens=4, stopSequences=["\n"])
-        correct += body["completions"][0]["data"]["text"].strip() == answer.strip()
-        latencies.append(seconds)
-    return {"accuracy": correct / len(prompts), "mean_latency_s": statistics.fmean(latencies),
-            "median_latency_s": statistics.median(latencies)}
 
 
 def main() -> None:
@@ -111,9 +99,9 @@ def main() -> None:
         with amber_server(Path(home), "--prefix-cache-blocks", "0", "--no-worker") as (url, key, _):
             client = Client(url, key)
             prompts, answers = [r["prompt"] for r in dev], [r["completion"] for r in dev]
-            results["teacher"] = score(client, "j2-light", [few_shot + p for p in prompts], answers)
+            results["teacher"] = accuracy(client, "j2-light", [few_shot + p for p in prompts], answers)
             for mode, entry in results["modes"].items():
-                entry["dev"] = score(client, f"j2-light/{entry['custom_model']}", prompts, answers)
+                entry["dev"] = accuracy(client, f"j2-light/{entry['custom_model']}", prompts, answers)
                 entry["points_vs_teacher"] = 100 * (entry["dev"]["accuracy"] - results["teacher"]["accuracy"])
                 entry["speedup_vs_teacher"] = results["teacher"]["mean_latency_s"] / entry["dev"]["mean_latency_s"]
     write_results(RESULTS, results)
