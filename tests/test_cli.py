@@ -82,3 +82,34 @@ def test_a_worker_started_by_a_server_exits_when_the_server_is_gone(tmp_path):
     server.wait()
     assert worker.wait(timeout=30) == 0
     assert "waiting for training jobs" in worker.stderr.read()
+
+
+def test_generate_review_and_save_from_the_command_line(tmp_path, tiny_checkpoint):
+    """No server: `datasets generate` starts its own worker, follows the job, and `datasets generated`
+    lists the flagged rows, records decisions and saves the approved rows as a dataset."""
+    (tmp_path / "models.toml").write_text(f'default = "tiny"\n[models.tiny]\npath = "{tiny_checkpoint}"\n'
+                                          'max_context = 512\n')
+    data = Path(__file__).parent / "data/sst2/train.jsonl"
+    lines = data.read_text().splitlines()
+    seeds, inputs = tmp_path / "seeds.jsonl", tmp_path / "inputs.jsonl"
+    seeds.write_text("\n".join(lines[:4]) + "\n")
+    inputs.write_text("\n".join(json.dumps({"prompt": json.loads(x)["prompt"]}) for x in lines[4:]) + "\n")
+    bad = amber(tmp_path, "datasets", "generate", "--mode", "examples", "--examples", str(seeds))
+    assert bad.returncode == 2 and "--n" in bad.stderr + bad.stdout
+    out = amber(tmp_path, "datasets", "generate", "--mode", "inputs", "--examples", str(seeds), "--inputs",
+                str(inputs), "--max-tokens", "2", "--account", "carol")
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "96 rows" in out.stdout and "COMPLETED" in out.stdout
+    with sqlite3.connect(tmp_path / "amber.db") as db:
+        rows = db.execute("select idx, output from generated_rows where job_id = 1 order by idx").fetchall()
+    assert [r[0] for r in rows] == list(range(1, 97))
+    blank = [i for i, output in rows if not output.strip()]  # an upload refuses rows without a completion
+    reject = ",".join(map(str, [1, 2, *blank]))
+    listed = amber(tmp_path, "datasets", "generated", "1", "--view", "all", "--reject", reject, "--account", "carol")
+    assert listed.returncode == 0, listed.stderr
+    assert "96 rows" in listed.stdout
+    approve = ",".join(str(i) for i, _ in rows if i not in (1, 2, *blank))
+    saved = amber(tmp_path, "datasets", "generated", "1", "--approve", approve, "--save", "labelled",
+                  "--account", "carol")
+    assert saved.returncode == 0, saved.stderr + saved.stdout
+    assert f"dataset 'labelled': id 1, {96 - 2 - len(blank)} examples" in saved.stdout
