@@ -1,7 +1,7 @@
 """The studio in a browser: static pages on the public API, deletable without touching the rest.
 
 `install(app)` serves the single page at `/` and its client-side routes (/playground, /compare,
-/account, /usage), and the assets under /static, all from this package: nothing is fetched from
+/generate, /account, /usage), and the assets under /static, all from this package: nothing is fetched from
 elsewhere at run time. Every page response carries a Content-Security-Policy that allows scripts,
 styles and connections from this origin only (no inline script, no eval), so that model output or
 a dataset row can never run as code even if some path rendered it as HTML (none does: the scripts
