@@ -159,19 +159,19 @@ def test_a_registered_runner_runs_its_kind_and_an_error_fails_the_job(store, mon
     alice = store.ensure_account("alice").id
     monkeypatch.setattr(worker_module, "RUNNERS", dict(worker_module.RUNNERS))
 
-    def generate(worker, job) -> None:
+    def echo(worker, job) -> None:
         if job.spec.get("broken"):
             raise ValueError("no model")
         worker.store.jobs.complete(job.id, worker.name, {"rows": job.spec["n"]})
 
-    worker_module.register_runner("generate", generate)
-    ok, broken = store.jobs.create(alice, "generate", {"n": 2}), store.jobs.create(alice, "generate", {"broken": 1})
+    worker_module.register_runner("echo", echo)
+    ok, broken = store.jobs.create(alice, "echo", {"n": 2}), store.jobs.create(alice, "echo", {"broken": 1})
     worker = FakeWorker(store)
     for _ in range(2):
         worker.run_job(store.jobs.claim(worker.name, alive, FRESH))
     assert store.jobs.get(alice, ok.id).result == {"rows": 2}
     failed = store.jobs.get(alice, broken.id)
-    assert failed.status == "FAILED" and failed.failure == "generate failed: ValueError: no model"
+    assert failed.status == "FAILED" and failed.failure == "echo failed: ValueError: no model"
 
 
 def test_a_custom_model_from_before_jobs_gets_its_job_once(store, url):
