@@ -150,10 +150,10 @@ def test_a_cancelled_job_stops(server):
 
 
 def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes(server):
-    r = post(server, {"mode": "examples", "model": "tiny", "examples": SEEDS, "n": 300, "maxTokens": 24,
+    r = post(server, {"mode": "examples", "model": "tiny", "examples": SEEDS, "n": 160, "maxTokens": 24,
                       "temperature": 1.0})
     job = r.json()["id"]
-    while (get(server, f"/{job}").json()["progress"] or {}).get("rowsDone", 0) < 64:
+    while (get(server, f"/{job}").json()["progress"] or {}).get("rowsDone", 0) < 32:
         time.sleep(0.05)
     with sqlite3.connect(server.home / "amber.db") as db:
         (worker,) = db.execute("select worker from jobs where id = ?", (int(job),)).fetchone()
@@ -161,9 +161,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes(server):
     done = wait(server, job, timeout=300)
     assert done["status"] == "COMPLETED", done
     rows = []
-    for offset in range(0, 300, 100):
+    for offset in range(0, 160, 100):
         rows += get(server, f"/{job}/rows", offset=offset, limit=100).json()["rows"]
-    assert [r["index"] for r in rows] == list(range(1, 301))
+    assert [r["index"] for r in rows] == list(range(1, 161))
     with sqlite3.connect(server.home / "amber.db") as db:
         (finisher,) = db.execute("select worker from jobs where id = ?", (int(job),)).fetchone()
     assert finisher != worker
