@@ -12,6 +12,7 @@ Knows no queries; those are in `repo.py`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 from sqlalchemy import Column, Engine, MetaData, Table, create_engine, event
 from sqlalchemy.engine import make_url
@@ -59,30 +60,45 @@ def _missing_columns(db) -> list[Column]:
 
 
 def _add_missing_columns(engine: Engine) -> None:
-    """ALTER TABLE ADD COLUMN for each nullable column a file made by an older Amber lacks.
+    """ALTER TABLE ADD COLUMN for each nullable column a file made by an older Amber lacks. A
+    missing column that cannot be null has no value for the existing rows: that needs a real
+    migration, and is refused."""
+    def add(db) -> None:
+        for column in _missing_columns(db):
+            if not column.nullable:
+                raise RuntimeError(f"the database lacks {column.table.name}.{column.name}, which cannot "
+                                   "be added in place; it needs a migration")
+            ddl = CreateColumn(column).compile(dialect=engine.dialect)
+            db.execute(f'ALTER TABLE "{column.table.name}" ADD COLUMN {ddl}')
 
-    Checked again inside one BEGIN IMMEDIATE transaction, so that of two processes opening the file
-    at once the second finds the columns there and adds nothing. A missing column that cannot be
-    null has no value for the existing rows: that needs a real migration, and is refused."""
+    _upgrade(engine, lambda db: bool(_missing_columns(db)), add)
+
+
+def _upgrade(engine: Engine, needed: Callable[[Any], bool], apply: Callable[[Any], None],
+             foreign_keys_off: bool = False) -> None:
+    """One step that brings a file made by an older Amber up to date: nothing if `needed(db)` says
+    the file is current, else `apply(db)` in one BEGIN IMMEDIATE transaction after asking again
+    inside it, so that of two processes opening the file at once the second does nothing.
+    `foreign_keys_off`: enforcement off meanwhile (a no-op inside a transaction, so set first)."""
     raw = engine.raw_connection()
     db, isolation = raw.driver_connection, raw.driver_connection.isolation_level
     try:
-        if not _missing_columns(db):
+        if not needed(db):
             return
         db.isolation_level = None  # autocommit: the transaction below is the explicit one
+        if foreign_keys_off:
+            db.execute("PRAGMA foreign_keys = OFF")
         db.execute("BEGIN IMMEDIATE")
         try:
-            for column in _missing_columns(db):
-                if not column.nullable:
-                    raise RuntimeError(f"the database lacks {column.table.name}.{column.name}, which cannot "
-                                       "be added in place; it needs a migration")
-                ddl = CreateColumn(column).compile(dialect=engine.dialect)
-                db.execute(f'ALTER TABLE "{column.table.name}" ADD COLUMN {ddl}')
+            if needed(db):
+                apply(db)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
     finally:
+        if foreign_keys_off:
+            db.execute("PRAGMA foreign_keys = ON")
         db.isolation_level = isolation
         raw.close()
 
@@ -98,30 +114,16 @@ def _has_autoincrement(db, table: str) -> bool:
 
 def _adopt_autoincrement(engine: Engine) -> None:
     """Rebuild tables that a file made before they had AUTOINCREMENT still has without it (SQLite
-    cannot add it in place). One transaction, foreign-key enforcement off meanwhile so that
-    dropping the old table deletes no rows that point at it; a process that finds another did it
-    first does nothing."""
-    raw = engine.raw_connection()
-    db, isolation = raw.driver_connection, raw.driver_connection.isolation_level
-    try:
-        if all(_has_autoincrement(db, t.name) for t in _autoincrement_tables()):
-            return
-        db.isolation_level = None  # autocommit: the transaction below is the explicit one
-        db.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction, so first
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for table in _autoincrement_tables():
-                if not _has_autoincrement(db, table.name):
-                    _rebuild(db, table, engine)
-            assert not db.execute("PRAGMA foreign_key_check").fetchall()
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-    finally:
-        db.execute("PRAGMA foreign_keys = ON")
-        db.isolation_level = isolation
-        raw.close()
+    cannot add it in place), foreign-key enforcement off meanwhile so that dropping the old table
+    deletes no rows that point at it."""
+    def rebuild(db) -> None:
+        for table in _autoincrement_tables():
+            if not _has_autoincrement(db, table.name):
+                _rebuild(db, table, engine)
+        assert not db.execute("PRAGMA foreign_key_check").fetchall()
+
+    _upgrade(engine, lambda db: not all(_has_autoincrement(db, t.name) for t in _autoincrement_tables()),
+             rebuild, foreign_keys_off=True)
 
 
 def _rebuild(db, table: Table, engine: Engine) -> None:
@@ -165,24 +167,13 @@ FROM custom_models WHERE {_LEGACY} ORDER BY id"""
 def _move_training_to_jobs(engine: Engine) -> None:
     """Give each custom model made before `jobs` its train job, once: a model mid-training is
     RUNNING under its old worker, so the next worker takes it over as it would have."""
-    raw = engine.raw_connection()
-    db, isolation = raw.driver_connection, raw.driver_connection.isolation_level
-    try:
-        if db.execute(f"SELECT 1 FROM custom_models WHERE {_LEGACY} LIMIT 1").fetchone() is None:
-            return
-        db.isolation_level = None
-        db.execute("BEGIN IMMEDIATE")  # of two processes opening the file, the second copies nothing
-        try:
-            db.execute(_COPY_TO_JOBS)
-            db.execute(f"UPDATE custom_models SET status = 'JOB', progress = NULL, failure = NULL, worker = NULL, "
-                       f"heartbeat_at = NULL, started_at = NULL, finished_at = NULL WHERE {_LEGACY}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-    finally:
-        db.isolation_level = isolation
-        raw.close()
+    def move(db) -> None:
+        db.execute(_COPY_TO_JOBS)
+        db.execute(f"UPDATE custom_models SET status = 'JOB', progress = NULL, failure = NULL, worker = NULL, "
+                   f"heartbeat_at = NULL, started_at = NULL, finished_at = NULL WHERE {_LEGACY}")
+
+    _upgrade(engine, lambda db: db.execute(f"SELECT 1 FROM custom_models WHERE {_LEGACY} LIMIT 1").fetchone()
+             is not None, move)
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:
