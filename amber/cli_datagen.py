@@ -58,6 +58,7 @@ def register_datagen_commands(datasets_app: typer.Typer, context) -> None:
                  seed: int = 0, account: Annotated[str, typer.Option(envvar="AMBER_ACCOUNT")] = "local",
                  follow: Annotated[bool, typer.Option(help="show live progress until it ends")] = True) -> None:
         """Queue a generation job (the same checks as POST /studio/v1/dataset/generate)."""
+        from amber.api.custom import adapter_ref
         from amber.datagen.generate import SpecError, build_spec, check_fits
         from amber.datagen.job import KIND, spec_json
         from amber.engine.checkpoint import ensure_checkpoint
@@ -72,9 +73,9 @@ def register_datagen_commands(datasets_app: typer.Typer, context) -> None:
             if custom is None or not custom.current_epoch:
                 raise typer.BadParameter(f"{name!r} is neither a general model nor a trained custom model of "
                                          f"{account!r}", param_hint="--model")
-            base, epoch = registry.resolve(custom.base_model), custom.default_epoch or custom.current_epoch
-            adapter = {"key": f"custom-{custom.id}-{custom.created_at.timestamp()}-epoch-{epoch}",
-                       "path": str(config.adapter_dir(custom.id, epoch))}
+            base = registry.resolve(custom.base_model)
+            ref = adapter_ref(config, custom, custom.default_epoch or custom.current_epoch)
+            adapter = {"key": ref.key, "path": ref.path}
         try:
             spec = build_spec(mode, read_examples(examples), inputs=read_inputs(inputs) if inputs else None, n=n,
                               shots=shots, samples=samples, temperature=temperature, max_tokens=max_tokens, seed=seed)
@@ -119,10 +120,8 @@ def register_datagen_commands(datasets_app: typer.Typer, context) -> None:
 
 
 def _save(config, store, who, job, name: str) -> None:
-    import io
-
+    from amber.datagen.job import save_rows
     from amber.datasets.parse import DatasetError
-    from amber.datasets.store import save_dataset
     from amber.engine.checkpoint import ensure_checkpoint
     from amber.engine.tokenizer import Tokenizer
     from amber.store.custom_models import NameTaken
@@ -132,10 +131,8 @@ def _save(config, store, who, job, name: str) -> None:
         raise typer.BadParameter(f"job {job.id} is {job.status} with {len(rows)} approved rows: nothing to save")
     spec = load_registry(config.registry_path).resolve(job.spec["baseModel"])
     tokenizer = Tokenizer.from_pretrained(ensure_checkpoint(spec, config.checkpoints_dir))
-    data = "".join(json.dumps({"prompt": r.input, "completion": r.output}, ensure_ascii=False) + "\n" for r in rows)
     try:
-        info = save_dataset(store, config, who.id, name, f"generated-{job.id}.jsonl", io.BytesIO(data.encode()),
-                            tokenizer, spec.max_context - 1, approve_whitespace_correction=True, delete_long_rows=True)
+        info = save_rows(store, config, who.id, job, rows, name, tokenizer, spec.max_context - 1)
     except (DatasetError, NameTaken) as exc:
         raise typer.BadParameter(str(exc), param_hint="--save") from exc
     console.print(f"dataset {info.name!r}: id {info.id}, {info.num_examples} examples", highlight=False)

@@ -171,11 +171,19 @@ class Worker:
             raise JobGone()
         log.info("custom model %s completed: epoch %d chosen", model.name, best.epoch)
 
-    def _evaluate(self, custom, spec, checkpoint, epoch, train, held_out) -> dict:
-        """Through Amber's own engine, in the served precision, on this thread."""
+    def engine(self, spec, checkpoint, max_batch: int):
+        """The registry model `spec` as served (its precision, this machine's kernels), in an engine
+        for this thread (`run_until_idle`) that shares the cores as training does."""
         from amber.engine.engine import Engine
         from amber.engine.loader import load_model
         from amber.engine.tokenizer import Tokenizer
+
+        model = load_model(checkpoint, spec.dtype, kernel_cache=self.config.kernels_dir)
+        return Engine(model, Tokenizer.from_pretrained(checkpoint), max_batch=max_batch,
+                      max_context=spec.max_context, threads=self.cores.between_steps)
+
+    def _evaluate(self, custom, spec, checkpoint, epoch, train, held_out) -> dict:
+        """Through Amber's own engine, in the served precision, on this thread."""
         from amber.engine.types import AdapterRef
         from amber.evaluation import Example, evaluate
         from amber.training.data import ExampleEncoder
@@ -183,9 +191,7 @@ class Worker:
         encoder = ExampleEncoder(checkpoint)
         rendered = lambda rows: [Example(*encoder.render_chat(r.messages)) if r.messages
                                  else Example(r.prompt, r.completion) for r in rows]
-        model = load_model(checkpoint, spec.dtype, kernel_cache=self.config.kernels_dir)
-        engine = Engine(model, Tokenizer.from_pretrained(checkpoint),
-                        max_batch=1, max_context=spec.max_context, threads=self.cores.between_steps)
+        engine = self.engine(spec, checkpoint, max_batch=1)
         adapter = AdapterRef(f"eval-{custom.id}-{epoch}", str(self.config.adapter_dir(custom.id, epoch)))
         return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
 

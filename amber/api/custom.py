@@ -6,6 +6,7 @@ from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from amber.api.errors import invalid, not_found
+from amber.config import Config
 from amber.engine.types import AdapterRef
 from amber.serving import LoadedModel, ModelPool
 from amber.store.custom_models import COMPLETED, CustomModelInfo
@@ -28,9 +29,14 @@ def adapter_for(pool: ModelPool, model: CustomModelInfo, epoch: int | None) -> A
         raise invalid(("body", "epoch"), f"epoch must be between 1 and {model.num_epochs} for {model.name!r}")
     if epoch > done:
         raise HTTPException(409, f"epoch {epoch} of {model.name!r} is not trained yet ({done} done)")
-    # the key tells apart a deleted model and a new one that reuses its id
+    return adapter_ref(pool.config, model, epoch)
+
+
+def adapter_ref(config: Config, model: CustomModelInfo, epoch: int) -> AdapterRef:
+    """The adapter of a trained `epoch`; the key tells apart a deleted model and a new one that
+    reuses its id."""
     key = f"custom-{model.id}-{model.created_at.timestamp()}-epoch-{epoch}"
-    return AdapterRef(key, str(pool.config.adapter_dir(model.id, epoch)))
+    return AdapterRef(key, str(config.adapter_dir(model.id, epoch)))
 
 
 async def resolve_custom(pool: ModelPool, store: Store, account: AccountInfo, base: str | None, name: str,

@@ -20,6 +20,21 @@ def spec_json(generation: GenerationSpec, model: str, base_model: str, adapter: 
     return {"generation": generation.to_json(), "model": model, "baseModel": base_model, "adapter": adapter}
 
 
+def save_rows(store, config, account_id: int, job, rows, name: str, tokenizer, max_tokens: int,
+              split_ratio: float = 0.1):
+    """`rows` (the job's approved rows) as a new dataset, through the same checks as an upload
+    (DatasetError, NameTaken): a generated row is kept as a JSONL file like any other."""
+    import io
+    import json
+
+    from amber.datasets.store import save_dataset
+
+    data = "".join(json.dumps({"prompt": r.input, "completion": r.output}, ensure_ascii=False) + "\n" for r in rows)
+    return save_dataset(store, config, account_id, name, f"generated-{job.id}.jsonl", io.BytesIO(data.encode()),
+                        tokenizer, max_tokens, approve_whitespace_correction=True, delete_long_rows=True,
+                        split_ratio=split_ratio)
+
+
 def verdicts(store, job_id: int, spec: GenerationSpec) -> tuple[int, int, dict[str, int]]:
     """Filter every row the job has written; (rows, kept, rows per reason)."""
     rows = store.generated.all(job_id)
@@ -38,10 +53,7 @@ def run(worker, job) -> None:
 
 
 def _run(worker, job) -> None:
-    from amber.engine.engine import Engine
     from amber.engine.checkpoint import ensure_checkpoint
-    from amber.engine.loader import load_model
-    from amber.engine.tokenizer import Tokenizer
     from amber.engine.types import AdapterRef
     from amber.training.data import TrainingError
     from amber.worker import JobGone
@@ -52,9 +64,7 @@ def _run(worker, job) -> None:
         raise TrainingError(f"model {job.spec['baseModel']!r} is not in this server's registry")
     adapter = job.spec.get("adapter")
     checkpoint = ensure_checkpoint(model_spec, worker.config.checkpoints_dir)
-    engine = Engine(load_model(checkpoint, model_spec.dtype, kernel_cache=worker.config.kernels_dir),
-                    Tokenizer.from_pretrained(checkpoint), max_batch=16, max_context=model_spec.max_context,
-                    threads=worker.cores.between_steps)
+    engine = worker.engine(model_spec, checkpoint, max_batch=16)
     ref = AdapterRef(adapter["key"], adapter["path"]) if adapter else None
     store, started = worker.store, time.perf_counter()
     start = store.generated.count(job.id)

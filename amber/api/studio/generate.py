@@ -9,8 +9,6 @@ the rows' keeping amber/store/generated.py's.
 """
 from __future__ import annotations
 
-import io
-import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException
@@ -22,11 +20,11 @@ from amber.api.custom import adapter_for
 from amber.api.deps import Account, Pool, Store
 from amber.api.errors import invalid, not_found
 from amber.api.routing import TextRoute
+from amber.api.studio import jobs
 from amber.api.studio.datasets import dataset_json
 from amber.datagen.generate import MAX_ROWS, MAX_SAMPLES, GenerationSpec, SpecError, build_spec, check_fits
-from amber.datagen.job import KIND, spec_json
+from amber.datagen.job import KIND, save_rows, spec_json
 from amber.datasets.parse import DatasetError
-from amber.datasets.store import save_dataset
 from amber.evaluation import Example
 from amber.store.custom_models import NameTaken
 from amber.store.generated import APPROVED, REJECTED, VIEWS
@@ -88,12 +86,9 @@ async def _model(body: GenerateRequest, account, pool, store) -> tuple[str, str,
 
 
 def job_json(job, counts: dict[str, int] | None = None) -> dict:
-    return {"id": str(job.id), "kind": job.kind, "status": job.status, "progress": job.progress,
-            "result": job.result, "failure": job.failure, "model": job.spec.get("model"),
-            "mode": job.spec["generation"]["mode"], "rows": counts,
-            "createdAt": job.created_at.isoformat(),
-            "startedAt": job.started_at and job.started_at.isoformat(),
-            "finishedAt": job.finished_at and job.finished_at.isoformat()}
+    """The job as /studio/v1/jobs shows it, with what it generates and its rows by view."""
+    return {**jobs.job_json(job), "model": job.spec.get("model"), "mode": job.spec["generation"]["mode"],
+            "rows": counts}
 
 
 @router.post("/dataset/generate", responses=docs.ai21(400, 422))
@@ -185,13 +180,10 @@ async def save_generation(job_id: str, body: Save, account: Account, pool: Pool,
     rows = [r for r in store.generated.all(job.id) if r.included]
     if not rows:
         raise HTTPException(409, f"generation job {job_id} has no approved rows to save")
-    data = "".join(json.dumps({"prompt": r.input, "completion": r.output}, ensure_ascii=False) + "\n" for r in rows)
     loaded = await run_in_threadpool(pool.get, job.spec["baseModel"])
     try:
-        dataset = await run_in_threadpool(
-            save_dataset, store, pool.config, account.id, body.dataset_name, f"generated-{job.id}.jsonl",
-            io.BytesIO(data.encode()), loaded.tokenizer, loaded.spec.max_context - 1,
-            approve_whitespace_correction=True, delete_long_rows=True, split_ratio=body.split_ratio)
+        dataset = await run_in_threadpool(save_rows, store, pool.config, account.id, job, rows, body.dataset_name,
+                                          loaded.tokenizer, loaded.spec.max_context - 1, body.split_ratio)
     except DatasetError as exc:
         raise invalid(("body", exc.field), str(exc), exc.rows) from exc
     except NameTaken as exc:
