@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable
 import torch
 from torch import nn
 
-from amber.engine.kv_cache import KVCache
+from amber.engine.kv_cache import BLOCK_SIZE, KVCache, PoolExhausted
 from amber.engine.lora import AdapterError, AdapterSlots
 from amber.engine.models import family_of
 from amber.engine.prefix_cache import PrefixCache
@@ -51,8 +51,12 @@ class ContextTooLong(ValueError):
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
-                 prefix_blocks: int = 256, threads: Callable[[], int] | None = None):
-        """`threads`, if given, is asked at the start of every step how many torch threads to use
+                 prefix_blocks: int = 512, kv_memory_mb: int | None = None,
+                 threads: Callable[[], int] | None = None):
+        """`kv_memory_mb`: the KV pool's size (None: room for every row at max_context, as offline
+        work wants), never less than two sequences at max_context plus a block per row.
+        `prefix_blocks`: pool blocks the prefix cache may keep (0 turns it off).
+        `threads`, if given, is asked at the start of every step how many torch threads to use
         (a budget that shrinks while a training job shares the cores: amber/threads.py)."""
         cfg = model.config
         self.device = model.model.embed_tokens.weight.device
@@ -62,20 +66,23 @@ class Engine:
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.threads = threads
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
-        self.cache = KVCache.for_layers(family.layer_states(cfg), max_batch, max_context,
-                                        model.kv_dtype or model.model.embed_tokens.weight.dtype, self.device)
+        states, kv_dtype = family.layer_states(cfg), model.kv_dtype or model.model.embed_tokens.weight.dtype
+        self.cache = KVCache.for_layers(states, max_batch, max_context, kv_dtype, self.device,
+                                        blocks=_pool_blocks(states, kv_dtype, max_batch, max_context, kv_memory_mb))
         # recurrent states exist only after a whole prefix, not per block: no prefix cache for them
-        self.prefixes = PrefixCache(max_blocks=0 if self.cache.recurrent is not None else prefix_blocks)
+        self.prefixes = PrefixCache(self.cache, max_blocks=0 if self.cache.recurrent is not None else prefix_blocks)
         # one slot more than the batch: every running request's adapter and the next one's fit
         self.adapters = AdapterSlots(model, capacity=max_batch + 1)
         self.runner = ModelRunner(model, self.cache, self.adapters, self.tokenizer.eos_ids, prefill_chunk, self.device)
         masks = tokenizer.category_masks().to(self.device)
         self.category_masks = torch.zeros(masks.shape[0], cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.category_masks[:, :masks.shape[1]] = masks[:, :cfg.vocab_size]
-        self.scheduler = Scheduler(max_batch, max_context, max_queue, prefill_chunk)
+        self.scheduler = Scheduler(max_batch, max_context, max_queue, prefill_chunk,
+                                   room=lambda: self.cache.free_blocks() + self.prefixes.evictable(),
+                                   needs=self._blocks_needed)
         self._wake = threading.Condition()  # guards the scheduler against submit/abort on other threads
         self._stopping = False
-        self._steps = 0
+        self._steps = self.preemptions = 0
         self._thread = threading.Thread(target=self._loop, name="amber-engine", daemon=True)
 
     # ---- public API, any thread ----
@@ -125,6 +132,10 @@ class Engine:
             raise ContextTooLong(f"request {request.request_id!r} needs {needed} positions (BOS, a "
                                  f"{len(request.prompt_ids)}-token prompt, max_tokens {request.params.max_tokens}); "
                                  f"the context is {self.max_context}")
+        if (blocks := request.params.num_results * self.cache.blocks_for(needed)) > self.cache.num_blocks:
+            raise ContextTooLong(f"request {request.request_id!r} needs up to {blocks} KV blocks ({needed} positions "
+                                 f"for each of {request.params.num_results} results); the pool has "
+                                 f"{self.cache.num_blocks}")
         with self._wake:
             self.scheduler.add(RequestState(request, on_done, on_tokens))  # QueueFull when full
             self._wake.notify()
@@ -187,6 +198,8 @@ class Engine:
         return {"waiting": len(scheduler.waiting), "prefilling": int(scheduler.prefilling is not None),
                 "running_samples": len(scheduler.rows), "prefix_blocks": len(self.prefixes),
                 "steps": self._steps, "adapters_loaded": self.adapters.loaded(),
+                "kv_blocks": self.cache.num_blocks, "kv_blocks_free": self.cache.free_blocks(),
+                "kv_blocks_high_water": self.cache.high_water, "preemptions": self.preemptions,
                 "adapters_in_use": self.adapters.in_use()}
 
     @property
@@ -243,26 +256,93 @@ class Engine:
         slots = self.scheduler.first_slots(group)
         for state, slot in zip(group, slots):
             self._begin_prefill(state, slot)
-        jobs = [(s.ids, s.filled, slot, s.request.score_prompt, s.request.params.top_k_return, s.adapter_slot)
-                for s, slot in zip(group, slots)]
-        for state, slot, (scores, logits) in zip(group, slots, self.runner.prefill_rows(jobs)):
+        width = max(len(s.ids) - s.filled for s in group)
+        for state, slot in zip(group, slots):  # the padded width: rows are right-padded to the longest
+            self._reserve(state, slot, state.filled, state.filled + width)
+        group = [state for state in group if state.prefill_slot >= 0]  # not failed for want of memory
+        jobs = [(s.ids, s.filled, s.prefill_slot, s.request.score_prompt, s.request.params.top_k_return,
+                 s.adapter_slot) for s in group]
+        if not jobs:
+            return
+        for state, (scores, logits) in zip(group, self.runner.prefill_rows(jobs)):
             state.prompt += scores
-            self._end_prefill(state, slot, logits)
+            self._end_prefill(state, state.prefill_slot, logits)
 
     def _prefill_step(self, state: RequestState) -> None:
-        """One chunk of a long prompt, in the staging slot."""
+        """One chunk of a long prompt (or of a preempted sample's recomputation), in the staging slot."""
+        if state.resuming is not None:
+            return self._resume_step(state)
         req, staging = state.request, self.cache.staging
         if state.ids is None:
             if not self._use_adapter(state):
                 return
             self._begin_prefill(state, staging)
+        stop = min(len(state.ids), state.filled + self.runner.chunk_size)
+        if not self._reserve(state, staging, state.filled, stop):
+            return
         scores, logits = self.runner.prefill_chunk(state.ids, state.filled, staging, req.score_prompt,
                                                    req.params.top_k_return, state.adapter_slot)
         state.prompt += scores
-        state.filled = min(len(state.ids), state.filled + self.runner.chunk_size)
+        state.filled = stop
         if state.filled == len(state.ids):
             self.scheduler.prefill_done()
             self._end_prefill(state, staging, logits)
+
+    def _resume_step(self, state: RequestState) -> None:
+        """Recompute a chunk of a preempted request's next sample (BOS + prompt + its tokens but
+        the last, which the next decode step feeds), in the staging slot; once done, the sample
+        takes a batch slot and decodes on."""
+        req, staging, sample = state.request, self.cache.staging, state.resuming[0]
+        if state.resume_ids is None:
+            state.resume_ids = [*state.ids, *(t.token_id for t in sample.tokens[:-1])]
+            state.prefill_slot = staging
+            state.filled, _ = self.prefixes.load(state.resume_ids, staging, False, 0, _adapter_key(req))
+        ids, stop = state.resume_ids, min(len(state.resume_ids), state.filled + self.runner.chunk_size)
+        if not self._reserve(state, staging, state.filled, stop):
+            return
+        self.runner.prefill_chunk(ids, state.filled, staging, False, 0, state.adapter_slot)
+        state.filled = stop
+        if state.filled < len(ids):
+            return
+        state.resuming.pop(0)
+        state.resume_ids, state.prefill_slot = None, -1
+        self.cache.move(staging, self.scheduler.seat(sample))
+        if not state.resuming:
+            state.resuming = None
+            self.scheduler.prefill_done()
+            self.scheduler.start(state)
+
+    def _blocks_needed(self, state: RequestState) -> int:
+        """KV blocks a waiting request needs to start: its prompt's, and one more per sample
+        (the block its first tokens go to, or its copy of the prompt's last)."""
+        if state.resuming is not None:
+            return sum(self.cache.blocks_for(s.length) + 1 for s in state.resuming)
+        return self.cache.blocks_for(1 + len(state.request.prompt_ids)) + state.request.params.num_results
+
+    def _reserve(self, state: RequestState, slot: int, start: int, stop: int) -> bool:
+        """Blocks for positions [start, stop) of `slot`, preempting the request that started last
+        while the pool is out of blocks. False when `state` itself was preempted, or failed
+        because nothing else was left to preempt."""
+        while True:
+            try:
+                self.cache.prepare(slot, start, stop)
+                return True
+            except PoolExhausted as exc:
+                victim = self.scheduler.victim()
+                if victim is None or (victim is state and len(self.scheduler.running) == 1):
+                    self._finish(state, exc)
+                    return False
+                self._preempt(victim)
+                if victim is state:
+                    return False
+
+    def _preempt(self, state: RequestState) -> None:
+        """Take a running request out of the batch and give its blocks back (scheduler.preempt)."""
+        for sample in state.samples:
+            self._free_slot(sample)
+        self.scheduler.preempt(state)
+        self.preemptions += 1
+        log.info("KV pool full: request %s preempted, to be recomputed", state.request.request_id)
 
     def _use_adapter(self, state: RequestState) -> bool:
         """Pin the request's adapter (loading it on first use); False, with the request failed,
@@ -275,22 +355,22 @@ class Engine:
         return True
 
     def _begin_prefill(self, state: RequestState, slot: int) -> None:
-        """BOS + prompt, with whatever the prefix cache already has copied into `slot`."""
+        """BOS + prompt, with whatever the prefix cache already has attached to the empty `slot`."""
         req = state.request
-        state.ids = [self.bos_id, *req.prompt_ids]
-        state.filled, state.prompt = self.prefixes.load(state.ids, self.cache, slot, req.score_prompt,
+        state.ids, state.prefill_slot = [self.bos_id, *req.prompt_ids], slot
+        state.filled, state.prompt = self.prefixes.load(state.ids, slot, req.score_prompt,
                                                         req.params.top_k_return, _adapter_key(req))
 
     def _end_prefill(self, state: RequestState, slot: int, logits: torch.Tensor) -> None:
         """Keep the prompt's blocks for later requests, then start its samples from `slot`."""
         req = state.request
-        self.prefixes.store(state.ids, self.cache, slot, state.prompt if req.score_prompt else None,
+        self.prefixes.store(state.ids, slot, state.prompt if req.score_prompt else None,
                             req.params.top_k_return, _adapter_key(req))
         self._start_samples(state, logits, slot)
 
     def _start_samples(self, state: RequestState, logits: torch.Tensor, source: int) -> None:
-        """Give each of numResults samples its slot, with the prompt's cache copied in from slot
-        `source` (unless it is that slot), and its first token."""
+        """Give each of numResults samples its slot, sharing the prompt's blocks of slot `source`
+        (unless it is that slot), and its first token."""
         req, params = state.request, state.request.params
         self._prepare_sampling(state)
         counts = torch.bincount(torch.tensor(req.prompt_ids if params.penalize_prompt else [], dtype=torch.long),
@@ -305,7 +385,10 @@ class Engine:
             return
         for s in state.samples:
             if self.scheduler.seat(s) != source:
-                self.cache.copy(source, s.slot, len(state.ids))
+                self.cache.fork(source, s.slot, len(state.ids))
+        if all(s.slot != source for s in state.samples):  # the staging slot, or a slot a preemption left
+            self.cache.free(source)
+        state.prefill_slot = -1
         rows = [(state, s) for s in state.samples]
         self._accept(rows, self.runner.sample(logits.unsqueeze(0).expand(len(rows), -1), rows))
 
@@ -320,7 +403,12 @@ class Engine:
                 state.bias[token_id] += value
 
     def _decode_step(self) -> None:
+        for sample in list(self.scheduler.rows):  # each row's next position, preempting if need be
+            if sample.slot >= 0:
+                self._reserve(sample.owner, sample.slot, sample.length - 1, sample.length)
         samples = self.scheduler.rows
+        if not samples:
+            return
         rows = [(s.owner, s) for s in samples]
         logits = self.runner.decode(samples)
         self._accept(rows, self.runner.sample(logits, rows))
@@ -348,22 +436,39 @@ class Engine:
                 self._complete(state)
 
     def _free_slot(self, sample: Sample) -> None:
-        """Take a finished sample out of the batch, moving the last row's cache into its slot."""
+        """Take a sample out of the batch, giving back its blocks, and move the last row into its slot."""
+        slot = sample.slot
+        if slot < 0:
+            return
+        self.cache.free(slot)
         if (move := self.scheduler.free_slot(sample)) is not None:
-            self.cache.copy(*move)
+            self.cache.move(move[0], move[1])
 
     def _complete(self, state: RequestState) -> None:
         self._finish(state, state.output([completion_output(s, self.tokenizer) for s in state.samples]))
 
     def _finish(self, state: RequestState, result: RequestOutput | BaseException) -> None:
-        for move in self.scheduler.finish(state):
-            self.cache.copy(*move)
+        for sample in state.samples:
+            self._free_slot(sample)
+        if state.prefill_slot >= 0:  # its prompt's blocks, before any sample took them
+            self.cache.free(state.prefill_slot)
+            state.prefill_slot = -1
+        self.scheduler.finish(state)
         self.adapters.release(state.adapter_slot)
         state.adapter_slot = 0
         try:
             state.on_done(result)
         except Exception:
             log.exception("result callback failed")
+
+
+def _pool_blocks(states: list, dtype: torch.dtype, max_batch: int, max_context: int, memory_mb: int | None) -> int:
+    """The KV pool's blocks: `memory_mb` worth, or room for every row and the staging slot at
+    max_context; never fewer than two sequences at max_context and a block per row."""
+    per_block = KVCache.bytes_per_token(states, dtype) * BLOCK_SIZE
+    per_sequence = -(-max_context // BLOCK_SIZE)
+    wanted = (max_batch + 1) * per_sequence if memory_mb is None else memory_mb * 2 ** 20 // max(per_block, 1)
+    return max(wanted, 2 * per_sequence + max_batch)
 
 
 def _adapter_key(request: GenerationRequest) -> str | None:

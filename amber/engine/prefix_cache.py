@@ -1,11 +1,17 @@
-"""Prompt prefixes computed once: KV blocks and prompt-token scores, reused by later requests.
+"""Prompt prefixes computed once: KV blocks of the pool, shared, and prompt-token scores.
 
-A prompt (BOS first) is cut into blocks of `block_size` tokens. Block b holds the keys/values of
-positions [b*bs, (b+1)*bs) and the scores of the tokens at positions b*bs+1 .. (b+1)*bs, so its key
-covers every token up to and including position (b+1)*bs. A hit is copied into the staging slot
-(slots are contiguous for the decode step; a copy costs far less than recomputing). Least recently
-used blocks go first when the budget is full. Few-shot prompts, chat histories and repeated scoring
-all start with the same blocks.
+A prompt (BOS first) is cut into the cache's blocks (kv_cache.BLOCK_SIZE tokens). Block b holds
+the keys/values of positions [b*bs, (b+1)*bs) and the scores of the tokens at positions b*bs+1 ..
+(b+1)*bs, so its key covers every token up to and including position (b+1)*bs: a block is kept
+only when a token follows it, and a hit always leaves the prompt's last token to compute (its
+logits start the completion). Keeping a block costs no copy: the prefix cache holds a reference
+to the pool's block (kv_cache.KVCache.hold), and a hit attaches the same blocks to the new
+request's slot. A kept block is full, and a sequence never writes into its full blocks again, so
+no copy-on-write is ever needed for them.
+
+The cache keeps at most `max_blocks` blocks, least recently used first out; and when the pool has
+no free block, it gives back (`evict_one`) the least recently used block that no sequence holds.
+Few-shot prompts, chat histories and repeated scoring all start with the same blocks.
 
 Off for families with recurrent layers (Jamba's Mamba mixers; the engine gives it no blocks): their
 state after a block is one fixed-size tensor per layer that depends on every token before it, not
@@ -17,23 +23,23 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-
 from amber.engine.kv_cache import KVCache
 from amber.engine.types import TokenLogprob
 
 
 @dataclass
 class Block:
-    kv: torch.Tensor                       # (layers, 2, kv_heads, block, head_dim)
+    block: int                             # the pool block
     scores: list[TokenLogprob] | None      # None when the prompt was not scored
     top_k: int                             # alternatives stored per score
 
 
 class PrefixCache:
-    def __init__(self, block_size: int = 32, max_blocks: int = 256):
-        self.block_size, self.max_blocks = block_size, max_blocks
+    def __init__(self, cache: KVCache, max_blocks: int = 512):
+        self.cache, self.block_size, self.max_blocks = cache, cache.block_size, max_blocks
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()
+        if max_blocks:
+            cache.evict = self.evict_one
 
     def _keys(self, ids: list[int], namespace: str | None):
         """One key per full block that has a token after it: the token tuple up to that token,
@@ -42,36 +48,54 @@ class PrefixCache:
         for b in range((len(ids) - 1) // bs):
             yield b, (namespace, tuple(ids[:(b + 1) * bs + 1]))
 
-    def load(self, ids: list[int], cache: KVCache, slot: int, need_scores: bool, top_k: int,
+    def load(self, ids: list[int], slot: int, need_scores: bool, top_k: int,
              namespace: str | None = None) -> tuple[int, list[TokenLogprob]]:
-        """Copy the longest cached prefix of `ids` into `slot`. Returns how many positions are now
-        filled and the scores of ids[1 : that + 1]."""
-        filled, scores = 0, []
-        for b, key in self._keys(ids, namespace):
+        """Attach the longest cached prefix of `ids` to the empty `slot`. Returns how many
+        positions are now filled and the scores of ids[1 : that + 1]."""
+        blocks, scores = [], []
+        for _, key in self._keys(ids, namespace):
             block = self._blocks.get(key)
             if block is None or (need_scores and (block.scores is None or block.top_k < top_k)):
                 break
             self._blocks.move_to_end(key)
-            cache.write_block(slot, b * self.block_size, block.kv)
-            filled = (b + 1) * self.block_size
+            blocks.append(block.block)
             if need_scores:
                 scores += [TokenLogprob(t.token_id, t.logprob, t.raw_logprob, t.top[:top_k]) for t in block.scores]
-        return filled, scores
+        self.cache.attach(slot, blocks)
+        return len(blocks) * self.block_size, scores
 
-    def store(self, ids: list[int], cache: KVCache, slot: int, scores: list[TokenLogprob] | None,
-              top_k: int, namespace: str | None = None) -> None:
-        """Keep the full blocks of a prefilled prompt. scores[i] belongs to ids[i + 1]."""
+    def store(self, ids: list[int], slot: int, scores: list[TokenLogprob] | None, top_k: int,
+              namespace: str | None = None) -> None:
+        """Keep the full blocks of a prefilled prompt in `slot`. scores[i] belongs to ids[i + 1]."""
         if self.max_blocks == 0:  # turned off
             return
-        bs = self.block_size
+        bs, blocks = self.block_size, self.cache.blocks_of(slot)
         for b, key in self._keys(ids, namespace):
-            if key in self._blocks:
+            kept = self._blocks.get(key)
+            if kept is not None and (scores is None or (kept.scores is not None and kept.top_k >= top_k)):
                 self._blocks.move_to_end(key)
                 continue
+            if kept is not None:  # a better-scored copy of the same block replaces it
+                self.cache.drop(kept.block)
+            self.cache.hold(blocks[b])
             block_scores = scores[b * bs:(b + 1) * bs] if scores is not None else None
-            self._blocks[key] = Block(cache.read_block(slot, b * bs, (b + 1) * bs), block_scores, top_k)
+            self._blocks[key] = Block(blocks[b], block_scores, top_k)
+            self._blocks.move_to_end(key)
             while len(self._blocks) > self.max_blocks:
-                self._blocks.popitem(last=False)
+                self.cache.drop(self._blocks.popitem(last=False)[1].block)
+
+    def evict_one(self) -> bool:
+        """Give the pool back the least recently used block no sequence holds; False if none."""
+        for key, block in self._blocks.items():
+            if self.cache.refs[block.block] == 1:
+                del self._blocks[key]
+                self.cache.drop(block.block)
+                return True
+        return False
+
+    def evictable(self) -> int:
+        """Blocks `evict_one` could give back now."""
+        return sum(1 for b in self._blocks.values() if self.cache.refs[b.block] == 1)
 
     def __len__(self) -> int:
         return len(self._blocks)

@@ -3,17 +3,23 @@ sample holds. Plain Python bookkeeping: no torch, no model, no threads (the engi
 around every call that can race a submit). Each step the engine asks `schedule()` what to prefill,
 runs it, and reports what started (`seat`) and what ended (`finish`, `free_slot`).
 
-Admission: waiting requests, in order, whose prompts together fit one prefill chunk and whose samples
-fit the batch are prefilled together in one forward pass; otherwise, while nothing else is
-prefilling, the next waiting request starts prefilling a chunk per step (in the staging slot) once
-its samples fit the batch. Running samples sit in cache slots 0..n-1 (`rows[i].slot == i`): a
-finished one's slot is filled by moving the last row down, a move the engine applies to the cache.
+Admission: waiting requests, in order, whose prompts together fit one prefill chunk, whose samples
+fit the batch and whose blocks fit the KV pool (`room`, the engine's count of free blocks) are
+prefilled together in one forward pass; otherwise, while nothing else is prefilling, the next
+waiting request starts prefilling a chunk per step (in the staging slot) once it fits. Running
+samples sit in sequence slots 0..n-1 (`rows[i].slot == i`): a finished one's slot is filled by
+moving the last row down, a move the engine applies to the cache (block tables, not keys and values).
+
+Preemption: when the pool runs out during a step, the engine takes the request that started last
+out of the batch (`preempt`, vLLM's choice) and puts it back at the head of the queue; its samples
+keep their tokens, and when it is admitted again their keys and values are recomputed (a prefill
+of prompt + tokens so far, one sample after another in the staging slot) before they decode on.
 """
 from __future__ import annotations
 
 import collections
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     from amber.engine.sequence import RequestState, Sample
@@ -31,9 +37,11 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_context: int, max_queue: int, chunk_size: int):
+    def __init__(self, max_batch: int, max_context: int, max_queue: int, chunk_size: int,
+                 room: Callable[[], int] = lambda: 1 << 30, needs: Callable[[RequestState], int] = lambda s: 0):
+        """`room()`: KV blocks free now; `needs(state)`: the blocks a request needs to start."""
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
-        self.chunk_size = chunk_size
+        self.chunk_size, self.room, self.needs = chunk_size, room, needs
         self.waiting: collections.deque[RequestState] = collections.deque()
         self.prefilling: RequestState | None = None  # the long prompt prefilled a chunk per step
         self.running: list[RequestState] = []         # requests whose samples have started
@@ -71,22 +79,24 @@ class Scheduler:
         return group
 
     def _fits(self, state: RequestState) -> bool:
-        return len(self.rows) + state.request.params.num_results <= self.max_batch
+        return len(self.rows) + state.rows_needed <= self.max_batch and self.needs(state) <= self.room()
 
     def _take_short_prompts(self) -> list[RequestState]:
         """Waiting requests, in order, whose prompts together fit one prefill chunk and whose
         samples fit the batch: they are prefilled in one forward pass, straight into their slots."""
-        group, budget = [], self.chunk_size
-        taken = len(self.rows) + (self.prefilling.request.params.num_results if self.prefilling else 0)
+        group, budget, blocks = [], self.chunk_size, self.room()
+        taken = len(self.rows) + (self.prefilling.rows_needed if self.prefilling else 0)
         while self.waiting:
-            req = self.waiting[0].request
-            length = 1 + len(req.prompt_ids)
-            if (length > budget or taken + req.params.num_results > self.max_batch
-                    or length + self.chunk_size > self.max_context):  # padding must stay in the slot
+            state = self.waiting[0]
+            req, length = state.request, 1 + len(state.request.prompt_ids)
+            if (state.resuming is not None or length > budget or taken + req.params.num_results > self.max_batch
+                    or length + self.chunk_size > self.max_context  # padding must stay in the slot
+                    or self.needs(state) > blocks):
                 break
             group.append(self.waiting.popleft())
             budget -= length
             taken += req.params.num_results
+            blocks -= self.needs(state)
         return group
 
     def first_slots(self, group: list[RequestState]) -> list[int]:
@@ -123,14 +133,25 @@ class Scheduler:
         self.rows[slot] = last
         return move
 
-    def finish(self, state: RequestState) -> list[SlotMove]:
-        """Forget a request that ended (done, failed or aborted); returns its slots' cache moves."""
+    def finish(self, state: RequestState) -> None:
+        """Forget a request that ended (done, failed or aborted); its samples' slots are freed
+        first (`free_slot`)."""
         self.finished_at.append(time.monotonic())
         if state in self.running:
             self.running.remove(state)
         if state is self.prefilling:
             self.prefilling = None
-        return [move for s in state.samples if (move := self.free_slot(s)) is not None]
+
+    def victim(self) -> RequestState | None:
+        """The request to preempt when the pool runs out: the one that started last."""
+        return self.running[-1] if self.running else None
+
+    def preempt(self, state: RequestState) -> None:
+        """Put a running request (its samples' slots already freed) back at the head of the queue,
+        to resume its unfinished samples when it fits again."""
+        self.running.remove(state)
+        state.resuming = [s for s in state.samples if s.finish is None]
+        self.waiting.appendleft(state)
 
     def drain_seconds(self) -> float:
         """Seconds the waiting requests would take to finish at the pace the last 64 finished

@@ -42,6 +42,14 @@ class RequestState:
     ids: list[int] | None = None                # BOS + prompt, set when prefill starts
     filled: int = 0                             # prompt positions already in the staging slot
     adapter_slot: int = 0                       # its adapter's slot in AdapterSlots, 0 for none
+    prefill_slot: int = -1                      # the slot its prompt is prefilled in, until its samples sit
+    resuming: list[Sample] | None = None        # preempted: the samples whose cache is to be recomputed
+    resume_ids: list[int] | None = None         # the sample being recomputed: BOS + prompt + its tokens
+
+    @property
+    def rows_needed(self) -> int:
+        """Batch rows it takes once running."""
+        return len(self.resuming) if self.resuming is not None else self.request.params.num_results
 
     @property
     def finished(self) -> bool:

@@ -54,7 +54,8 @@ def test_a_sliding_window_shows_a_query_the_last_window_keys_as_transformers_doe
 def test_sliding_and_full_layers_share_one_cache_of_every_position():
     states = [SlidingWindow(2, 16, WINDOW), FullAttention(2, 16)]
     cache = KVCache.for_layers(states, slots=3, max_len=64, dtype=torch.float32)
-    assert cache.keys.shape == (2, 4, 2, 64, 16)  # sliding layers keep all positions (for now)
+    # both layers in one pool of 16-position blocks, room for 4 slots x 64: sliding layers keep every position
+    assert cache.keys.shape == (2, 4 * 64, 2, 16) and cache.block_size == 16
     with pytest.raises(NotImplementedError, match="one shape"):
         KVCache.for_layers([SlidingWindow(2, 16, WINDOW), FullAttention(4, 16)], 3, 64, torch.float32)
 

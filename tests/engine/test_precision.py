@@ -16,6 +16,7 @@ from amber.engine.quantize import Int4Linear, Int8Linear, QuantizedLinear
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, SamplingParams
 from tests.conftest import REPO
+from tests.engine import same_cache
 
 MODES = ["float32", "bfloat16", "int8", "int8-bf16", "int4"]
 
@@ -89,7 +90,7 @@ def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_check
         for position, token in enumerate([21, 4, 8, 30000], start=5):
             expected = model(torch.tensor([[token]]), torch.tensor([[position]]), batched, slice(1, 2))[0]
             assert torch.equal(model.forward_one(token, position, 1, single), expected)
-    assert torch.equal(batched.keys, single.keys) and torch.equal(batched.values, single.values)
+    assert same_cache(batched, single)
 
 
 # the kernels each quantized layer may be given (engine/kernels.py): as measured here, and the
@@ -126,7 +127,7 @@ def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_check
             expected = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], general,
                              slice(0, rows))[:, 0]
             assert torch.equal(model.forward_rows(tokens, positions, fast), expected)
-    assert torch.equal(general.keys, fast.keys) and torch.equal(general.values, fast.values)
+    assert same_cache(general, fast)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

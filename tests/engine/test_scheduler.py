@@ -13,11 +13,11 @@ from amber.engine.scheduler import QueueFull, Scheduler
 def state(name: str, prompt_len: int, n: int = 1):
     params = SimpleNamespace(num_results=n)
     request = SimpleNamespace(request_id=name, prompt_ids=(5,) * prompt_len, params=params)
-    return SimpleNamespace(request=request, aborted=False, samples=[])
+    return SimpleNamespace(request=request, aborted=False, samples=[], resuming=None, rows_needed=n)
 
 
 def sample(length: int):
-    return SimpleNamespace(slot=-1, length=length)
+    return SimpleNamespace(slot=-1, length=length, finish=None)
 
 
 def names(states) -> list[str]:
@@ -72,7 +72,7 @@ def test_freeing_a_slot_moves_the_last_row_down():
     assert sched.rows == [c]
 
 
-def test_finish_forgets_the_request_and_frees_its_slots():
+def test_finish_forgets_the_request_once_its_slots_are_freed():
     sched = Scheduler(max_batch=4, max_context=256, max_queue=8, chunk_size=16)
     first, other = state("first", 1, n=2), state("other", 1)
     first.samples = [sample(2), sample(2)]
@@ -81,9 +81,35 @@ def test_finish_forgets_the_request_and_frees_its_slots():
         sched.start(s)
         for x in s.samples:
             sched.seat(x)
-    assert sched.finish(first) == [(2, 0, 9)]
+    assert [sched.free_slot(s) for s in first.samples] == [(2, 0, 9), None]  # the engine frees, then finishes
+    sched.finish(first)
     assert sched.running == [other] and sched.rows == other.samples and other.samples[0].slot == 0
     assert len(sched.finished_at) == 1 and sched.busy
+
+
+def test_admission_waits_for_kv_blocks_and_a_preempted_request_resumes_first():
+    free = {"blocks": 5}
+    sched = Scheduler(max_batch=8, max_context=256, max_queue=8, chunk_size=64,
+                      room=lambda: free["blocks"], needs=lambda s: len(s.request.prompt_ids))
+    sched.add(state("small", 3))
+    sched.add(state("big", 4))
+    assert names(sched.schedule()) == ["small"]      # 3 + 4 blocks > 5: "big" waits
+    free["blocks"] = 4
+    assert names(sched.schedule()) == ["big"]
+    early, late = state("early", 1), state("late", 1, n=2)
+    early.samples, late.samples = [sample(5)], [sample(5), sample(5)]
+    for s in (early, late):
+        sched.start(s)
+        for x in s.samples:
+            sched.seat(x)
+    late.samples[1].finish = "stop"
+    assert sched.victim() is late                    # the one that started last
+    for x in late.samples:
+        sched.free_slot(x)
+    sched.preempt(late)
+    assert sched.running == [early] and sched.waiting[0] is late and late.resuming == [late.samples[0]]
+    late.rows_needed = 1
+    assert sched.schedule() == [] and sched.prefilling is late  # resumed alone, never in a group
 
 
 def test_aborted_requests_leave_the_queue_first():

@@ -151,7 +151,8 @@ class Attention(nn.Module):
         # each head normed, then rotated in the residual stream's dtype (cos's), as Llama's
         q = apply_rope(self.q_norm(qkv[:, :self.heads]), inputs.cos, inputs.sin)
         k = apply_rope(self.k_norm(qkv[:, self.heads:self.heads + self.kv_heads]), inputs.cos, inputs.sin)
-        out = attend(inputs.cache, self.layer, q, k, qkv[:, self.heads + self.kv_heads:], inputs.mask, self.scale)
+        out = attend(inputs.cache, self.layer, q, k, qkv[:, self.heads + self.kv_heads:], inputs.mask, self.scale,
+                     inputs.window)
         return with_lora(lora, self.layer, O_PROJ, out, self.o_proj(out))  # (tokens, hidden)
 
 
@@ -194,7 +195,7 @@ class Gemma3ForCausalLM(CausalLM):
             if kind in cfg.layer_types:
                 cos, sin = rope_cos_sin(inv_freq, positions.flatten())
                 kinds[kind] = LayerInputs(cache, attention_mask(positions, cache.context, window),
-                                          cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype))
+                                          cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype), window or 0)
         return [kinds[kind] for kind in cfg.layer_types]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

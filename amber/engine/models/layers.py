@@ -24,6 +24,7 @@ class LayerInputs:
     mask: torch.Tensor | None  # attention_mask's
     cos: torch.Tensor | None   # (tokens, 1, rotary dims), in the residual stream's dtype; None: no RoPE
     sin: torch.Tensor | None   # the same, with rotate-half's (or rotate-every-two's) negation folded in
+    window: int = 0            # the sliding window `mask` applies, 0 for none (attend's kernel path)
 
 
 class Decoder(nn.Module):
@@ -94,19 +95,52 @@ class CausalLM(nn.Module):
 
 
 def attend(cache: BatchCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+           mask: torch.Tensor | None, scale: float | None = None, window: int = 0) -> torch.Tensor:
     """Attention of one layer, as every family's runs it: store k, v (tokens, kv_heads, head_dim) at
     the rows' positions in the cache, then attend each row's queries q (tokens, heads, head_dim) to
-    its slot's keys and values (`mask`: attention_mask's). q, k and v arrive in the residual
-    stream's dtype and attention runs in the cache's, which may be below it. `scale`: None for
-    1/sqrt(head_dim). Returns (tokens, heads * head_dim)."""
+    its positions' keys and values (`mask`: attention_mask's; `window`: the same sliding window, 0
+    for none). q, k and v arrive in the residual stream's dtype and attention runs in the cache's,
+    which may be below it. `scale`: None for 1/sqrt(head_dim). Returns (tokens, heads * head_dim).
+    A decode step (one query per row) runs `paged_attend`, as Llama's scripted decode step does."""
     batch, seq = cache.shape
     heads, head_dim = q.shape[1], q.shape[2]
-    keys, values = cache.write_and_read(layer, k.to(cache.dtype), v.to(cache.dtype))
-    q = q.to(cache.dtype).view(batch, seq, heads, head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
+    k, v, q = k.to(cache.dtype), v.to(cache.dtype), q.to(cache.dtype)
+    index = cache.cache.attention_index[layer]
+    pools = cache.cache.layer_keys[index], cache.cache.layer_values[index]
+    if seq == 1:
+        tables, lengths = cache.tables
+        return paged_attend(q, k, v, *pools, cache.write_rows, cache.read_rows if not cache.kernel else lengths,
+                            mask, tables, lengths, cache.cache.block_size, cache.kernel, scale, window)
+    keys, values = cache.write_and_read(layer, k, v)
+    q = q.view(batch, seq, heads, head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=heads != k.shape[1])
     return out.transpose(1, 2).reshape(batch * seq, -1)
+
+
+def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pool: torch.Tensor,
+                 value_pool: torch.Tensor, write_rows: torch.Tensor, read_rows: torch.Tensor,
+                 mask: Optional[torch.Tensor], tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                 kernel: bool, scale: Optional[float], window: int) -> torch.Tensor:
+    """One new token per row (a decode step): q (batch, heads, head_dim), k and v (batch, kv_heads,
+    head_dim), all in the pools' dtype. Writes k and v at `write_rows` (kv_cache.BatchCache's), then
+    attends: with `kernel`, by the compiled kernel over the rows' block tables and lengths, reading
+    the blocks in place (paged_ops.py); otherwise by gathering each row's `read_rows` (batch *
+    context) and SDPA under `mask`. Returns (batch, heads * head_dim). TorchScript-compatible:
+    llama_decode.py's scripted step runs it too."""
+    key_pool.index_copy_(0, write_rows, k)
+    value_pool.index_copy_(0, write_rows, v)
+    batch, heads, head_dim = q.shape[0], q.shape[1], q.shape[2]
+    if kernel:
+        out = torch.ops.amber.paged_decode_attention(q, key_pool, value_pool, tables, lengths, block_size,
+                                                     head_dim ** -0.5 if scale is None else scale, window)
+        return out.reshape(batch, heads * head_dim)
+    context, kv_heads = read_rows.shape[0] // batch, k.shape[1]
+    keys = key_pool.index_select(0, read_rows).view(batch, context, kv_heads, head_dim).transpose(1, 2)
+    values = value_pool.index_select(0, read_rows).view(batch, context, kv_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.view(batch, 1, heads, head_dim).transpose(1, 2), keys, values,
+                                         attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads)
+    return out.transpose(1, 2).reshape(batch, heads * head_dim)
 
 
 def attention_mask(positions: torch.Tensor, context: int, window: int | None = None) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.kv_cache import KVCache
+from amber.engine.kv_cache import BatchCache, KVCache
 from amber.engine.models.family import Family, FullAttention
 from amber.engine.models.layers import (CausalLM, LayerInputs, apply_rope, attend, attention_mask, gather_rows,
                                         inverse_frequencies, rope_cos_sin, with_lora)
@@ -165,9 +165,11 @@ class LlamaForCausalLM(CausalLM):
         """forward_rows for one sequence without an adapter, in any slot: hidden (1, hidden), by
         llama_decode.decode_layers (single-stream decode)."""
         cfg, plan = self.config, self._decode_plan()
+        batch = cache.batch(torch.tensor([slot]), torch.tensor([[position]]))
         x = self.model.embed_tokens.weight[token].unsqueeze(0)
         x = scripted(decode_layers)(
-            x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), position, slot,
+            x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), batch.write_rows,
+            _read_rows(batch), *batch.tables, cache.block_size, batch.kernel,
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
             cache.layer_keys, cache.layer_values)
@@ -180,14 +182,14 @@ class LlamaForCausalLM(CausalLM):
         TorchScript function (llama_decode.py): a decode step, where per-op cost sets the speed."""
         cfg, plan, device = self.config, self._decode_plan(), self.rope_cos.device
         at = torch.tensor(positions, device=device).unsqueeze(1)  # (batch, 1)
-        context = max(positions) + 1
+        batch = cache.batch(slice(0, len(tokens)), at)
         x = self.model.embed_tokens(torch.tensor(tokens, device=device))
         x = scripted(decode_rows)(
-            x, *gather_rows(self.rope_cos, self.rope_sin, at, x.dtype),
-            torch.arange(len(tokens), device=device).unsqueeze(1), at, context, attention_mask(at, context),
+            x, *gather_rows(self.rope_cos, self.rope_sin, at, x.dtype), batch.write_rows, _read_rows(batch),
+            attention_mask(at, batch.context), *batch.tables, cache.block_size, batch.kernel,
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
-            cache.token_keys, cache.token_values, cache.layer_keys, cache.layer_values,
+            cache.layer_keys, cache.layer_values,
             lora.a if lora else [], lora.bt if lora else [], lora.mask if lora else None)
         return self.model.norm(x)
 
@@ -195,6 +197,11 @@ class LlamaForCausalLM(CausalLM):
         if self._plan is None:  # at first use: after loading and quantization
             self._plan = build_plan(self.model.layers)
         return self._plan
+
+
+def _read_rows(batch: BatchCache) -> torch.Tensor:
+    """What the scripted step's `read_rows` takes: the gather's rows, or nothing for the kernel."""
+    return batch.read_rows if not batch.kernel else batch.lengths
 
 
 FAMILY = Family(

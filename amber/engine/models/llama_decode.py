@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.models.layers import lora_add
+from amber.engine import paged_ops
+from amber.engine.models.layers import lora_add, paged_attend
 from amber.engine.quantize import Int4Linear, Int8Linear, dense_product
 
 log = logging.getLogger(__name__)
@@ -71,32 +72,33 @@ def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
 
 
-def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int, slot: int,
-                  heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
+def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_rows: torch.Tensor,
+                  read_rows: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                  kernel: bool, heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
                   weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
                   max_rows: List[int], norms: List[torch.Tensor], doubled_norms: List[torch.Tensor],
                   keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
-    """decode_rows for one sequence without an adapter: x (1, hidden) through every layer, its
-    keys and values written into `slot` by plain slices. Single-stream decode is the step where
-    per-op cost weighs most: without decode_rows' index tensors, mask and batch reshapes it runs
-    ~0.5 ms a token faster (10.7 against 11.2 ms, measured in turns)."""
+    """decode_rows for one sequence without an adapter: x (1, hidden) through every layer.
+    Single-stream decode is the step where per-op cost weighs most: without decode_rows' batch
+    reshapes and LoRA checks it runs ~0.5 ms a token faster (measured in turns). The cache
+    arguments are kv_cache.BatchCache's (paged_attend says which it reads)."""
     half = head_dim // 2
     for i in range(len(keys)):
-        p, k_cache, v_cache = 4 * i, keys[i], values[i]  # caches: (slots, kv_heads, len, head_dim)
+        p = 4 * i
         h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
         qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group)
         qkv = qkv.view(heads + 2 * kv_heads, head_dim)
         qk = qkv[:heads + kv_heads]
         qk = torch.addcmul(qk * cos, torch.cat([qk[:, half:], qk[:, :half]], dim=-1), sin)
-        if qk.dtype != k_cache.dtype:
-            qk = qk.to(k_cache.dtype)
-        k_cache[slot, :, position] = qk[heads:]
-        v_cache[slot, :, position] = qkv[heads + kv_heads:]
-        out = F.scaled_dot_product_attention(
-            qk[:heads].view(1, heads, 1, head_dim), k_cache[slot:slot + 1, :, :position + 1],
-            v_cache[slot:slot + 1, :, :position + 1], enable_gqa=heads != kv_heads)
-        x = x + _project(kinds[p + 1], out.view(1, heads * head_dim), weights[p + 1], scales[p + 1], dense[p + 1],
-                         max_rows[p + 1], group)
+        v = qkv[heads + kv_heads:]
+        if qk.dtype != keys[i].dtype:
+            qk = qk.to(keys[i].dtype)
+        if v.dtype != values[i].dtype:
+            v = v.to(values[i].dtype)
+        out = paged_attend(qk[:heads].view(1, heads, head_dim), qk[heads:].view(1, kv_heads, head_dim),
+                           v.view(1, kv_heads, head_dim), keys[i], values[i], write_rows, read_rows, None,
+                           tables, lengths, block_size, kernel, None, 0)
+        x = x + _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
         h = rms_norm(x, norms[2 * i + 1], doubled_norms[2 * i + 1], eps)
         gate, up = _project(kinds[p + 2], h, weights[p + 2], scales[p + 2], dense[p + 2], max_rows[p + 2],
                             group).chunk(2, dim=-1)
@@ -105,19 +107,19 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
     return x
 
 
-def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
-                positions: torch.Tensor, context: int, mask: Optional[torch.Tensor],
+def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_rows: torch.Tensor,
+                read_rows: torch.Tensor, mask: Optional[torch.Tensor], tables: torch.Tensor, lengths: torch.Tensor,
+                block_size: int, kernel: bool,
                 heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
                 weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
                 max_rows: List[int], norms: List[torch.Tensor], doubled_norms: List[torch.Tensor],
-                token_keys: List[torch.Tensor], token_values: List[torch.Tensor], keys: List[torch.Tensor],
-                values: List[torch.Tensor],
+                keys: List[torch.Tensor], values: List[torch.Tensor],
                 lora_a: List[torch.Tensor], lora_bt: List[List[torch.Tensor]],
                 lora_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """x (batch, hidden): one new token for each of `batch` sequences in slots 0..batch-1, at
-    `positions` (batch, 1); rows (batch, 1) their slots; mask (batch, 1, 1, context) or None.
-    lora_a, lora_bt, lora_mask: a LoraBatch's a, bt and mask per projection (qkv, o, gate_up,
-    down), or empty lists when no row has an adapter."""
+    """x (batch, hidden): one new token for each of `batch` sequences; the cache arguments are
+    kv_cache.BatchCache's (write_rows, read_rows, tables, lengths, kernel) and attention_mask's mask
+    (batch, 1, 1, context) or None. lora_a, lora_bt, lora_mask: a LoraBatch's a, bt and mask per
+    projection (qkv, o, gate_up, down), or empty lists when no row has an adapter."""
     half, batch, lora = head_dim // 2, x.shape[0], len(lora_a) > 0
     for i in range(len(keys)):
         p = 4 * i
@@ -133,12 +135,8 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: tor
             qk = qk.to(keys[i].dtype)
         if v.dtype != values[i].dtype:
             v = v.to(values[i].dtype)
-        token_keys[i].index_put_([rows, positions], qk[:, heads:].view(batch, 1, kv_heads, head_dim))
-        token_values[i].index_put_([rows, positions], v.view(batch, 1, kv_heads, head_dim))
-        q = qk[:, :heads].view(batch, 1, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys[i][0:batch, :, :context], values[i][0:batch, :, :context],
-                                             attn_mask=mask, enable_gqa=heads != kv_heads)
-        out = out.transpose(1, 2).reshape(batch, -1)
+        out = paged_attend(qk[:, :heads], qk[:, heads:], v, keys[i], values[i], write_rows, read_rows, mask,
+                           tables, lengths, block_size, kernel, None, 0)
         o = _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
         if lora:
             o = lora_add(out, o, lora_a[1][i], lora_bt[1], i, lora_mask)
@@ -163,6 +161,7 @@ _scripted: dict = {}  # function name -> its TorchScript compilation (or itself)
 def scripted(fn):
     """`fn` compiled by TorchScript once per process, or `fn` itself if that fails."""
     if fn.__name__ not in _scripted:
+        paged_ops.define_op()  # TorchScript resolves the attention op when it compiles
         try:
             with warnings.catch_warnings():  # the deprecation, said once in the module docstring
                 warnings.simplefilter("ignore", DeprecationWarning)
