@@ -38,11 +38,11 @@ register_model_commands(models_app)
 
 
 def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
-                 max_batch: int = 16, max_queue: int = 256, prefix_blocks: int = 256,
-                 rate_limits: RateLimits = RateLimits()) -> Config:
+                 max_batch: int = 32, max_queue: int = 256, prefix_blocks: int = 512,
+                 rate_limits: RateLimits = RateLimits(), kv_memory_mb: int = 512) -> Config:
     from amber.serving import pick_device  # torch import only for commands that need it
     engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue,
-                     prefix_blocks=prefix_blocks)
+                     prefix_blocks=prefix_blocks, kv_memory_mb=kv_memory_mb)
     return replace(home_config(), host=host, port=port, engine=engine, rate_limits=rate_limits)
 
 
@@ -50,9 +50,12 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
 def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port")] = 8000,
           device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: cuda if present")] = None,
-          max_batch: Annotated[int, typer.Option(min=1, max=256, help="sequences decoded together")] = 16,
+          max_batch: Annotated[int, typer.Option(min=1, max=256, help="sequences decoded together")] = 32,
           max_queue: Annotated[int, typer.Option(min=1, help="waiting requests per model before 429")] = 256,
-          prefix_cache_blocks: Annotated[int, typer.Option(min=0, help="32-token prompt blocks kept; 0: off")] = 256,
+          prefix_cache_blocks: Annotated[int, typer.Option(min=0, help="16-position KV blocks the prefix cache "
+                                                           "may keep; 0: off")] = 512,
+          kv_memory_mb: Annotated[int, typer.Option(min=1, help="MB of KV memory per model (a paged pool: "
+                                                    "memory follows the tokens in use, up to this)")] = 512,
           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
           worker: Annotated[bool, typer.Option(help="start a training worker process beside the server")] = True,
           keep_alive: Annotated[int, typer.Option(min=1, help="seconds an idle client connection stays open")] = 75,
@@ -72,7 +75,8 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     from amber.worker import WorkerProcess
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks, RateLimits(rpm, tpm))
+    config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks, RateLimits(rpm, tpm),
+                          kv_memory_mb)
     registry = load_registry(config.registry_path)
     store = Store(open_database(config.database_url))
     app_ = create_app(ModelPool(config, registry), store)

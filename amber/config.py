@@ -107,10 +107,11 @@ def parse_registry(text: str, where: str = "the default registry") -> Registry:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int = 16          # sequences decoded together (numResults rows count one each)
+    max_batch: int = 32          # sequences decoded together (numResults rows count one each)
     prefill_chunk: int = 512     # prompt tokens per forward pass, so a long prompt cannot stall decoding
     max_queue: int = 256         # requests waiting beyond this are refused (429)
-    prefix_blocks: int = 256     # 32-token prompt blocks the prefix cache keeps; 0 turns it off
+    prefix_blocks: int = 512     # KV blocks (16 positions) the prefix cache may keep; 0 turns it off
+    kv_memory_mb: int = 512      # the KV pool (paged: memory follows the tokens in use, up to this)
     device: str = "cpu"
     threads: int | None = None   # torch intra-op threads; None keeps torch's choice
 

@@ -90,7 +90,8 @@ class ModelPool:
         share = CoreShare(self.config.home, self._cores) if device == "cpu" else None
         engine = Engine.launch(build, max_batch=cfg.max_batch, max_context=spec.max_context,
                                prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue,
-                               prefix_blocks=cfg.prefix_blocks, threads=share and share.engine_threads)
+                               prefix_blocks=cfg.prefix_blocks, kv_memory_mb=cfg.kv_memory_mb,
+                               threads=share and share.engine_threads)
         log.info("model %s ready on %s in %.1f s", spec.name, device, time.perf_counter() - started)
         chat = ChatTemplate(ensure_checkpoint(spec, self.config.checkpoints_dir), engine.bos_id)  # converted by now
         return LoadedModel(spec, engine.tokenizer, engine, chat)

@@ -3,6 +3,7 @@ recomputing the whole sequence for every token (no cache)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -249,3 +250,48 @@ def test_short_prompts_prefill_together_and_match_the_naive_loop(tiny_checkpoint
             assert len(out.completions) == r.params.num_results
             for c in out.completions:
                 assert [t.token_id for t in c.tokens] == expected
+
+
+def test_a_full_pool_preempts_and_every_answer_still_equals_the_naive_loop(tiny_checkpoint, tiny):
+    """A pool far smaller than the batch needs (16 blocks of 16 positions; 8 requests of ~60
+    positions want ~32): requests are preempted and recomputed, and each answer (greedy, seeded
+    sampling, several results) is what the request gets alone."""
+    _, tok, ref = tiny
+    engine = Engine(load_model(tiny_checkpoint), tok, max_batch=8, max_context=64, prefill_chunk=7,
+                    kv_memory_mb=0).start()
+    try:
+        assert engine.cache.num_blocks == 2 * 4 + 8  # the floor: two sequences at max_context, a block per row
+        prompts = [tok.encode(f"Request number {i} asks for a long answer") for i in range(8)]
+        sampled = dict(temperature=0.8, top_p=0.9, seed=7, num_results=2)
+        requests = [req(f"p{i}", p, max_tokens=44, min_tokens=44, **(sampled if i == 5 else {}))
+                    for i, p in enumerate(prompts)]
+        outs = run(engine, requests)
+        assert engine.preemptions > 0 and engine.cache.free_blocks() + engine.prefixes.evictable() == 16
+        alone = run(engine, [requests[5]])[0]  # the sampled one, alone: nothing to preempt it
+    finally:
+        engine.stop()
+    for i in (0, 3, 7):
+        assert [t.token_id for t in outs[i].completions[0].tokens] == [e[0] for e in reference_greedy(ref, prompts[i], 44)]
+    assert [[t.token_id for t in c.tokens] for c in outs[5].completions] == \
+        [[t.token_id for t in c.tokens] for c in alone.completions]
+
+
+def test_samples_and_prefix_hits_share_blocks_instead_of_copying(tiny):
+    engine, tok, _ = tiny
+    prompt = tok.encode("A prompt long enough for several blocks of the pool, shared by every sample. " * 3)
+    blocks = engine.cache.blocks_for(1 + len(prompt))
+    full = (1 + len(prompt) - 1) // engine.cache.block_size  # full blocks with a token after them
+    before = engine.cache.free_blocks() + engine.prefixes.evictable()
+    seen = []
+    (out,) = run(engine, [req("six", prompt, max_tokens=3, num_results=6)])
+    engine.submit(req("watch", prompt, max_tokens=30), lambda out: seen.append(out),
+                  on_tokens=lambda tokens: seen.append(list(engine.cache.slot_blocks[0])) if len(seen) < 1 else None)
+    # while "watch" decodes, its first `full` blocks are the prefix cache's own (a hit, no copy)
+    deadline = time.monotonic() + 60
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    table = seen[0]
+    kept = {b.block for b in engine.prefixes._blocks.values()}
+    assert set(table[:full]) <= kept and len(out.completions) == 6
+    # six samples held the prompt's blocks once, plus one copied last block each (less the last holder)
+    assert engine.cache.high_water <= (engine.cache.num_blocks - before) + blocks + 6 + 1
