@@ -18,6 +18,20 @@ TEST_CACHE = REPO / ".amber-test"
 os.environ.setdefault("AMBER_KERNELS", str(TEST_CACHE / "kernels"))
 
 
+def pytest_configure(config) -> None:
+    """The paged attention kernel, built where `make setup` builds it (a no-op when it did), before
+    any engine in this process decides between it and the torch fallback (engine/paged_ops.py)."""
+    import shutil
+    import subprocess
+
+    from amber.engine import paged_ops
+    if shutil.which("g++") is not None:
+        try:
+            paged_ops.build(paged_ops.default_dir())
+        except subprocess.CalledProcessError as exc:  # the tests of the kernel then say so
+            print(f"paged attention kernel failed to build:\n{exc.stderr}")
+
+
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     """Checkpoint directory of the real default model (SmolLM2-135M-Instruct, fp32)."""

@@ -75,6 +75,8 @@ class KVCache:
         self._free = list(range(self.num_blocks))  # a heap: the lowest id first keeps memory compact
         self.high_water = 0                         # the most blocks ever handed out at once
         self.evict: Callable[[], bool] | None = None  # frees a block held only by the prefix cache
+        # decode steps read blocks in place by the compiled kernel where it was built (CPU only)
+        self.kernel = paged_ops.ensure() and self.device.type == "cpu"
 
     @classmethod
     def for_layers(cls, states: list, slots: int, max_len: int, dtype: torch.dtype,
@@ -219,7 +221,7 @@ class KVCache:
             self.prepare(slot, start, stop)
         context = max(stops)
         fresh = None if self.recurrent is None else (positions[:, :1] == 0).unsqueeze(-1)  # (batch, 1, 1)
-        kernel = positions.shape[1] == 1 and paged_ops.available() and self.device.type == "cpu"
+        kernel = positions.shape[1] == 1 and self.kernel
         return BatchCache(self, rows, positions.shape, context, self._rows(rows, positions).flatten(),
                           positions[:, -1] + 1, fresh, kernel)
 

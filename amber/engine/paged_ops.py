@@ -1,41 +1,187 @@
-"""Placeholder until the compiled kernel lands: no kernel, attention gathers."""
+"""Decode attention over the paged KV pool: the compiled CPU op (csrc/paged_attention.cpp), how it
+is built and loaded, and the pure-torch path that stands in for it when it is not there.
+
+The op is optional. It is built for the CPU at hand (-march=native), so a library built on one
+machine may fault on another: each build is named after the CPU (model and flags), the torch
+version and the source, and `load` only ever picks the one made for this machine. Where no
+compiler was found, or the build failed, `available()` is False and the decode step calls
+`paged_decode_attention_reference`, which gives the same results (both compute in fp32).
+
+Layout and argument order (both paths):
+    q             (batch, heads, head_dim), fp32 or bf16; the output has its dtype
+    key_pool      (num_slots, kv_heads, head_dim), contiguous, fp32 or bf16; slot = block * block_size + t
+    value_pool    like key_pool, same dtype
+    block_tables  (batch, max_blocks) int32; lengths (batch,) int32
+    block_size, scale (softmax scale), window (0: none; else only the last `window` positions)
+
+This module knows nothing of where the pool lives or who fills it (kv_cache.py), nor where the
+library directory is kept beyond a default for its command line.
+
+    python -m amber.engine.paged_ops build [DIR]
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+import torch.utils.cpp_extension
 
-_defined = False
+from amber.engine.kernels import machine
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def library_path(directory: Path) -> Path:
+    """Where the library for this CPU, this torch and this source is (or would be) built."""
+    info = machine()
+    key = hashlib.sha256("\n".join([info["cpu"], info["flags"], torch.__version__, " ".join(FLAGS)]).encode()
+                         + SOURCE.read_bytes()).hexdigest()[:16]
+    return Path(directory) / f"paged_attention-{key}.so"
+
+
+def compile_command(source: Path, output: Path) -> list[str]:
+    torch_lib = Path(torch.__file__).parent / "lib"
+    includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    return ["g++", *FLAGS, abi, *includes, str(source), "-o", str(output),
+            f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+
+
+def build(dest: Path) -> Path:
+    """Compile the op into `dest` unless this CPU's library is already there; returns its path.
+    Raises FileNotFoundError without g++ and CalledProcessError when the compile fails."""
+    target = library_path(dest)
+    if target.exists():
+        return target
+    if shutil.which("g++") is None:
+        raise FileNotFoundError("g++ not found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # built under a temporary name and renamed, so a concurrent build or load never sees half a file
+    fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.partial", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(compile_command(SOURCE, Path(partial)), check=True, capture_output=True, text=True)
+        os.chmod(partial, 0o755)  # mkstemp made it private
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+_state = {"compiled": False, "tried": False, "fallback": None}
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.amber.paged_decode_attention
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def available() -> bool:
-    return False
+    """Whether the compiled op is loaded in this process (the fallback op does not count)."""
+    return _state["compiled"]
 
 
-def define_op() -> None:
-    """Make torch.ops.amber.paged_decode_attention exist (TorchScript resolves it when it compiles
-    a decode step), by the reference implementation when the compiled library is not loaded."""
-    global _defined
-    if _defined or hasattr(torch.ops.amber, "paged_decode_attention"):
-        _defined = True
-        return
-    lib = torch.library.Library("amber", "DEF")
-    lib.define("paged_decode_attention(Tensor q, Tensor key_pool, Tensor value_pool, Tensor block_tables, "
-               "Tensor lengths, int block_size, float scale, int window) -> Tensor")
-    lib.impl("paged_decode_attention", reference, "CompositeExplicitAutograd")
-    define_op.lib = lib
-    _defined = True
+def load(directory: Path) -> bool:
+    """Load this CPU's library from `directory` if it was built there (once per process: the op
+    can be registered only once). Returns whether the compiled op is available; never raises."""
+    if _state["compiled"] or _registered():
+        return _state["compiled"]
+    try:
+        path = library_path(directory)
+        if not path.exists():
+            log.info("no paged attention kernel for this CPU at %s; using the torch fallback", path)
+            return False
+        torch.ops.load_library(str(path))
+    except Exception as e:  # a broken or foreign library must not stop the server: fall back
+        log.warning("paged attention kernel not loaded (%s); using the torch fallback", e)
+        return False
+    _state["compiled"] = _registered()
+    return _state["compiled"]
 
 
-def reference(q, key_pool, value_pool, block_tables, lengths, block_size: int, scale: float, window: int):
+def ensure() -> bool:
+    """Once per process: load the library from `default_dir()` if built there, else register
+    the reference as the op, so that TorchScript, which resolves torch.ops when it compiles a
+    decode step, always finds torch.ops.amber.paged_decode_attention. Returns `available()`."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        if not load(default_dir()) and not _registered():
+            library = torch.library.Library("amber", "DEF")
+            library.define("paged_decode_attention(Tensor q, Tensor key_pool, Tensor value_pool, "
+                           "Tensor block_tables, Tensor lengths, int block_size, float scale, int window) -> Tensor")
+            library.impl("paged_decode_attention", paged_decode_attention_reference, "CompositeExplicitAutograd")
+            _state["fallback"] = library  # kept alive: the registration lasts as long as the object
+    return available()
+
+
+def paged_decode_attention_reference(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
+                                     block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                                     scale: float, window: int) -> torch.Tensor:
+    """The op in plain torch: gather each row's positions into a padded (batch, kv_heads, longest,
+    head_dim) copy, upcast to fp32, and run SDPA with a mask. The fallback, and the tests' oracle."""
     batch, heads, head_dim = q.shape
-    context = int(lengths.max())
-    positions = torch.arange(context, device=q.device)
-    rows = block_tables.long()[:, positions // block_size] * block_size + positions % block_size
-    keys = key_pool.index_select(0, rows.flatten()).view(batch, context, *key_pool.shape[1:]).transpose(1, 2)
-    values = value_pool.index_select(0, rows.flatten()).view(batch, context, *value_pool.shape[1:]).transpose(1, 2)
-    last = (lengths.long() - 1).unsqueeze(1)
-    visible = positions <= last
-    if window:
-        visible &= positions > last - window
-    out = F.scaled_dot_product_attention(q.unsqueeze(2).to(keys.dtype), keys, values,
-                                         attn_mask=visible[:, None, None, :], scale=scale,
-                                         enable_gqa=heads != keys.shape[1])
-    return out[:, :, 0].to(q.dtype)
+    longest = int(lengths.max()) if batch else 0
+    positions = torch.arange(longest, device=q.device)  # (longest,)
+    lengths = lengths.long()[:, None]  # (batch, 1)
+    visible = positions < lengths
+    if window > 0:
+        visible &= positions >= lengths - window
+    blocks = block_tables.long().gather(1, (positions // block_size).expand(batch, -1))
+    # positions past a row's length may meet unused table entries (any value): read slot 0 there
+    slots = torch.where(visible, blocks * block_size + positions % block_size, 0)  # (batch, longest)
+    keys = key_pool[slots].float().transpose(1, 2)  # (batch, kv_heads, longest, head_dim)
+    values = value_pool[slots].float().transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.float()[:, :, None], keys, values, attn_mask=visible[:, None, None],
+                                         scale=scale, enable_gqa=heads != key_pool.shape[1])
+    # a row with nothing visible comes out NaN from SDPA; the op gives zeros
+    out = torch.where(visible.any(1)[:, None, None], out[:, :, 0], 0.0)  # (batch, heads, head_dim)
+    return out.to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
+                           block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                           scale: float, window: int) -> torch.Tensor:
+    """The compiled op when loaded, else the reference."""
+    if available():
+        return torch.ops.amber.paged_decode_attention(q, key_pool, value_pool, block_tables, lengths,
+                                                      block_size, scale, window)
+    return paged_decode_attention_reference(q, key_pool, value_pool, block_tables, lengths, block_size,
+                                            scale, window)
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("AMBER_KERNEL_DIR") or Path.home() / ".cache" / "amber" / "kernels")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) not in (1, 2) or argv[0] != "build":
+        print("usage: python -m amber.engine.paged_ops build [DIR]", file=sys.stderr)
+        return 2
+    dest = Path(argv[1]) if len(argv) == 2 else default_dir()
+    try:
+        print(f"paged attention kernel: {build(dest)}")
+    except FileNotFoundError:
+        print("paged attention kernel not built: no g++ (optional; the torch fallback is used)")
+    except subprocess.CalledProcessError as e:
+        print(f"paged attention kernel failed to build (optional; the torch fallback is used):\n{e.stderr}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -218,3 +218,24 @@ def test_real_model_precision_modes_stay_close_to_fp32(request, which):
     print(which, "mean |logprob - fp32|:", dev)
     for mode, limit in REAL_LIMITS[which].items():
         assert dev[mode] < limit, f"{mode}: {dev[mode]:.3f}"
+
+
+@pytest.mark.parametrize("mode", ["float32", "int4"])
+def test_without_the_compiled_kernel_decode_gathers_and_still_equals_the_forward(tiny_checkpoint, mode):
+    """The path of a machine where the paged attention kernel was not built: each row's positions
+    gathered from the pool and SDPA over them, in the scripted step and the forward alike."""
+    model = load_model(tiny_checkpoint, mode)
+    cfg = model.config
+    general, fast = (KVCache(cfg.num_hidden_layers, 6, cfg.num_key_value_heads, 64, cfg.head_dim,
+                             model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+    with torch.inference_mode():
+        for cache in (general, fast):
+            cache.kernel = False
+            for slot in range(6):
+                model(torch.arange(1, 20 + slot)[None], torch.arange(19 + slot)[None], cache, slice(slot, slot + 1))
+        tokens, positions = [7 * r for r in range(6)], [19 + r for r in range(6)]
+        expected = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], general, slice(0, 6))[:, 0]
+        assert torch.equal(model.forward_rows(tokens, positions, fast), expected)
+        assert torch.equal(model.forward_one(3, 19, 0, fast), model(torch.tensor([[3]]), torch.tensor([[19]]),
+                                                                    general, slice(0, 1))[0])
+    assert same_cache(general, fast)

@@ -161,7 +161,7 @@ _scripted: dict = {}  # function name -> its TorchScript compilation (or itself)
 def scripted(fn):
     """`fn` compiled by TorchScript once per process, or `fn` itself if that fails."""
     if fn.__name__ not in _scripted:
-        paged_ops.define_op()  # TorchScript resolves the attention op when it compiles
+        paged_ops.ensure()  # TorchScript resolves the attention op when it compiles
         try:
             with warnings.catch_warnings():  # the deprecation, said once in the module docstring
                 warnings.simplefilter("ignore", DeprecationWarning)
