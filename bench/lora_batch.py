@@ -1,12 +1,13 @@
 """The LoRA share of a decode step over many distinct adapters, in fp32 and bf16 lanes: does a bf16
 lane pay for itself? Writes bench/results/lora_batch.json.
 
-    .venv/bin/python bench/lora_batch.py [--rows 16] [--repeats 200]
+    .venv/bin/python bench/lora_batch.py [--rows 16] [--repeats 100] [--threads 1]
 
 On SmolLM2-135M (int4, as served), with random rank-16 PEFT adapters on all 7 projections, one per
 row: (1) the LoRA work alone, every `lora_add` of a step (30 layers x 4 fused targets) on random
-activations, and (2) whole decode steps (`forward_rows`) with the adapters and without. Medians and
-minimums of per-call wall times; the machine may be shared, so the minimum is the steadier figure.
+activations, with each row's lane (mask) and, for comparison, with each row's lane gathered (bmm);
+(2) whole decode steps (`forward_rows`) with the adapters and without. Medians and minimums of
+per-call CPU and wall times; on a shared machine, CPU time on one thread is the steadier figure.
 """
 from __future__ import annotations
 
@@ -47,18 +48,25 @@ def write_adapter(model, directory: Path, seed: int, rank: int) -> None:
 
 
 def timed(variants: dict, repeats: int) -> dict:
-    """Per variant, the median and minimum of `repeats` calls, run round robin so that whatever else
-    the machine is doing weighs on every variant alike."""
-    times = {name: [] for name in variants}
+    """Per variant, the median and minimum of `repeats` calls in wall time and in this thread's CPU
+    time, run round robin so that whatever else the machine is doing weighs on every variant alike.
+    With one torch thread (the default), CPU time is the steady figure on a shared machine."""
+    walls, cpus = {name: [] for name in variants}, {name: [] for name in variants}
     for fn in variants.values():
         fn()
     for _ in range(repeats):
         for name, fn in variants.items():
-            began = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.thread_time()
             fn()
-            times[name].append(time.perf_counter() - began)
-    return {name: {"median_ms": round(statistics.median(t) * 1e3, 3), "min_ms": round(min(t) * 1e3, 3)}
-            for name, t in times.items()}
+            cpus[name].append(time.thread_time() - cpu)
+            walls[name].append(time.perf_counter() - wall)
+    return {name: {"cpu_median_ms": _ms(statistics.median(cpus[name])), "cpu_min_ms": _ms(min(cpus[name])),
+                   "wall_median_ms": _ms(statistics.median(walls[name])), "wall_min_ms": _ms(min(walls[name]))}
+            for name in variants}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 2)
 
 
 def lora_work(model, lora, rows: int, act: torch.dtype):
@@ -117,8 +125,10 @@ def decode_step(model, cache, rows: int, lora):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is exact)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     from amber.engine.kv_cache import KVCache
     from amber.engine.loader import load_model
     from amber.engine.lora import AdapterSlots
