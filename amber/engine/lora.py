@@ -5,222 +5,186 @@ weights are never merged into the base: each linear layer computes W x as usual,
 have an adapter add (alpha / r) B A x on top, as LoRAX and S-LoRA do. So a batch can mix custom
 models and the base model, and a row without an adapter computes exactly what the base computes.
 
-`AdapterSlots` owns the loaded adapters: slot 0 is "no adapter", slots 1.. hold adapters in least
-recently used order, pinned while a request uses them. Which projections take adapters, and how
-PEFT's module names map onto them, is the model family's declaration (models/, `lora_targets`,
-`fused`). Adapters are stored per *fused* projection (Llama fuses q/k/v and gate/up): A holds the
-parts' A matrices one after another, so one matmul serves q, k and v at once, and B^T (scale folded
-in) is kept per part. A projection the adapter does not train gets zeros.
+Two layers. `lora_store.ResidentAdapters` keeps up to `resident` adapters in host memory (LRU),
+read by a background thread. `AdapterSlots` owns the *lanes*: the device tensors the batch's
+adapters live in, already side by side, so a step copies nothing. Lane 0 is "no adapter"; an
+adapter entering the batch is copied into a free lane once, and a released lane keeps its adapter
+as a cache, re-used without a copy, least recently used lanes overwritten first.
 
-`LoraBatch` is one forward pass's view: the batch's adapters side by side (copied once per change
-in which adapters the batch holds, so steady decoding copies nothing), and a mask that keeps each
-row's own adapter. A projection then costs one matmul for A, the mask, and one matmul per part for
-B, however many adapters the batch mixes. Measured, 8 decode rows over 4 adapters: per-adapter
-matmuls cost 2x the base step (each tiny kernel costs ~20 us to launch here); this costs 1.4x.
+Which projections take adapters, and how PEFT's module names map onto them, is the model family's
+declaration (models/, `lora_targets`, `fused`). Lanes are per *fused* projection (Llama fuses q/k/v
+and gate/up): per target, A as (layers, parts, lanes, r, in), B^T (scale folded in) per part as
+(layers, lanes * r, out). Ranks differ between adapters: lanes are padded with zeros to the largest
+rank that entered one (re-allocated when a larger one arrives), which adds nothing to the result.
+
+`LoraBatch` is one forward pass's view over the lanes from the lowest to the highest the batch
+uses, with a mask that keeps each row's own lane. A projection then costs one (batched over parts)
+matmul for A, the mask, and one matmul per part for B, however many adapters the batch mixes.
 """
 from __future__ import annotations
 
-import json
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from torch import nn
 
+from amber.engine.lora_store import (PEFT_PREFIX, AdapterError, HostAdapter, ResidentAdapters, part_sizes,
+                                     read_adapter, target_module)
 from amber.engine.models import family_of
 from amber.engine.models.layers import lora_add
 from amber.engine.types import AdapterRef
 
-PEFT_PREFIX = "base_model.model."
-
-
-class AdapterError(ValueError):
-    """An adapter directory that cannot be served on this base model."""
-
-
-def read_adapter(path: Path, model: nn.Module, dtype: torch.dtype
-                 ) -> tuple[int, list[list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
-    """A PEFT adapter: its rank, and per layer, target and part (q, k, v of a fused qkv...) the pair
-    (A (r, in), B^T scaled (r, part's out)); zeros for parts the adapter does not train."""
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-        weights = load_file(path / "adapter_model.safetensors")
-        rank = int(config["r"])
-        scale = float(config["lora_alpha"]) / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
-        raise AdapterError(f"{path}: not a readable PEFT adapter ({type(exc).__name__}: {exc})") from exc
-    if config.get("use_dora") or config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: only plain LoRA adapters are served (no DoRA)")
-    family, unused = family_of(model), set(weights)
-    layers = []
-    for i, layer in enumerate(model.model.layers):
-        row = []
-        for target in family.lora_targets:
-            width, parts = _target(model, target).in_features, []
-            for part, size in zip(family.hf_parts(model.config, target), _part_sizes(model, target)):
-                stem = f"{PEFT_PREFIX}{family.hf_layers}.{i}.{part}"
-                a, b = weights.get(f"{stem}.lora_A.weight"), weights.get(f"{stem}.lora_B.weight")
-                unused -= {f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"}
-                if a is None or b is None:
-                    a, b = torch.zeros(rank, width), torch.zeros(size, rank)
-                elif a.shape != (rank, width) or b.shape != (size, rank):
-                    raise AdapterError(f"{path}: {stem} has shapes {tuple(a.shape)}, {tuple(b.shape)}; "
-                                       f"this base needs ({rank}, {width}), ({size}, {rank})")
-                parts.append((a.float().to(dtype), (b.float().t() * scale).to(dtype)))
-            row.append(parts)
-        layers.append(row)
-    if unused:
-        raise AdapterError(f"{path}: weights this base model has no place for, e.g. {sorted(unused)[:3]}")
-    return rank, layers
-
-
-def _target(model: nn.Module, target: str) -> nn.Module:
-    """The first layer's module `target`. Layers may differ (Jamba's attention or Mamba, dense MLP
-    or experts): a layer without the target keeps zeros there, which no forward reads."""
-    for layer in model.model.layers:
-        try:
-            return layer.get_submodule(target)
-        except AttributeError:
-            continue
-    raise AttributeError(f"no layer has {target}")
-
-
-def _part_sizes(model: nn.Module, target: str) -> list[int]:
-    return family_of(model).part_sizes(model.config, target, _target(model, target).out_features)
+__all__ = ["PEFT_PREFIX", "AdapterError", "AdapterSlots", "LoraBatch", "read_adapter"]
 
 
 class AdapterSlots:
-    """Loaded adapters, stacked per target over all layers: A as (slots, layers, parts, r_max, in),
-    B^T per part as (slots, layers, r_max, part's out).
+    """The engine's adapters: `capacity` lanes (lane 0 included) over `resident` host-side adapters.
 
-    Ranks differ between adapters: the stacks are padded with zeros to the largest rank loaded,
-    which adds nothing to the result. Capacity should be at least the batch size, so every running
-    row's adapter can be resident at once."""
+    Engine thread, per waiting request: `can_acquire(ref)` (starts a background load on a miss,
+    raises a failed load's AdapterError once) until True, then `acquire(ref)` -> lane, pinned until
+    `release(lane)`. `acquire` alone still works: it reads a missing adapter synchronously."""
 
-    def __init__(self, model: nn.Module, capacity: int):
+    def __init__(self, model: nn.Module, capacity: int, resident: int = 128, dtype: torch.dtype | None = None):
         self.model, self.capacity = model, capacity
         self.targets = family_of(model).lora_targets
         # the activations' dtype (fp32 beside int8 weights): bf16 adapters were measured slower here,
         # small bf16 matmuls plus the casts costing more than the bytes they save
-        self.dtype = model.model.embed_tokens.weight.dtype
+        self.dtype = dtype or model.model.embed_tokens.weight.dtype
         self.device = model.model.embed_tokens.weight.device
-        self._slots: OrderedDict[str, int] = OrderedDict()   # adapter key -> slot, LRU first
-        self._pins: dict[int, int] = {}
-        self.slots, self.rank = 0, 0            # allocated slots (slot 0 included) and padded rank
-        self.a: list[torch.Tensor] = []         # [target] (slots, layers, parts, r, in); slot 0 stays zero
-        self.bt: list[list[torch.Tensor]] = []  # [target][part] (slots, layers, r, out of the part)
-        self._joined: tuple[tuple[int, ...], list, list] | None = None
+        self.store = ResidentAdapters(model, self.dtype, resident, pin=self.device.type == "cuda")
+        self._lane_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> lane, least recently used first
+        self._keys: list[str | None] = [None] * capacity       # lane -> adapter key
+        self._pins = [0] * capacity
+        self.rank, self.copies = 0, 0   # lanes' padded rank; adapters copied into a lane so far
+        self.a: list[torch.Tensor] = []          # [target] (layers, parts, lanes - 1, r, in); lane l at l - 1
+        self.bt: list[list[torch.Tensor]] = []   # [target][part] (layers, (lanes - 1) * r, out of the part)
+        self._views: tuple[tuple[int, int, int], list, list] | None = None
+        self._mask: tuple[tuple, torch.Tensor] | None = None
+
+    def request(self, ref: AdapterRef | None) -> bool:
+        """True when `ref` can be placed in a lane without reading it (None: always); otherwise
+        its background load is queued and this answers False. Raises a failed load's AdapterError,
+        once."""
+        return ref is None or ref.key in self._lane_of or self.store.request(ref)
+
+    def can_acquire(self, ref: AdapterRef | None) -> bool:
+        """`request(ref)`, and a lane for it: the one already holding it, or one not pinned."""
+        return self.request(ref) and (ref is None or ref.key in self._lane_of or 0 in self._pins[1:])
 
     def acquire(self, ref: AdapterRef | None) -> int:
-        """The slot holding `ref` (0 for none), loading it on first use; pinned until `release`."""
+        """The lane holding `ref` (0 for none), copied in if needed (read first, synchronously, when
+        not resident); pinned until `release`."""
         if ref is None:
             return 0
-        slot = self._slots.get(ref.key)
-        if slot is None:
-            slot = self._load(ref)
-        self._slots.move_to_end(ref.key)
-        self._pins[slot] = self._pins.get(slot, 0) + 1
-        return slot
+        lane = self._lane_of.get(ref.key)
+        if lane is None:
+            lane = self._place(ref.key, self.store.get(ref))
+        self._lane_of.move_to_end(ref.key)
+        if not self._pins[lane]:
+            self.store.pin(ref.key)
+        self._pins[lane] += 1
+        return lane
+
+    def release(self, lane: int) -> None:
+        if lane:
+            self._pins[lane] -= 1
+            if not self._pins[lane]:  # used until now: the last lane to overwrite
+                self._lane_of.move_to_end(self._keys[lane])
+                self.store.unpin(self._keys[lane])
 
     def loaded(self) -> int:
-        return len(self._slots)
+        """Adapters resident in host memory."""
+        return len(self.store)
 
     def in_use(self) -> int:
-        """Slots pinned by running rows now (read from other threads: a copy, never the live dict)."""
-        return sum(1 for pins in list(self._pins.values()) if pins)
+        """Lanes pinned by running rows now (read from other threads: a copy, never the live list)."""
+        return sum(1 for pins in list(self._pins) if pins)
 
-    def release(self, slot: int) -> None:
-        if slot:
-            self._pins[slot] -= 1
+    def close(self) -> None:
+        self.store.close()
 
-    def _load(self, ref: AdapterRef) -> int:
-        rank, layers = read_adapter(Path(ref.path), self.model, self.dtype)
-        slot = self._free_slot()
-        if rank > self.rank or slot >= self.slots:
-            self._grow(slots=max(slot + 1, self.slots), rank=max(rank, self.rank))
+    def _place(self, key: str, adapter: HostAdapter) -> int:
+        lane = self._free_lane()
+        if self._keys[lane] is not None:
+            del self._lane_of[self._keys[lane]]
+        if adapter.rank > self.rank:
+            self._grow(adapter.rank)
+        i, r, blocking = lane - 1, adapter.rank, self.device.type != "cuda"
         for t in range(len(self.targets)):
-            self.a[t][slot].zero_()
-            for bt in self.bt[t]:
-                bt[slot].zero_()
-            for i, row in enumerate(layers):
-                for p, (a, bt) in enumerate(row[t]):
-                    self.a[t][slot, i, p, :rank] = a.to(self.device)
-                    self.bt[t][p][slot, i, :rank] = bt.to(self.device)
-        self._slots[ref.key] = slot
-        self._joined = None  # a slot's contents changed
-        return slot
+            self.a[t][:, :, i, :r].copy_(adapter.a[t], non_blocking=not blocking)
+            self.a[t][:, :, i, r:].zero_()
+            for bt, host in zip(self.bt[t], adapter.bt[t]):
+                lanes = bt.view(bt.shape[0], self.capacity - 1, self.rank, -1)  # (layers, lanes, r, out)
+                lanes[:, i, :r].copy_(host, non_blocking=not blocking)
+                lanes[:, i, r:].zero_()
+        self._keys[lane], self._lane_of[key] = key, lane
+        self.copies += 1
+        return lane
 
-    def _free_slot(self) -> int:
-        used = set(self._slots.values())
-        for slot in range(1, self.capacity + 1):
-            if slot not in used:
-                return slot
-        for key, slot in self._slots.items():  # least recently used first
-            if not self._pins.get(slot):
-                del self._slots[key]
-                return slot
-        raise AdapterError(f"all {self.capacity} adapter slots are in use")
+    def _free_lane(self) -> int:
+        """The lowest empty lane (keeping the batch's view short), else the least recently used
+        unpinned one."""
+        for lane in range(1, self.capacity):
+            if self._keys[lane] is None:
+                return lane
+        for lane in self._lane_of.values():
+            if not self._pins[lane]:
+                return lane
+        raise AdapterError(f"all {self.capacity - 1} adapter lanes are in use")
 
-    def _grow(self, slots: int, rank: int) -> None:
-        """Reallocate the stacks for more slots and/or a larger rank, keeping what is loaded."""
-        layers = len(self.model.model.layers)
+    def _grow(self, rank: int) -> None:
+        """Reallocate the lanes for a larger rank, keeping what they hold."""
+        layers, lanes = len(self.model.model.layers), self.capacity - 1
         new_a, new_bt = [], []
         for t, target in enumerate(self.targets):
-            sizes, width = _part_sizes(self.model, target), _target(self.model, target).in_features
-            a = torch.zeros(slots, layers, len(sizes), rank, width, dtype=self.dtype, device=self.device)
-            bts = [torch.zeros(slots, layers, rank, size, dtype=self.dtype, device=self.device) for size in sizes]
+            sizes, width = part_sizes(self.model, target), target_module(self.model, target).in_features
+            a = torch.zeros(layers, len(sizes), lanes, rank, width, dtype=self.dtype, device=self.device)
+            bts = [torch.zeros(layers, lanes * rank, size, dtype=self.dtype, device=self.device) for size in sizes]
             if self.a:
-                old = self.a[t]
-                a[:old.shape[0], :, :, :old.shape[3]] = old
-                for bt, old_bt in zip(bts, self.bt[t]):
-                    bt[:old_bt.shape[0], :, :old_bt.shape[2]] = old_bt
+                a[:, :, :, :self.rank] = self.a[t]
+                for bt, old in zip(bts, self.bt[t]):
+                    bt.view(layers, lanes, rank, -1)[:, :, :self.rank] = old.view(layers, lanes, self.rank, -1)
             new_a.append(a)
             new_bt.append(bts)
-        self.a, self.bt = new_a, new_bt
-        self.slots, self.rank, self._joined = slots, rank, None
+        self.a, self.bt, self.rank = new_a, new_bt, rank
+        self._views = self._mask = None
 
-    def _join(self, adapters: tuple[int, ...]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-        """Per target, the batch's adapters side by side: A as (layers, parts * n * r, in), part by
-        part; B^T per part as (layers, n * r, out). One adapter is a view of its stacks; several are
-        copied once and reused while the batch holds the same adapters (decode steps mostly do)."""
-        if len(adapters) == 1:
-            s = adapters[0]
-            return [a[s].flatten(1, 2) for a in self.a], [[bt[s] for bt in bts] for bts in self.bt]
-        if self._joined is None or self._joined[0] != adapters:
-            index = torch.tensor(adapters, device=self.device)
-            a = [stack.index_select(0, index).permute(1, 2, 0, 3, 4).flatten(1, 3).contiguous()
-                 for stack in self.a]
-            bt = [[stack.index_select(0, index).transpose(0, 1).flatten(1, 2).contiguous() for stack in bts]
-                  for bts in self.bt]
-            self._joined = adapters, a, bt
-        return self._joined[1], self._joined[2]
+    def _lanes_view(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Per target, lanes lo..hi side by side, as views: A (layers, parts, k * r, in), B^T per
+        part (layers, k * r, out)."""
+        key = (lo, hi, self.rank)
+        if self._views is None or self._views[0] != key:
+            r, i0, i1 = self.rank, lo - 1, hi
+            a = [lanes[:, :, i0:i1].flatten(2, 3) for lanes in self.a]
+            bt = [[lanes[:, i0 * r:i1 * r] for lanes in bts] for bts in self.bt]
+            self._views = key, a, bt
+        return self._views[1], self._views[2]
 
-    def batch(self, row_slots: list[int], seq: int) -> LoraBatch | None:
-        """The LoRA work of one forward pass whose rows use `row_slots`; None when no row has an
+    def batch(self, row_lanes: list[int], seq: int) -> LoraBatch | None:
+        """The LoRA work of one forward pass whose rows use `row_lanes`; None when no row has an
         adapter (the base model's pass, untouched)."""
-        adapters = tuple(sorted(set(row_slots) - {0}))
-        if not adapters:
+        used = set(row_lanes) - {0}
+        if not used:
             return None
-        a, bt = self._join(adapters)
-        mask = None
-        if len(adapters) > 1 or 0 in row_slots:
-            # row i keeps only its own adapter's share of A x: (rows * seq, n * r), per part
-            mask = torch.zeros(len(row_slots), seq, len(adapters), self.rank, dtype=self.dtype)
-            for row, slot in enumerate(row_slots):
-                if slot:
-                    mask[row, :, adapters.index(slot)] = 1
-            mask = mask.view(len(row_slots) * seq, -1).to(self.device)
-        return LoraBatch(a, bt, mask)
+        lo, hi = min(used), max(used)
+        a, bt = self._lanes_view(lo, hi)
+        if len(used) == 1 and 0 not in row_lanes:
+            return LoraBatch(a, bt, None)
+        key = (tuple(row_lanes), seq, lo, hi, self.rank)
+        if self._mask is None or self._mask[0] != key:
+            # row i keeps only its own lane's share of A x: (rows * seq, k * r)
+            own = torch.tensor(row_lanes)[:, None] == torch.arange(lo, hi + 1)[None]   # (rows, lanes)
+            mask = own.to(self.dtype)[:, None, :, None].expand(len(row_lanes), seq, hi - lo + 1, self.rank)
+            self._mask = key, mask.reshape(len(row_lanes) * seq, -1).to(self.device)
+        return LoraBatch(a, bt, self._mask[1])
 
 
 @dataclass
 class LoraBatch:
-    """One forward pass's adapters: per target, A and B^T of the batch's adapters side by side, and
-    the mask that gives each row its own adapter's share (None when every row has the same one)."""
+    """One forward pass's adapters: per target, A (layers, parts, k * r, in) and B^T per part
+    (layers, k * r, out) of k lanes side by side (views), and the mask (rows, k * r) that gives each
+    row its own lane's share (None when every row has the same one)."""
     a: list[torch.Tensor]
     bt: list[list[torch.Tensor]]
     mask: torch.Tensor | None

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +153,156 @@ def test_the_scripted_decode_step_adds_adapters_as_forward_does_bit_for_bit(tiny
                              slice(0, rows), lora)[:, 0]
             assert torch.equal(model.forward_rows(tokens, positions, fast, lora), expected)
     assert same_cache(general, fast)
+
+
+# The resident store and the lanes, on many small adapters written straight as PEFT files.
+
+def write_adapter(model, directory, seed: int, rank: int):
+    """A random PEFT adapter on every projection of `model`, written without PEFT (150 of them in a
+    second): the file layout and names PEFT saves."""
+    from safetensors.torch import save_file
+
+    from amber.engine.models import family_of
+    family, g = family_of(model), torch.Generator().manual_seed(seed)
+    weights = {}
+    for i, layer in enumerate(model.model.layers):
+        for target in family.lora_targets:
+            module = layer.get_submodule(target)
+            sizes = family.part_sizes(model.config, target, module.out_features)
+            for part, size in zip(family.hf_parts(model.config, target), sizes):
+                stem = f"base_model.model.model.layers.{i}.{part}"
+                weights[f"{stem}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.3
+                weights[f"{stem}.lora_B.weight"] = torch.randn(size, rank, generator=g) * 0.3
+    directory.mkdir(parents=True)
+    save_file(weights, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ALL_LINEAR}))
+    return AdapterRef(f"many-{seed}", str(directory))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def many(tiny_model, tmp_path_factory):
+    """150 adapters of ranks 4, 8 and 16."""
+    root = tmp_path_factory.mktemp("many")
+    return [write_adapter(tiny_model, root / str(i), i, (4, 8, 16)[i % 3]) for i in range(150)]
+
+
+@pytest.fixture
+def slots(tiny_model):
+    from amber.engine.lora import AdapterSlots
+    slots = AdapterSlots(tiny_model, capacity=9)
+    yield slots
+    slots.close()
+
+
+def wait_for(slots, ref, timeout=30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not slots.request(ref):
+        assert time.monotonic() < deadline, f"{ref.key} never loaded"
+        time.sleep(0.01)
+
+
+def test_the_resident_store_keeps_the_128_most_recently_used_and_never_a_pinned_one(slots, many):
+    held = slots.acquire(many[0])  # the oldest, but pinned
+    for ref in many[1:]:
+        slots.release(slots.acquire(ref))
+    assert slots.loaded() == 128
+    resident = [ref.key in slots.store for ref in many]
+    assert resident == [True] + [False] * 22 + [True] * 127
+    slots.request(many[23])  # a request counts as a use: many[24] is now the least recent unpinned
+    slots.release(held)
+    slots.release(slots.acquire(many[1]))  # read again; evicts many[0], now unpinned and oldest
+    assert many[1].key in slots.store and many[23].key in slots.store
+    assert many[0].key not in slots.store and many[24].key in slots.store
+    assert slots.loaded() == 128
+    assert slots.request(many[0])  # no longer resident, but still in its lane: nothing to read
+
+
+def test_a_request_loads_in_the_background_then_answers_true(slots, many):
+    assert slots.request(many[5]) is False
+    assert slots.request(many[5]) is False  # queued once
+    wait_for(slots, many[5])
+    assert slots.loaded() == 1 and slots.can_acquire(many[5])
+    lane = slots.acquire(many[5])
+    assert lane == 1 and slots.in_use() == 1
+
+
+def test_a_failed_background_load_raises_once_then_is_retried(slots, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"lora_alpha": 16}))
+    bad = AdapterRef("broken", str(tmp_path))
+    deadline = time.monotonic() + 30
+    with pytest.raises(AdapterError):
+        while not slots.request(bad):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert slots.request(bad) is False  # forgotten: this queued a new try
+    with pytest.raises(AdapterError):
+        wait_for(slots, bad)
+    assert slots.loaded() == 0
+
+
+def reference_add(model, ref: AdapterRef, layer: int, target: str, x, y):
+    """y + x A^T B^T (alpha / r) per part of `target`, straight from the adapter's files."""
+    from safetensors.torch import load_file
+
+    from amber.engine.models import family_of
+    family = family_of(model)
+    config = json.loads((Path(ref.path) / "adapter_config.json").read_text())
+    weights, scale = load_file(Path(ref.path) / "adapter_model.safetensors"), config["lora_alpha"] / config["r"]
+    updates = []
+    for part in family.hf_parts(model.config, target):
+        stem = f"base_model.model.model.layers.{layer}.{part}"
+        updates.append(x @ weights[f"{stem}.lora_A.weight"].t() @ weights[f"{stem}.lora_B.weight"].t() * scale)
+    return y + torch.cat(updates, dim=-1)
+
+
+@pytest.mark.parametrize("rows_of", [[0, 1, 2, 3, 4, 5], [0, None, 1, 2, None, 3, 4, 5], [2, 2, 2]])
+def test_a_batch_over_adapters_of_different_ranks_equals_per_row_math(slots, many, tiny_model, rows_of):
+    from amber.engine.models import family_of
+    chosen = many[:6]  # ranks 4, 8, 16, 4, 8, 16: the lanes grow twice
+    lanes = [slots.acquire(ref) for ref in chosen]
+    row_refs = [None if i is None else chosen[i] for i in rows_of]
+    seq, g = 2, torch.Generator().manual_seed(0)
+    lora = slots.batch([0 if ref is None else lanes[chosen.index(ref)] for ref in row_refs], seq)
+    assert (lora.mask is None) == (len(set(rows_of)) == 1)
+    for t, target in enumerate(family_of(tiny_model).lora_targets):
+        module = tiny_model.model.layers[0].get_submodule(target)
+        for layer in range(len(tiny_model.model.layers)):
+            x = torch.randn(len(row_refs), seq, module.in_features, generator=g)
+            y = torch.randn(len(row_refs), seq, module.out_features, generator=g)
+            got = lora.add(layer, t, x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1]).clone()).view(y.shape)
+            for row, ref in enumerate(row_refs):
+                want = y[row] if ref is None else reference_add(tiny_model, ref, layer, target, x[row], y[row])
+                torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-5)
+
+
+def test_lanes_are_views_reused_without_a_copy(slots, many):
+    first = slots.acquire(many[2])  # rank 16: the lanes' rank from the start
+    storage = slots.a[0].data_ptr()
+    slots.release(first)
+    second = slots.acquire(many[3])
+    assert second != first and slots.copies == 2
+    slots.release(second)
+    assert slots.acquire(many[2]) == first and slots.copies == 2  # still in its lane: no copy
+    lora = slots.batch([first, 0, second], 1)
+    assert slots.a[0].data_ptr() == storage
+    for view, lanes in [(lora.a[0], slots.a[0]), (lora.bt[0][0], slots.bt[0][0])]:
+        assert view.untyped_storage().data_ptr() == lanes.untyped_storage().data_ptr()
+    assert lora.mask.shape == (3, 2 * slots.rank)
+
+
+def test_an_adapter_leaving_takes_the_least_recently_used_free_lane(tiny_model, many):
+    from amber.engine.lora import AdapterSlots
+    slots = AdapterSlots(tiny_model, capacity=3)  # lanes 1 and 2
+    one, two = slots.acquire(many[0]), slots.acquire(many[1])
+    with pytest.raises(AdapterError):
+        slots.acquire(many[2])
+    assert not slots.can_acquire(many[2]) and slots.can_acquire(many[1])
+    slots.release(two)
+    slots.release(one)
+    assert slots.acquire(many[2]) == two and slots.in_use() == 1  # lane 2 was released first

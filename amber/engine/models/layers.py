@@ -190,23 +190,27 @@ def with_lora(lora: LoraBatch | None, layer: int, target: int, x: torch.Tensor, 
 def lora_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bts: List[torch.Tensor], layer: int,
              mask: Optional[torch.Tensor]) -> torch.Tensor:
     """y plus each row's adapter update (lora.LoraBatch.add); x (rows, in), y (rows, out); a this
-    layer's A of the batch's adapters side by side (parts * n * r, in), bts B^T per part (layers,
-    n * r, out of the part); mask (rows, n * r) keeps each row's own adapter's share, or None when
-    every row has the same one.
+    layer's A of the batch's k adapter lanes side by side, per part (parts, k * r, in); bts B^T per
+    part (layers, k * r, out of the part); mask (rows, k * r) keeps each row's own lane's share, or
+    None when every row has the same one.
 
-    One matmul for A, one per part for B, however many adapters the batch mixes: each row is
-    multiplied by every adapter's A and masked, cheap at LoRA ranks. B^T is kept per part, not
-    block-diagonal, because its bytes are what a step pays for."""
-    h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()                    # (rows, parts * n * r)
+    One matmul for A (batched over parts: `a` is a strided view of the lanes, never copied), one
+    per part for B, however many adapters the batch mixes: each row is multiplied by every lane's
+    A and masked, cheap at LoRA ranks. B^T is kept per part, not block-diagonal, because its bytes
+    are what a step pays for."""
+    x = x.reshape(-1, x.shape[-1]).to(a.dtype)
+    if a.shape[0] == 1:
+        h = (x @ a[0].t()).unsqueeze(0)           # (1, rows, k * r): a plain matmul, not a batch of one
+    else:
+        h = torch.matmul(x, a.transpose(1, 2))    # (parts, rows, k * r)
     y = y.to(a.dtype)  # quantized layers answer in bf16; the update is added in the adapters' dtype
     y2 = y.view(-1, y.shape[-1])
-    h = h.view(h.shape[0], len(bts), -1)
     if mask is not None:
-        h.mul_(mask.unsqueeze(1))
+        h.mul_(mask)
     column = 0
     for part in range(len(bts)):
         bt = bts[part][layer]
         out = bt.shape[-1]
-        y2[:, column:column + out].addmm_(h[:, part], bt)
+        y2[:, column:column + out].addmm_(h[part], bt)
         column += out
     return y
