@@ -19,6 +19,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 import torch
@@ -51,7 +52,7 @@ class ContextTooLong(ValueError):
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
-                 prefix_blocks: int = 512, kv_memory_mb: int | None = None,
+                 prefix_blocks: int = 512, kv_memory_mb: int | None = None, resident_adapters: int = 128,
                  threads: Callable[[], int] | None = None):
         """`kv_memory_mb`: the KV pool's size (None: room for every row at max_context, as offline
         work wants), never less than two sequences at max_context plus a block per row.
@@ -64,22 +65,23 @@ class Engine:
         # the family's end-of-turn tokens (Gemma's <end_of_turn>) end generation as EOS does
         self.model, self.tokenizer = model, tokenizer.with_eos(family.end_tokens)
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
-        self.threads = threads
+        self.threads, self._own_threads = threads, torch.get_num_threads()
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
         states, kv_dtype = family.layer_states(cfg), model.kv_dtype or model.model.embed_tokens.weight.dtype
         self.cache = KVCache.for_layers(states, max_batch, max_context, kv_dtype, self.device,
                                         blocks=_pool_blocks(states, kv_dtype, max_batch, max_context, kv_memory_mb))
         # recurrent states exist only after a whole prefix, not per block: no prefix cache for them
         self.prefixes = PrefixCache(self.cache, max_blocks=0 if self.cache.recurrent is not None else prefix_blocks)
-        # one slot more than the batch: every running request's adapter and the next one's fit
-        self.adapters = AdapterSlots(model, capacity=max_batch + 1)
+        # a lane more than the batch: every running request's adapter and the next one's fit;
+        # 128 more adapters stay in host memory, read by their own thread (lora.py)
+        self.adapters = AdapterSlots(model, capacity=max_batch + 1, resident=resident_adapters)
         self.runner = ModelRunner(model, self.cache, self.adapters, self.tokenizer.eos_ids, prefill_chunk, self.device)
         masks = tokenizer.category_masks().to(self.device)
         self.category_masks = torch.zeros(masks.shape[0], cfg.vocab_size, dtype=torch.bool, device=self.device)
         self.category_masks[:, :masks.shape[1]] = masks[:, :cfg.vocab_size]
         self.scheduler = Scheduler(max_batch, max_context, max_queue, prefill_chunk,
                                    room=lambda: self.cache.free_blocks() + self.prefixes.evictable(),
-                                   needs=self._blocks_needed)
+                                   needs=self._blocks_needed, ready=self._adapter_ready)
         self._wake = threading.Condition()  # guards the scheduler against submit/abort on other threads
         self._stopping = False
         self._steps = self.preemptions = 0
@@ -121,6 +123,7 @@ class Engine:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
+        self.adapters.close()
 
     def submit(self, request: GenerationRequest, on_done: Callable[[RequestOutput | BaseException], None],
                on_tokens: Callable[[list[tuple[int, TokenLogprob]]], None] | None = None) -> None:
@@ -214,7 +217,8 @@ class Engine:
         assert not self._thread.is_alive(), "the engine already runs on its own thread"
         with torch.inference_mode():
             while self.busy:
-                self._step()
+                if not self._step():
+                    time.sleep(0.005)
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -224,11 +228,17 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         return
-                self._step()
+                if not self._step():  # waiting requests, none of them ready (adapters being read)
+                    with self._wake:
+                        self._wake.wait(0.005)
 
-    def _step(self) -> None:
-        """schedule -> run -> postprocess (`_accept`, from the prefill and decode steps)."""
-        if self.threads is not None and torch.get_num_threads() != (wanted := self.threads()):
+    def _step(self) -> bool:
+        """schedule -> run -> postprocess (`_accept`, from the prefill and decode steps). Returns
+        whether there was anything to run."""
+        # the thread count is set anew when it changed: by a training job's share (`threads`), or
+        # by the adapter reader's one thread, which torch may apply process-wide
+        wanted = self.threads() if self.threads is not None else self._own_threads
+        if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)  # this thread's OpenMP team, from its next op on
         scheduler = self.scheduler
         with self._wake:
@@ -236,6 +246,7 @@ class Engine:
             for state in scheduler.take_aborted():
                 self._finish(state, RequestAborted(state.request.request_id))
             group = scheduler.schedule()
+        worked = bool(group or scheduler.prefilling or scheduler.rows)
         try:
             if group:
                 self._prefill_group(group)
@@ -247,6 +258,7 @@ class Engine:
             log.exception("engine step failed")
             for state in [*scheduler.running, *filter(None, [scheduler.prefilling]), *group]:
                 self._finish(state, exc)
+        return worked
 
     def _prefill_group(self, group: list[RequestState]) -> None:
         """Prefill short prompts together; each goes into the slot its first sample will take."""
@@ -344,9 +356,24 @@ class Engine:
         self.preemptions += 1
         log.info("KV pool full: request %s preempted, to be recomputed", state.request.request_id)
 
+    def _adapter_ready(self, state: RequestState) -> bool:
+        """Whether the request's adapter is in memory with a lane for it; a miss starts its read on
+        the adapters' own thread, so the engine never waits for a file. A failed read is kept for
+        `_use_adapter` to fail the request with."""
+        if state.adapter_slot or state.adapter_error is not None:
+            return True
+        try:
+            return self.adapters.can_acquire(state.request.adapter)
+        except AdapterError as exc:
+            state.adapter_error = exc
+            return True
+
     def _use_adapter(self, state: RequestState) -> bool:
-        """Pin the request's adapter (loading it on first use); False, with the request failed,
-        when it cannot be loaded."""
+        """Pin the request's adapter (read on first use if it is not in memory yet); False, with
+        the request failed, when it cannot be read."""
+        if state.adapter_error is not None:
+            self._finish(state, state.adapter_error)
+            return False
         try:
             state.adapter_slot = self.adapters.acquire(state.request.adapter)
         except AdapterError as exc:

@@ -134,17 +134,24 @@ class AdapterSlots:
         raise AdapterError(f"all {self.capacity - 1} adapter lanes are in use")
 
     def _grow(self, rank: int) -> None:
-        """Reallocate the lanes for a larger rank, keeping what they hold."""
-        layers, lanes = len(self.model.model.layers), self.capacity - 1
+        """Reallocate the lanes for a larger rank, keeping what they hold. Lanes are allocated
+        empty, so memory is paid only for lanes that hold an adapter: lanes fill from the lowest up
+        (`_free_lane`), a batch views lanes only up to its highest, and `_place` writes all of its
+        lane (zeros past the adapter's rank)."""
+        layers, lanes, old = len(self.model.model.layers), self.capacity - 1, self.rank
+        held = sum(1 for key in self._keys[1:] if key is not None)  # lanes 1..held hold adapters
         new_a, new_bt = [], []
         for t, target in enumerate(self.targets):
             sizes, width = part_sizes(self.model, target), target_module(self.model, target).in_features
-            a = torch.zeros(layers, len(sizes), lanes, rank, width, dtype=self.dtype, device=self.device)
-            bts = [torch.zeros(layers, lanes * rank, size, dtype=self.dtype, device=self.device) for size in sizes]
-            if self.a:
-                a[:, :, :, :self.rank] = self.a[t]
-                for bt, old in zip(bts, self.bt[t]):
-                    bt.view(layers, lanes, rank, -1)[:, :, :self.rank] = old.view(layers, lanes, self.rank, -1)
+            a = torch.empty(layers, len(sizes), lanes, rank, width, dtype=self.dtype, device=self.device)
+            bts = [torch.empty(layers, lanes * rank, size, dtype=self.dtype, device=self.device) for size in sizes]
+            if held:
+                a[:, :, :held, :old] = self.a[t][:, :, :held]
+                a[:, :, :held, old:] = 0
+                for bt, previous in zip(bts, self.bt[t]):
+                    view = bt.view(layers, lanes, rank, -1)
+                    view[:, :held, :old] = previous.view(layers, lanes, old, -1)[:, :held]
+                    view[:, :held, old:] = 0
             new_a.append(a)
             new_bt.append(bts)
         self.a, self.bt, self.rank = new_a, new_bt, rank

@@ -38,10 +38,13 @@ class QueueFull(Exception):
 
 class Scheduler:
     def __init__(self, max_batch: int, max_context: int, max_queue: int, chunk_size: int,
-                 room: Callable[[], int] = lambda: 1 << 30, needs: Callable[[RequestState], int] = lambda s: 0):
-        """`room()`: KV blocks free now; `needs(state)`: the blocks a request needs to start."""
+                 room: Callable[[], int] = lambda: 1 << 30, needs: Callable[[RequestState], int] = lambda s: 0,
+                 ready: Callable[[RequestState], bool] = lambda s: True):
+        """`room()`: KV blocks free now; `needs(state)`: the blocks a request needs to start;
+        `ready(state)`: whether its adapter is in memory (a request whose adapter is still being
+        read waits without holding up the requests behind it)."""
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
-        self.chunk_size, self.room, self.needs = chunk_size, room, needs
+        self.chunk_size, self.room, self.needs, self.ready = chunk_size, room, needs, ready
         self.waiting: collections.deque[RequestState] = collections.deque()
         self.prefilling: RequestState | None = None  # the long prompt prefilled a chunk per step
         self.running: list[RequestState] = []         # requests whose samples have started
@@ -74,8 +77,11 @@ class Scheduler:
         """This step's short prompts, taken from the queue to be prefilled together; when there are
         none and nothing is prefilling, the next waiting request becomes `prefilling` if it fits."""
         group = self._take_short_prompts()
-        if not group and self.prefilling is None and self.waiting and self._fits(self.waiting[0]):
-            self.prefilling = self.waiting.popleft()
+        if not group and self.prefilling is None:
+            head = next((s for s in self.waiting if self.ready(s)), None)
+            if head is not None and self._fits(head):
+                self.waiting.remove(head)
+                self.prefilling = head
         return group
 
     def _fits(self, state: RequestState) -> bool:
@@ -86,14 +92,16 @@ class Scheduler:
         samples fit the batch: they are prefilled in one forward pass, straight into their slots."""
         group, budget, blocks = [], self.chunk_size, self.room()
         taken = len(self.rows) + (self.prefilling.rows_needed if self.prefilling else 0)
-        while self.waiting:
-            state = self.waiting[0]
+        for state in list(self.waiting):
+            if not self.ready(state):
+                continue
             req, length = state.request, 1 + len(state.request.prompt_ids)
             if (state.resuming is not None or length > budget or taken + req.params.num_results > self.max_batch
                     or length + self.chunk_size > self.max_context  # padding must stay in the slot
                     or self.needs(state) > blocks):
                 break
-            group.append(self.waiting.popleft())
+            self.waiting.remove(state)
+            group.append(state)
             budget -= length
             taken += req.params.num_results
             blocks -= self.needs(state)

@@ -41,7 +41,8 @@ class RequestState:
     aborted: bool = False
     ids: list[int] | None = None                # BOS + prompt, set when prefill starts
     filled: int = 0                             # prompt positions already in the staging slot
-    adapter_slot: int = 0                       # its adapter's slot in AdapterSlots, 0 for none
+    adapter_slot: int = 0                       # its adapter's lane in AdapterSlots, 0 for none
+    adapter_error: Exception | None = None      # its adapter could not be read
     prefill_slot: int = -1                      # the slot its prompt is prefilled in, until its samples sit
     resuming: list[Sample] | None = None        # preempted: the samples whose cache is to be recomputed
     resume_ids: list[int] | None = None         # the sample being recomputed: BOS + prompt + its tokens
