@@ -29,8 +29,9 @@ RESULTS = REPO / "bench/results/lora_batch.json"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def write_adapter(model, directory: Path, seed: int, rank: int) -> None:
-    """A random PEFT adapter (PEFT's file layout and names) on every projection."""
+def write_adapter(model, directory: Path, seed: int, rank: int, scale: float = 0.02) -> None:
+    """A random PEFT adapter (PEFT's file layout and names) on every projection; `scale`: the
+    entries' standard deviation."""
     from amber.engine.models import family_of
     family, g, weights = family_of(model), torch.Generator().manual_seed(seed), {}
     for i, layer in enumerate(model.model.layers):
@@ -39,8 +40,8 @@ def write_adapter(model, directory: Path, seed: int, rank: int) -> None:
             for part, size in zip(family.hf_parts(model.config, target),
                                   family.part_sizes(model.config, target, module.out_features)):
                 stem = f"base_model.model.model.layers.{i}.{part}"
-                weights[f"{stem}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.02
-                weights[f"{stem}.lora_B.weight"] = torch.randn(size, rank, generator=g) * 0.02
+                weights[f"{stem}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * scale
+                weights[f"{stem}.lora_B.weight"] = torch.randn(size, rank, generator=g) * scale
     directory.mkdir(parents=True)
     save_file(weights, directory / "adapter_model.safetensors")
     (directory / "adapter_config.json").write_text(json.dumps(

@@ -16,6 +16,7 @@ scheduler's to say; this module runs it on its one thread and hands results back
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -85,6 +86,8 @@ class Engine:
         self._wake = threading.Condition()  # guards the scheduler against submit/abort on other threads
         self._stopping = False
         self._steps = self.preemptions = 0
+        # (seconds, whether it prefilled) of recent steps that ran something: benchmarks read it
+        self.step_times: collections.deque[tuple[float, bool]] = collections.deque(maxlen=8192)
         self._thread = threading.Thread(target=self._loop, name="amber-engine", daemon=True)
 
     # ---- public API, any thread ----
@@ -247,6 +250,7 @@ class Engine:
                 self._finish(state, RequestAborted(state.request.request_id))
             group = scheduler.schedule()
         worked = bool(group or scheduler.prefilling or scheduler.rows)
+        prefilled, began = bool(group or scheduler.prefilling), time.perf_counter()
         try:
             if group:
                 self._prefill_group(group)
@@ -258,6 +262,8 @@ class Engine:
             log.exception("engine step failed")
             for state in [*scheduler.running, *filter(None, [scheduler.prefilling]), *group]:
                 self._finish(state, exc)
+        if worked:
+            self.step_times.append((time.perf_counter() - began, prefilled))
         return worked
 
     def _prefill_group(self, group: list[RequestState]) -> None:
