@@ -96,3 +96,30 @@ def server(default_checkpoint, tiny_checkpoint, gemma_checkpoint, tmp_path_facto
     text = registry(default_checkpoint, tiny_checkpoint, gemma_checkpoint=gemma_checkpoint)
     with live_server(tmp_path_factory.mktemp("amber-home"), text) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def bare_server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
+    """A second server, without a worker and logging at info, for tests that need a registry of their
+    own (tests/api/test_bad_models.py, test_health_kernels.py): default `tiny4` (the tiny model in
+    int4, loaded at start), j2-light (the real default model), and two entries it cannot serve."""
+    home = tmp_path_factory.mktemp("bare-home")
+    bert = home / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text('{"model_type": "bert", "vocab_size": 10}')
+    text = f'''default = "tiny4"
+[models.tiny4]
+path = "{tiny_checkpoint}"
+dtype = "int4"
+max_context = 256
+[models.smollm2-135m-instruct]
+aliases = ["j2-light"]
+path = "{default_checkpoint}"
+max_context = 2048
+[models.bert]
+path = "{bert}"
+[models.gone]
+gguf_path = "{home / 'nowhere.gguf'}"
+'''
+    with live_server(home, text, "--no-worker", "--log-level", "info") as s:
+        yield s

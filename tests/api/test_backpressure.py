@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_full_queue_is_429_with_retry_after(default_checkpoint, tiny_checkpoint, tmp_path):
     text = registry(default_checkpoint, tiny_checkpoint, default="tiny")
-    with live_server(tmp_path, text, "--max-batch", "1", "--max-queue", "1") as server:
+    with live_server(tmp_path, text, "--max-batch", "1", "--max-queue", "1", "--no-worker") as server:
         def call(i):
             return httpx.post(f"{server.url}/studio/v1/tiny/complete", headers=server.headers, timeout=120,
                               json={"prompt": f"request {i}", "maxTokens": 200, "minTokens": 200, "temperature": 0})
@@ -37,7 +37,7 @@ def test_a_multi_prompt_request_meeting_a_full_queue_takes_nothing(default_check
     the request is capped (400), and one whose later prompts find the queue full is a 429 that
     frees what its earlier prompts took."""
     text = registry(default_checkpoint, tiny_checkpoint, default="tiny")
-    with live_server(tmp_path, text, "--max-batch", "1", "--max-queue", "4") as server:
+    with live_server(tmp_path, text, "--max-batch", "1", "--max-queue", "4", "--no-worker") as server:
         url, headers = f"{server.url}/v1/completions", server.headers
         too_many = httpx.post(url, headers=headers, json={"model": "tiny", "prompt": ["x"] * 65}, timeout=30)
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "prompt"

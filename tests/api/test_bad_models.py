@@ -2,30 +2,16 @@
 the reason, in each API's error shape, and the server goes on serving the others."""
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
-
-from tests.api.conftest import live_server, registry
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
-    home = tmp_path_factory.mktemp("bad-models")
-    bert = home / "bert"
-    bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
-    text = registry(default_checkpoint, tiny_checkpoint) + f'''
-[models.bert]
-path = "{bert}"
-[models.gone]
-gguf_path = "{home / 'nowhere.gguf'}"
-'''
-    with live_server(home, text, "--no-worker") as s:
-        yield s
+@pytest.fixture
+def server(bare_server):
+    """The second server (conftest.py): its registry holds `bert` and `gone`, which it cannot serve."""
+    return bare_server
 
 
 @pytest.mark.parametrize("model, says", [("bert", "model_type 'bert' is not supported"),

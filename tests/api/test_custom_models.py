@@ -143,7 +143,7 @@ def test_default_epoch_can_be_changed(server, trained):
 
 
 def test_a_worker_killed_mid_training_is_replaced_and_resumes(server):
-    d = upload(server, "many", synthetic(1200), split_ratio="0.01").json()
+    d = upload(server, "many", synthetic(400), split_ratio="0.01").json()  # epochs of seconds: time to kill in
     model = train(server, d["id"], "resumed", 3)
     run_dir = server.home / "custom-models" / model["id"]
     deadline = time.monotonic() + 120

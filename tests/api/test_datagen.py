@@ -125,7 +125,7 @@ def test_other_accounts_see_nothing_of_a_job(server, finished):
 
 
 def long_job(server) -> str:
-    r = post(server, {"mode": "examples", "model": "tiny", "examples": SEEDS, "n": 2000, "maxTokens": 48,
+    r = post(server, {"mode": "examples", "model": "tiny", "examples": SEEDS, "n": 2000, "maxTokens": 12,
                       "temperature": 1.0})
     assert r.status_code == 200, r.text
     return r.json()["id"]
@@ -150,7 +150,7 @@ def test_a_cancelled_job_stops(server):
 
 
 def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes(server):
-    r = post(server, {"mode": "examples", "model": "tiny", "examples": SEEDS, "n": 160, "maxTokens": 24,
+    r = post(server, {"mode": "examples", "model": "tiny", "examples": SEEDS, "n": 160, "maxTokens": 8,
                       "temperature": 1.0})
     job = r.json()["id"]
     while (get(server, f"/{job}").json()["progress"] or {}).get("rowsDone", 0) < 32:

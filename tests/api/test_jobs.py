@@ -43,7 +43,7 @@ def test_a_custom_models_training_is_a_train_job(server, dataset):
     assert again == job  # finished: cancelling changes nothing
 
 
-def test_cancelling_mid_training_fails_the_model_and_frees_the_worker(server):
+def test_cancelling_mid_training_fails_the_model_and_frees_the_worker(server, dataset):
     many = upload(server, "jobs-many", synthetic(1200), split_ratio="0.01").json()
     long = train(server, many["id"], "jobs-cancelled", 3)
     deadline = time.monotonic() + 120
@@ -55,8 +55,8 @@ def test_cancelling_mid_training_fails_the_model_and_frees_the_worker(server):
     assert cancelled["status"] == "CANCELLED" and cancelled["failure"] == "cancelled" and cancelled["finishedAt"]
     model = wait_for(server, long["id"], ("FAILED",), timeout=5)
     assert model["failure"] == "cancelled"
-    # the worker drops it at its next report and takes the next job
-    after = train(server, many["id"], "jobs-after", 1)
+    # the worker drops it at its next report and takes the next job (a small one: 60 rows, not 1200)
+    after = train(server, dataset["id"], "jobs-after", 1)
     assert wait_for(server, after["id"])["status"] == "COMPLETED"
     assert jobs(server, f"/{long['jobId']}").json()["status"] == "CANCELLED"
     assert wait_for(server, long["id"], ("FAILED",), timeout=5)["currentEpoch"] in (None, 1)

@@ -1,5 +1,6 @@
 """Rate limits per account against a live `amber serve`: limits set with `amber accounts limits`
-while it runs, held across concurrent requests, answered in each API's own error shape."""
+while it runs, held across concurrent requests, answered in each API's own error shape. On the
+shared server (conftest.py): the accounts limited here are this file's own."""
 from __future__ import annotations
 
 import asyncio
@@ -10,14 +11,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.api.conftest import AMBER, create_key, live_server, registry
-
-
-@pytest.fixture(scope="module")
-def server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
-    text = registry(default_checkpoint, tiny_checkpoint, default="tiny")
-    with live_server(tmp_path_factory.mktemp("amber-limits"), text) as s:
-        yield s
+from tests.api.conftest import AMBER, create_key
 
 
 def amber(server, *args: str) -> subprocess.CompletedProcess:
