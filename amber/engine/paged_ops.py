@@ -39,7 +39,10 @@ from amber.engine.kernels import machine
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# AMBER_KERNEL_MARCH (default native) picks the target, e.g. x86-64-v3 to build and test the
+# portable (non-AVX-512) path on an AVX-512 machine; it is part of FLAGS, so of the library's name.
+MARCH = os.environ.get("AMBER_KERNEL_MARCH") or "native"
+FLAGS = ["-O3", f"-march={MARCH}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 def library_path(directory: Path) -> Path:
