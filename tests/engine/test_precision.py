@@ -2,7 +2,9 @@
 and int4 matrices are what they claim, and the real model stays close to fp32."""
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,8 +209,8 @@ def test_real_model_precision_modes_stay_close_to_fp32(request, which):
     tokenizer = Tokenizer.from_pretrained(checkpoint)
     ids = [tokenizer.bos_id, *tokenizer.encode(text)][:500]
     scores = {}
-    for mode in MODES:
-        model = load_model(checkpoint, mode)
+    for mode in MODES:  # kernels chosen once per machine, as servers choose them (conftest's AMBER_KERNELS)
+        model = load_model(checkpoint, mode, kernel_cache=Path(os.environ["AMBER_KERNELS"]))
         cache = KVCache.for_layers(family_of(model).layer_states(model.config), 1, len(ids),
                                    model.kv_dtype or model.model.embed_tokens.weight.dtype)
         with torch.inference_mode():
