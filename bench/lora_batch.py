@@ -70,17 +70,22 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1e3, 2)
 
 
-def lora_work(model, lora, rows: int, act: torch.dtype):
-    """Every lora_add of one decode step, on fixed random activations."""
+def activations(model, rows: int, act: torch.dtype) -> list[tuple]:
+    """(layer, target, x, y) of every lora_add of one decode step, fixed random activations."""
     from amber.engine.models import family_of
-    g = torch.Generator().manual_seed(0)
-    calls = []
+    g, calls = torch.Generator().manual_seed(0), []
     for target_index, target in enumerate(family_of(model).lora_targets):
         for layer in range(len(model.model.layers)):
             module = model.model.layers[layer].get_submodule(target)
             x = torch.randn(rows, module.in_features, generator=g).to(act)
             y = torch.randn(rows, module.out_features, generator=g).to(act)
             calls.append((layer, target_index, x, y))
+    return calls
+
+
+def lora_work(model, lora, rows: int, act: torch.dtype):
+    """Every lora_add of one decode step, on fixed random activations."""
+    calls = activations(model, rows, act)
 
     def step():  # y of the activations' dtype is updated in place: the timing does not mind
         for layer, t, x, y in calls:
@@ -91,16 +96,9 @@ def lora_work(model, lora, rows: int, act: torch.dtype):
 def gathered_work(model, lora, row_lanes: list[int], rows: int, act: torch.dtype):
     """The same update per row with each row's own lane gathered (bmm over rows, no mask): rows * r
     columns of work instead of rows * lanes * r. For comparison only; the engine runs lora_add."""
-    from amber.engine.models import family_of
-    lo, g = min(row_lanes), torch.Generator().manual_seed(0)
+    lo = min(row_lanes)
     index = torch.tensor(row_lanes) - lo
-    calls = []
-    for t, target in enumerate(family_of(model).lora_targets):
-        for layer in range(len(model.model.layers)):
-            module = model.model.layers[layer].get_submodule(target)
-            x = torch.randn(rows, module.in_features, generator=g).to(act)
-            y = torch.randn(rows, module.out_features, generator=g).to(act)
-            calls.append((layer, t, x, y))
+    calls = activations(model, rows, act)
 
     def step():
         for layer, t, x, y in calls:

@@ -32,6 +32,13 @@ def run(engine, requests):
     return [results[r.request_id] for r in requests]
 
 
+def two_caches(model, slots: int) -> tuple[KVCache, KVCache]:
+    """Two like caches of `slots` slots x 64 positions: one for the forward, one for a fast path."""
+    cfg = model.config
+    return tuple(KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, 64, cfg.head_dim,
+                         model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+
+
 @torch.inference_mode()
 def slow_greedy(model, prompt, steps):
     """Recompute the whole sequence for every token, in a fresh cache: no reuse of any kind."""
@@ -83,9 +90,7 @@ def test_the_single_token_path_equals_the_batched_forward_bit_for_bit(tiny_check
     else:
         assert decode_step.scripted(decode_step.decode_layers) is not decode_step.decode_layers, "TorchScript compiled it"
     model = load_model(tiny_checkpoint, mode)
-    cfg = model.config
-    batched, single = (KVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 64, cfg.head_dim,
-                               model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+    batched, single = two_caches(model, 2)
     with torch.inference_mode():
         for cache in (batched, single):
             model(torch.tensor([[1, 5, 9, 13, 17]]), torch.arange(5)[None], cache, slice(1, 2))
@@ -116,9 +121,7 @@ def test_the_batch_decode_path_equals_the_batched_forward_bit_for_bit(tiny_check
         for layer in model.modules():
             if isinstance(layer, QuantizedLinear):
                 layer.use(CHOICES[choice])
-    cfg = model.config
-    general, fast = (KVCache(cfg.num_hidden_layers, 12, cfg.num_key_value_heads, 64, cfg.head_dim,
-                             model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+    general, fast = two_caches(model, 12)
     with torch.inference_mode():
         for cache in (general, fast):  # 12 rows of different lengths: 3..14 prompt tokens
             for slot in range(12):
@@ -227,9 +230,7 @@ def test_without_the_compiled_kernel_decode_gathers_and_still_equals_the_forward
     """The path of a machine where the paged attention kernel was not built: each row's positions
     gathered from the pool and SDPA over them, in the scripted step and the forward alike."""
     model = load_model(tiny_checkpoint, mode)
-    cfg = model.config
-    general, fast = (KVCache(cfg.num_hidden_layers, 6, cfg.num_key_value_heads, 64, cfg.head_dim,
-                             model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+    general, fast = two_caches(model, 6)
     with torch.inference_mode():
         for cache in (general, fast):
             cache.kernel = False

@@ -120,7 +120,7 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
     kv_cache.BatchCache's (write_rows, read_rows, tables, lengths, kernel) and attention_mask's mask
     (batch, 1, 1, context) or None. lora_a, lora_bt, lora_mask: a LoraBatch's a, bt and mask per
     projection (qkv, o, gate_up, down), or empty lists when no row has an adapter."""
-    half, batch, lora = head_dim // 2, x.shape[0], len(lora_a) > 0
+    half, lora = head_dim // 2, len(lora_a) > 0
     for i in range(len(keys)):
         p = 4 * i
         h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
