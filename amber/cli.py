@@ -46,6 +46,17 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
     return replace(home_config(), host=host, port=port, engine=engine, rate_limits=rate_limits)
 
 
+def _fewer_malloc_arenas() -> None:
+    """At most two glibc malloc arenas in the server: by default each of the HTTP threadpool's
+    threads gets its own, and their retained pages measured ~95 MB of RSS under 16 concurrent
+    requests (MALLOC_ARENA_MAX=2, set before any thread starts). Elsewhere than glibc, nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 @app.command()
 def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port")] = 8000,
@@ -75,6 +86,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     from amber.worker import WorkerProcess
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _fewer_malloc_arenas()
     config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks, RateLimits(rpm, tpm),
                           kv_memory_mb)
     registry = load_registry(config.registry_path)

@@ -99,6 +99,7 @@ def load_model(checkpoint: Path, dtype: str = "float32", device: str = "cpu", *,
         model.kv_dtype = torch.bfloat16
         if tune and torch.device(device).type == "cpu":
             kernels.tune(model, kernel_cache)
+    _give_back_freed_memory()
     return model
 
 
@@ -112,3 +113,14 @@ def _own(model: nn.Module) -> None:
             param.data = param.data.clone()
         for name, buffer in module.named_buffers(recurse=False):
             setattr(module, name, buffer.clone())
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap loading freed (the fp32 layers quantization replaced, kernel tuning's
+    buffers) to the OS: glibc keeps freed memory mapped for reuse, so it would stay in the
+    server's RSS. malloc_trim exists in glibc only; elsewhere this does nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

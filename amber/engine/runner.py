@@ -16,6 +16,9 @@ from amber.engine.sequence import RequestState, Sample
 from amber.engine.types import TokenLogprob
 
 
+SCORE_ROWS = 64  # prompt positions turned into logprobs at once
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, cache: KVCache, adapters: AdapterSlots,
                  eos_ids: frozenset[int], prefill_chunk: int, device: torch.device):
@@ -65,9 +68,16 @@ class ModelRunner:
         inside the prompt (n, or n - 1 at its end). Scores, and logits for what follows the last."""
         if not score:
             return [], self.model.logits(hidden[-1:])[0]
-        logprobs = self.model.logits(hidden).log_softmax(-1)  # (n, vocab)
+        # a piece of positions at a time: a 500-token prompt's fp32 logits and logprobs would
+        # otherwise take ~200 MB at once (49k vocabulary), paid in the server's peak memory
+        scores, last = [], None
+        for start in range(0, hidden.shape[0], SCORE_ROWS):
+            logprobs = self.model.logits(hidden[start:start + SCORE_ROWS]).log_softmax(-1)  # (rows, vocab)
+            if piece := targets[start:start + SCORE_ROWS]:
+                scores += self._score(logprobs[:len(piece)], piece, top_k)
+            last = logprobs[-1]
         # log_softmax is a valid logits vector for what follows: sampling is shift-invariant
-        return self._score(logprobs[:len(targets)], targets, top_k), logprobs[-1]
+        return scores, last
 
     @staticmethod
     def _score(logprobs: torch.Tensor, targets: list[int], top_k: int) -> list[TokenLogprob]:
