@@ -1,8 +1,8 @@
 """Running a route's engine requests: all at once, abandoned when the client goes away.
 
 Shared by every API that generates; knows engine requests and HTTP exceptions (429 when the
-queue is full or the account's rate limit is reached, 499 when the client left, 500 when a custom
-model cannot be loaded), never a wire format. Every generation is admitted against its account's
+queue is full or the account's rate limit is reached, 400 when numResults x (prompt + max tokens)
+exceeds the server's KV memory, 499 when the client left, 500 when a custom model cannot be loaded), never a wire format. Every generation is admitted against its account's
 rate limits here (rate_limits.py), and settled with the tokens it used when it ends.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import AsyncIterator
 from fastapi import HTTPException, Request
 
 from amber.api import rate_limits
-from amber.engine.engine import Engine, QueueFull
+from amber.engine.engine import ContextTooLong, Engine, QueueFull
 from amber.engine.lora import AdapterError
 from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
 from amber.ratelimit import Reservation
@@ -35,6 +35,10 @@ def busy(exc: QueueFull) -> HTTPException:
     return HTTPException(429, f"server busy: {exc}", headers={"Retry-After": str(retry_after(exc))})
 
 
+def too_big(exc: ContextTooLong) -> HTTPException:
+    return HTTPException(400, f"request too large for this server: {exc}")
+
+
 async def generate_all(http: Request, engine: Engine, requests: list[GenerationRequest]) -> list[RequestOutput]:
     """Every request's output, in order. If one fails (a full queue for the later prompts of a
     multi-prompt request, say), or the client disconnects first, all are abandoned: the ones
@@ -53,6 +57,8 @@ async def generate_all(http: Request, engine: Engine, requests: list[GenerationR
                 raise HTTPException(499, "client closed the request")
     except QueueFull as exc:
         raise busy(exc) from exc
+    except ContextTooLong as exc:  # numResults x (prompt + max tokens) past what the KV pool holds
+        raise too_big(exc) from exc
     except AdapterError as exc:  # a custom model's files are missing or damaged
         raise HTTPException(500, f"could not load the custom model: {exc}") from exc
     finally:
@@ -84,12 +90,12 @@ def open_streams(http: Request, engine: Engine, requests: list[GenerationRequest
     try:
         for request in requests:
             streams.append(engine.stream(request))
-    except QueueFull as exc:
+    except (QueueFull, ContextTooLong) as exc:
         for request in requests[:len(streams)]:
             engine.abort(request.request_id)
         for i in range(len(requests)):
             reservation.settle(i, 0)  # never ran
-        raise busy(exc) from exc
+        raise (busy(exc) if isinstance(exc, QueueFull) else too_big(exc)) from exc
     return [_settled(stream, i, request, reservation) for i, (stream, request) in enumerate(zip(streams, requests))]
 
 

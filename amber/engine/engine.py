@@ -139,9 +139,10 @@ class Engine:
                                  f"{len(request.prompt_ids)}-token prompt, max_tokens {request.params.max_tokens}); "
                                  f"the context is {self.max_context}")
         if (blocks := request.params.num_results * self.cache.blocks_for(needed)) > self.cache.num_blocks:
-            raise ContextTooLong(f"request {request.request_id!r} needs up to {blocks} KV blocks ({needed} positions "
-                                 f"for each of {request.params.num_results} results); the pool has "
-                                 f"{self.cache.num_blocks}")
+            raise ContextTooLong(f"numResults {request.params.num_results} x {needed} positions (BOS, prompt, "
+                                 f"max tokens) need up to {blocks} KV blocks of {self.cache.block_size}; this "
+                                 f"server's pool has {self.cache.num_blocks} (--kv-memory-mb): ask for fewer "
+                                 f"results or fewer tokens")
         with self._wake:
             self.scheduler.add(RequestState(request, on_done, on_tokens))  # QueueFull when full
             self._wake.notify()

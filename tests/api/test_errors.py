@@ -72,6 +72,17 @@ def test_tolerated_sdk_quirks(server):
     assert post(server, "/j2-light/complete", body).status_code == 200
 
 
+def test_more_results_than_the_kv_pool_holds_is_400_naming_them(server):
+    """16 results of ~2,000 positions each exceed the default 512 MB pool: refused before anything
+    runs, on both APIs, and the server serves on."""
+    r = post(server, "/j2-light/complete", {"prompt": "Hi", "maxTokens": 2000, "numResults": 16})
+    assert r.status_code == 400 and "numResults 16" in r.json()["detail"], r.text
+    r = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {server.key}"}, timeout=60,
+                   json={"model": "j2-light", "prompt": "Hi", "max_tokens": 2000, "n": 16, "stream": True})
+    assert r.status_code == 400 and "KV blocks" in r.text, r.text  # OpenAI's error shape
+    assert post(server, "/j2-light/complete", GOOD).status_code == 200
+
+
 def test_server_is_still_healthy_after_all_that(server):
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert post(server, "/j2-light/complete", GOOD).status_code == 200
