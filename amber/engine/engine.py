@@ -476,7 +476,7 @@ class Engine:
             return
         self.cache.free(slot)
         if (move := self.scheduler.free_slot(sample)) is not None:
-            self.cache.move(move[0], move[1])
+            self.cache.move(*move)
 
     def _complete(self, state: RequestState) -> None:
         self._finish(state, state.output([completion_output(s, self.tokenizer) for s in state.samples]))

@@ -199,11 +199,6 @@ class KVCache:
     def blocks_of(self, slot: int) -> list[int]:
         return self.slot_blocks[slot]
 
-    def read(self, slot: int, start: int, stop: int) -> torch.Tensor:
-        """Positions [start, stop) of a slot, every layer: (layers, 2, n, kv_heads, head_dim) (tests)."""
-        index = self._rows(torch.tensor([slot], device=self.device), torch.arange(start, stop, device=self.device)[None])
-        return torch.stack([self.keys[:, index[0]], self.values[:, index[0]]], dim=1)
-
     def _rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat pool rows of `positions` (batch, n) in the slots `slots` (batch,)."""
         tables = self.tables[slots].long()

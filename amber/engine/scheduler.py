@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 if TYPE_CHECKING:
     from amber.engine.sequence import RequestState, Sample
 
-SlotMove = tuple[int, int, int]  # (from slot, to slot, cache positions to copy)
+SlotMove = tuple[int, int]  # (from slot, to slot): the block table (and recurrent state) to move
 
 
 class QueueFull(Exception):
@@ -129,14 +129,14 @@ class Scheduler:
 
     def free_slot(self, sample: Sample) -> SlotMove | None:
         """Take a finished sample out of the batch, moving the last row into its slot; returns the
-        cache copy that move needs, if any."""
+        move the cache must make, if any."""
         if sample.slot < 0:
             return None
         slot, last = sample.slot, self.rows.pop()
         sample.slot = -1
         if last is sample:
             return None
-        move = (last.slot, slot, last.length)
+        move = (last.slot, slot)
         last.slot = slot
         self.rows[slot] = last
         return move

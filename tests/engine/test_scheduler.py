@@ -65,7 +65,7 @@ def test_freeing_a_slot_moves_the_last_row_down():
     sched = Scheduler(max_batch=4, max_context=256, max_queue=8, chunk_size=16)
     a, b, c = sample(5), sample(6), sample(7)
     assert [sched.seat(s) for s in (a, b, c)] == [0, 1, 2]
-    assert sched.free_slot(a) == (2, 0, 7)       # c's cache moves from slot 2 to slot 0
+    assert sched.free_slot(a) == (2, 0)          # c's blocks move from slot 2 to slot 0
     assert sched.rows == [c, b] and (a.slot, b.slot, c.slot) == (-1, 1, 0)
     assert sched.free_slot(a) is None            # already out
     assert sched.free_slot(b) is None            # the last row: nothing to move
@@ -81,7 +81,7 @@ def test_finish_forgets_the_request_once_its_slots_are_freed():
         sched.start(s)
         for x in s.samples:
             sched.seat(x)
-    assert [sched.free_slot(s) for s in first.samples] == [(2, 0, 9), None]  # the engine frees, then finishes
+    assert [sched.free_slot(s) for s in first.samples] == [(2, 0), None]  # the engine frees, then finishes
     sched.finish(first)
     assert sched.running == [other] and sched.rows == other.samples and other.samples[0].slot == 0
     assert len(sched.finished_at) == 1 and sched.busy
