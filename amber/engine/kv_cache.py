@@ -264,6 +264,12 @@ class BatchCache:
         return self._read_rows
 
     @property
+    def decode_rows(self) -> torch.Tensor:
+        """What layers.paged_attend takes as `read_rows`: the gather's rows, or, where the kernel
+        reads the blocks in place, any tensor (none is gathered)."""
+        return self.lengths if self.kernel else self.read_rows
+
+    @property
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' block tables (batch, max_blocks) int32 and lengths (batch,) int32: the kernel's."""
         if self._tables is None:

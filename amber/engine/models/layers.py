@@ -108,9 +108,8 @@ def attend(cache: BatchCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: t
     index = cache.cache.attention_index[layer]
     pools = cache.cache.layer_keys[index], cache.cache.layer_values[index]
     if seq == 1:
-        tables, lengths = cache.tables
-        return paged_attend(q, k, v, *pools, cache.write_rows, cache.read_rows if not cache.kernel else lengths,
-                            mask, tables, lengths, cache.cache.block_size, cache.kernel, scale, window)
+        return paged_attend(q, k, v, *pools, cache.write_rows, cache.decode_rows, mask, *cache.tables,
+                            cache.cache.block_size, cache.kernel, scale, window)
     keys, values = cache.write_and_read(layer, k, v)
     q = q.view(batch, seq, heads, head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,

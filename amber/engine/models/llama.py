@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.kv_cache import BatchCache, KVCache
+from amber.engine.kv_cache import KVCache
 from amber.engine.models.family import Family, FullAttention
 from amber.engine.models.layers import (CausalLM, LayerInputs, apply_rope, attend, attention_mask, gather_rows,
                                         inverse_frequencies, rope_cos_sin, with_lora)
@@ -169,7 +169,7 @@ class LlamaForCausalLM(CausalLM):
         x = self.model.embed_tokens.weight[token].unsqueeze(0)
         x = scripted(decode_layers)(
             x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), batch.write_rows,
-            _read_rows(batch), *batch.tables, cache.block_size, batch.kernel,
+            batch.decode_rows, *batch.tables, cache.block_size, batch.kernel,
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
             cache.layer_keys, cache.layer_values)
@@ -185,7 +185,7 @@ class LlamaForCausalLM(CausalLM):
         batch = cache.batch(slice(0, len(tokens)), at)
         x = self.model.embed_tokens(torch.tensor(tokens, device=device))
         x = scripted(decode_rows)(
-            x, *gather_rows(self.rope_cos, self.rope_sin, at, x.dtype), batch.write_rows, _read_rows(batch),
+            x, *gather_rows(self.rope_cos, self.rope_sin, at, x.dtype), batch.write_rows, batch.decode_rows,
             attention_mask(at, batch.context), *batch.tables, cache.block_size, batch.kernel,
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
@@ -197,11 +197,6 @@ class LlamaForCausalLM(CausalLM):
         if self._plan is None:  # at first use: after loading and quantization
             self._plan = build_plan(self.model.layers)
         return self._plan
-
-
-def _read_rows(batch: BatchCache) -> torch.Tensor:
-    """What the scripted step's `read_rows` takes: the gather's rows, or nothing for the kernel."""
-    return batch.read_rows if not batch.kernel else batch.lengths
 
 
 FAMILY = Family(
