@@ -24,7 +24,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, amber_server, cpu_kind, free_port, machine, peak_rss_mb, served_kernels,  # noqa: E402
-                    update_doc_section, wait_healthy)
+                    submit_all, update_doc_section, wait_healthy)
 
 from amber.config import DEFAULT_MODEL, load_registry  # noqa: E402
 from amber.engine import kernels  # noqa: E402
@@ -50,14 +49,11 @@ MODES = ("float32", "bfloat16", "int8", "int8-bf16", "int4")
 RESULTS = REPO / "bench/results/engine"
 
 
-def run_one(engine: Engine, prompt: list[int], **params) -> tuple[float, object]:
-    done, box = threading.Event(), []
-    began = time.perf_counter()
-    engine.submit(GenerationRequest(str(time.perf_counter_ns()), tuple(prompt),
-                                    SamplingParams(**{"temperature": 0.0, **params})),
-                  lambda out: (box.append(out), done.set()))
-    done.wait()
-    return time.perf_counter() - began, box[0]
+def run_one(engine: Engine, prompt: list[int], adapter=None, **params) -> tuple[float, object]:
+    seconds, (out,) = submit_all(engine, [GenerationRequest(str(time.perf_counter_ns()), tuple(prompt),
+                                                            SamplingParams(**{"temperature": 0.0, **params}),
+                                                            adapter=adapter)])
+    return seconds, out
 
 
 def amber_in_process(checkpoint: Path, dtype: str, ids: list[int], runs: int) -> dict:
@@ -144,13 +140,9 @@ def adapter_suite(checkpoint: Path, dtype: str, ids: list[int], runs: int) -> di
 
             def decode_steps(adapters: list) -> float:
                 engine.step_times.clear()
-                done, box = threading.Event(), []
-                for i, ref in enumerate(adapters):
-                    engine.submit(GenerationRequest(f"s{time.perf_counter_ns()}-{i}", tuple(ids[i * 40:i * 40 + 30]),
-                                                    SamplingParams(temperature=0.0, max_tokens=64, min_tokens=64),
-                                                    adapter=ref),
-                                  lambda o: (box.append(o), len(box) == len(adapters) and done.set()))
-                done.wait()
+                submit_all(engine, [GenerationRequest(f"s{time.perf_counter_ns()}-{i}", tuple(ids[i * 40:i * 40 + 30]),
+                                                      SamplingParams(temperature=0.0, max_tokens=64, min_tokens=64),
+                                                      adapter=ref) for i, ref in enumerate(adapters)])
                 steps = [t for t, prefilled in list(engine.step_times)[-48:] if not prefilled]
                 return statistics.median(steps)
 
@@ -174,21 +166,15 @@ def adapter_suite(checkpoint: Path, dtype: str, ids: list[int], runs: int) -> di
             requests = [GenerationRequest(f"z{i}", tuple(ids[i * 11:i * 11 + 24]),
                                           SamplingParams(temperature=0.0, max_tokens=16), adapter=refs[a])
                         for i, a in enumerate(picks)]
-            done, answers = threading.Event(), {}
             engine.step_times.clear()
-            began = time.perf_counter()
-            for r in requests:
-                engine.submit(r, lambda o, rid=r.request_id: (answers.__setitem__(rid, o),
-                                                              len(answers) == len(requests) and done.set()))
-            done.wait()
-            elapsed = time.perf_counter() - began
+            elapsed, together = submit_all(engine, requests)
             steps = list(engine.step_times)
             decode = [t for t, prefilled in steps if not prefilled]
             alone_equal = 0
-            for r in requests:
-                _, alone = run_one_request(engine, r)
+            for r, answer in zip(requests, together):
+                _, alone = run_one(engine, list(r.prompt_ids), r.adapter, max_tokens=r.params.max_tokens)
                 alone_equal += ([t.token_id for t in alone.completions[0].tokens]
-                                == [t.token_id for t in answers[r.request_id].completions[0].tokens])
+                                == [t.token_id for t in answer.completions[0].tokens])
             out.update(zipf_requests=len(requests), zipf_adapters=len(set(picks)), zipf_seconds=elapsed,
                        zipf_equal_alone=alone_equal, zipf_steps=len(steps),
                        zipf_median_step_ms=1000 * statistics.median(t for t, _ in steps),
@@ -199,15 +185,6 @@ def adapter_suite(checkpoint: Path, dtype: str, ids: list[int], runs: int) -> di
     finally:
         engine.stop()
     return out
-
-
-def run_one_request(engine: Engine, request: GenerationRequest) -> tuple[float, object]:
-    done, box = threading.Event(), []
-    began = time.perf_counter()
-    engine.submit(GenerationRequest(f"alone-{request.request_id}", request.prompt_ids, request.params,
-                                    adapter=request.adapter), lambda out: (box.append(out), done.set()))
-    done.wait()
-    return time.perf_counter() - began, box[0]
 
 
 def timed(fn) -> float:

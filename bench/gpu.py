@@ -21,14 +21,13 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO  # noqa: E402
+from common import REPO, submit_all  # noqa: E402
 from lora_batch import write_adapter  # noqa: E402
 
 from amber.config import DEFAULT_MODEL, load_registry  # noqa: E402
@@ -40,16 +39,6 @@ from amber.engine.types import AdapterRef, GenerationRequest, SamplingParams  # 
 
 HOME = REPO / ".amber-bench"
 TEXT = (REPO / "tests/data/sst2/dev.jsonl").read_text()
-
-
-def submit_all(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, list]:
-    done, outs = threading.Event(), {}
-    began = time.perf_counter()
-    for r in requests:
-        engine.submit(r, lambda o, rid=r.request_id: (outs.__setitem__(rid, o), len(outs) == len(requests)
-                                                       and done.set()))
-    done.wait()
-    return time.perf_counter() - began, [outs[r.request_id] for r in requests]
 
 
 def greedy(prompt: list[int], n: int, adapter: AdapterRef | None = None, tag: str = "") -> GenerationRequest:
