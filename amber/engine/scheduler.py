@@ -95,16 +95,16 @@ class Scheduler:
         for state in list(self.waiting):
             if not self.ready(state):
                 continue
-            req, length = state.request, 1 + len(state.request.prompt_ids)
+            req, length, needs = state.request, 1 + len(state.request.prompt_ids), self.needs(state)
             if (state.resuming is not None or length > budget or taken + req.params.num_results > self.max_batch
                     or length + self.chunk_size > self.max_context  # padding must stay in the slot
-                    or self.needs(state) > blocks):
+                    or needs > blocks):
                 break
             self.waiting.remove(state)
             group.append(state)
             budget -= length
             taken += req.params.num_results
-            blocks -= self.needs(state)
+            blocks -= needs
         return group
 
     def first_slots(self, group: list[RequestState]) -> list[int]:
