@@ -73,9 +73,17 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
           rpm: Annotated[int, typer.Option(min=0, envvar="AMBER_RPM", help="default requests per minute per "
                                            "account; 0: unlimited")] = 0,
           tpm: Annotated[int, typer.Option(min=0, envvar="AMBER_TPM", help="default tokens per minute per "
-                                           "account; 0: unlimited")] = 0
+                                           "account; 0: unlimited")] = 0,
+          ray: Annotated[bool, typer.Option("--ray", help="run as a Ray Serve application: one API ingress "
+                                            "in front of --replicas engine replicas (docs/deploy.md)")] = False,
+          address: Annotated[Optional[str], typer.Option(help="with --ray: the Ray cluster to join (`auto`, or "
+                                                         "HOST:6379); default: start one on this machine")] = None,
+          replicas: Annotated[int, typer.Option(min=1, help="with --ray: engine replicas")] = 2,
+          adapter_slots: Annotated[int, typer.Option(min=1, help="with --ray: custom models a replica holds "
+                                                     "for routing (Ray Serve multiplexing)")] = 8
           ) -> None:
-    """Serve the J2 API; the default model loads in the background (/health says when)."""
+    """Serve the J2 API; the default model loads in the background (/health says when). With
+    --no-worker, an API-only node: jobs are left to `amber worker` processes elsewhere."""
 
     import uvicorn
 
@@ -90,13 +98,19 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks, RateLimits(rpm, tpm),
                           kv_memory_mb)
     registry = load_registry(config.registry_path)
+    if (address is not None or replicas != 2) and not ray:
+        raise typer.BadParameter("needs --ray", param_hint="--address/--replicas")
     store = Store(open_database(config.database_url))
-    app_ = create_app(ModelPool(config, registry), store)
     # training runs in its own process, never in the API's
     trainer = WorkerProcess(log_level).start() if worker else None
     try:
-        uvicorn.run(app_, host=config.host, port=config.port, log_level=log_level,
-                    timeout_keep_alive=keep_alive)
+        if ray:
+            from amber.replicas.app import serve_on_ray
+            serve_on_ray(config, registry, address=address, replicas=replicas, keep_alive=keep_alive,
+                         adapter_slots=adapter_slots)
+        else:
+            uvicorn.run(create_app(ModelPool(config, registry), store), host=config.host, port=config.port,
+                        log_level=log_level, timeout_keep_alive=keep_alive)
     finally:
         if trainer is not None:
             trainer.stop()

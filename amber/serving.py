@@ -72,6 +72,9 @@ class ModelPool:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
+    def loaded(self) -> dict[str, LoadedModel]:
+        return dict(self._loaded)
+
     def _load(self, spec: ModelSpec) -> LoadedModel:
         started = time.perf_counter()
         device, cfg = self.config.engine.device, self.config.engine

@@ -2,7 +2,8 @@
 
 Shared by every API that generates; knows engine requests and HTTP exceptions (429 when the
 queue is full or the account's rate limit is reached, 400 when numResults x (prompt + max tokens)
-exceeds the server's KV memory, 499 when the client left, 500 when a custom model cannot be loaded), never a wire format. Every generation is admitted against its account's
+exceeds the server's KV memory, 499 when the client left, 500 when a custom model cannot be loaded,
+503 when the engine replica serving a request died), never a wire format. Every generation is admitted against its account's
 rate limits here (rate_limits.py), and settled with the tokens it used when it ends.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import AsyncIterator
 from fastapi import HTTPException, Request
 
 from amber.api import rate_limits
-from amber.engine.engine import ContextTooLong, Engine, QueueFull
+from amber.engine.engine import ContextTooLong, Engine, EngineUnavailable, QueueFull
 from amber.engine.lora import AdapterError
 from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
 from amber.ratelimit import Reservation
@@ -39,6 +40,12 @@ def too_big(exc: ContextTooLong) -> HTTPException:
     return HTTPException(400, f"request too large for this server: {exc}")
 
 
+def gone(exc: EngineUnavailable) -> HTTPException:
+    """A replica died under the request: 503, which the SDKs retry (another replica answers)."""
+    return HTTPException(503, f"the engine replica serving this request went away; retry: {exc}",
+                         headers={"Retry-After": "1"})
+
+
 async def generate_all(http: Request, engine: Engine, requests: list[GenerationRequest]) -> list[RequestOutput]:
     """Every request's output, in order. If one fails (a full queue for the later prompts of a
     multi-prompt request, say), or the client disconnects first, all are abandoned: the ones
@@ -61,6 +68,8 @@ async def generate_all(http: Request, engine: Engine, requests: list[GenerationR
         raise too_big(exc) from exc
     except AdapterError as exc:  # a custom model's files are missing or damaged
         raise HTTPException(500, f"could not load the custom model: {exc}") from exc
+    except EngineUnavailable as exc:
+        raise gone(exc) from exc
     finally:
         for task in tasks:
             task.cancel()  # no-op for finished ones; aborts the rest in the engine
@@ -83,19 +92,20 @@ def used(request: GenerationRequest, out: RequestOutput) -> int:
     return 1 + len(request.prompt_ids) + sum(len(c.tokens) for c in out.completions)
 
 
-def open_streams(http: Request, engine: Engine, requests: list[GenerationRequest]) -> list[AsyncIterator[Event]]:
+async def open_streams(http: Request, engine: Engine, requests: list[GenerationRequest]) -> list[AsyncIterator[Event]]:
     """Submit every request now, so a full queue or a rate limit is a 429 before any response starts."""
     reservation = rate_limits.admit(http, requests)
     streams = []
     try:
         for request in requests:
-            streams.append(engine.stream(request))
-    except (QueueFull, ContextTooLong) as exc:
+            streams.append(await engine.open_stream(request))
+    except (QueueFull, ContextTooLong, EngineUnavailable) as exc:
         for request in requests[:len(streams)]:
             engine.abort(request.request_id)
         for i in range(len(requests)):
             reservation.settle(i, 0)  # never ran
-        raise (busy(exc) if isinstance(exc, QueueFull) else too_big(exc)) from exc
+        mapping = {QueueFull: busy, ContextTooLong: too_big, EngineUnavailable: gone}
+        raise next(f(exc) for kind, f in mapping.items() if isinstance(exc, kind)) from exc
     return [_settled(stream, i, request, reservation) for i, (stream, request) in enumerate(zip(streams, requests))]
 
 

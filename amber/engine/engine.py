@@ -50,6 +50,11 @@ class ContextTooLong(ValueError):
     `submit`, before anything is queued. The API checks this first and answers 400."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine that held a request is gone (a replica process died, amber/replicas) before it
+    finished; nothing was committed for it, so the client may safely retry. The API answers 503."""
+
+
 class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_context: int = 2048, prefill_chunk: int = 512, max_queue: int = 256,
@@ -182,6 +187,12 @@ class Engine:
         self.submit(request, put, put)
         return self._events(request.request_id, events)
 
+    async def open_stream(self, request: GenerationRequest
+                          ) -> AsyncIterator[list[tuple[int, TokenLogprob]] | RequestOutput]:
+        """`stream`, awaitable: the API's one way in, shared with engines in other processes
+        (amber/replicas/remote.py), whose admission (or QueueFull) takes a round trip."""
+        return self.stream(request)
+
     async def _events(self, request_id: str, events: asyncio.Queue):
         finished = False
         try:
@@ -208,6 +219,11 @@ class Engine:
                 "kv_blocks": self.cache.num_blocks, "kv_blocks_free": self.cache.free_blocks(),
                 "kv_blocks_high_water": self.cache.high_water, "preemptions": self.preemptions,
                 "adapters_in_use": self.adapters.in_use()}
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (a replica's health check)."""
+        return self._thread.is_alive()
 
     @property
     def busy(self) -> bool:

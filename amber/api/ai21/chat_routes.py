@@ -70,7 +70,7 @@ async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, po
         (out,) = await generate_all(http, model.loaded.engine, [request])
         usage.add(ids, out)
         return cc.jamba_response(rid, out, usage)
-    streams = open_streams(http, model.loaded.engine, [request])
+    streams = await open_streams(http, model.loaded.engine, [request])
 
     async def chunks() -> AsyncIterator[dict]:
         yield cc.jamba_chunk(rid, {"role": "assistant"})

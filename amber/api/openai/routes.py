@@ -81,7 +81,7 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
         outputs = await generate_all(http, loaded.engine, requests)
         choices = await run_in_threadpool(c.completion_choices, outputs, prompts, body, tokenizer, usage)
         return c.completion_body(rid, created, model.name, choices, usage.as_dict())
-    streams = open_streams(http, loaded.engine, requests)
+    streams = await open_streams(http, loaded.engine, requests)
 
     async def chunks() -> AsyncIterator[dict]:
         if body.echo:
@@ -119,7 +119,7 @@ async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool
         (out,) = await generate_all(http, loaded.engine, [request])
         choices = c.chat_choices(out, request.prompt_ids, body.logprobs, tokenizer, usage)
         return c.chat_body(rid, created, model.name, choices, usage.as_dict())
-    streams = open_streams(http, loaded.engine, [request])
+    streams = await open_streams(http, loaded.engine, [request])
 
     async def chunks() -> AsyncIterator[dict]:
         for j in range(body.n):
