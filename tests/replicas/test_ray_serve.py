@@ -1,0 +1,159 @@
+"""`amber serve --ray --replicas 2`: a real local Ray cluster, an ingress and two engine replicas.
+
+The official SDKs' own tests (tests/api/test_sdk_*.py) run unchanged through it; a custom model
+trained through it is served by whichever replica a request lands on, from the shared files; a
+replica killed mid-request ends that request with a retryable 503, the SDK's retry succeeds, and
+Ray replaces the replica.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import tests.api.test_sdk_ai21 as ai21_sdk
+import tests.api.test_sdk_openai as openai_sdk
+from tests.api.conftest import live_server, registry
+from tests.api.sdk import CLIENTS, VENVS
+from tests.api.test_custom_models import synthetic, train, upload, wait_for
+
+pytestmark = pytest.mark.slow
+REPLICA = b"ServeReplica:amber:engine"
+
+
+@pytest.fixture(scope="module")
+def ray_server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
+    home = tmp_path_factory.mktemp("ray-home")
+    with live_server(home, registry(default_checkpoint, tiny_checkpoint), "--ray", "--replicas", "2") as s:
+        yield s
+
+
+def replicas(server) -> list[int]:
+    """The engine replicas' pids among the server's descendants (Ray's raylet starts them)."""
+    root = int((server.home / "server.pid").read_text()) if (server.home / "server.pid").exists() else None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if REPLICA in (entry / "cmdline").read_bytes() and (root is None or descends(int(entry.name), root)):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def descends(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return False
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def busiest(server, seconds: float = 1.0) -> int:
+    """The replica working hardest over `seconds`: the one decoding the lone request in flight."""
+    pids = replicas(server)
+    assert len(pids) == 2, pids
+    before = {p: cpu_ticks(p) for p in pids}
+    time.sleep(seconds)
+    return max(pids, key=lambda p: cpu_ticks(p) - before[p])
+
+
+def wait_for_two(server, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(replicas(server)) < 2 or httpx.get(f"{server.url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "Ray did not replace the replica"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("sdk_test", [
+    lambda s: ai21_sdk.test_completion_create_with_every_parameter(s, "j2-light"),
+    lambda s: ai21_sdk.test_j2_chat_create(s, "j2-light"),
+    ai21_sdk.test_v4_chat_completions,
+    ai21_sdk.test_custom_models_with_the_sdk,  # trains a custom model through the Ray path
+    openai_sdk.test_openai_sdk,
+], ids=["ai21-complete", "ai21-j2-chat", "ai21-v4-chat", "ai21-custom-models", "openai"])
+def test_the_official_sdks_tests_pass_through_ray(ray_server, sdk_test):
+    sdk_test(ray_server)
+
+
+def complete(server, model: str, tokens: int, base: str = "tiny") -> httpx.Response:
+    return httpx.post(f"{server.url}/studio/v1/{base}/{model}/complete", headers=server.headers, timeout=240,
+                      json={"prompt": "Item 7 colour:", "maxTokens": tokens, "temperature": 0})
+
+
+def complete_retrying(server, model: str) -> httpx.Response:
+    """As a client with retries does: a 503 (Ray has not yet noticed a dead replica) is asked again."""
+    for _ in range(20):
+        r = complete(server, model, 8)
+        if r.status_code != 503:
+            return r
+        time.sleep(float(r.headers["retry-after"]))
+    return r
+
+
+def test_a_dead_replica_is_a_retryable_503_and_any_replica_serves_a_custom_model(ray_server):
+    d = upload(ray_server, "ray-colours", synthetic(60))
+    assert d.status_code == 200, d.text
+    model = train(ray_server, d.json()["id"], "ray-colours", 1)
+    assert wait_for(ray_server, model["id"])["status"] == "COMPLETED"
+    first = complete(ray_server, model["id"], 8)
+    assert first.status_code == 200, first.text
+    answer = first.json()["completions"]
+
+    # a long request on the default model: the replica decoding it is killed under it
+    wait_for_two(ray_server)
+    result: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: result.append(
+        httpx.post(f"{ray_server.url}/studio/v1/j2-light/complete", headers=ray_server.headers, timeout=240,
+                   json={"prompt": "Once upon a time", "maxTokens": 400, "temperature": 0})))
+    thread.start()
+    time.sleep(2)
+    victim = busiest(ray_server)
+    survivor = next(p for p in replicas(ray_server) if p != victim)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(240)
+    (cut,) = result
+    assert cut.status_code == 503 and cut.headers["retry-after"] == "1", cut.text
+    assert "retry" in cut.json()["detail"]
+
+    # the survivor serves the custom model; then, with the survivor killed, Ray's new replica, which
+    # never served it, does too, from the shared files: the same greedy answer each time
+    again = complete_retrying(ray_server, model["id"])
+    assert (again.status_code, again.json()["completions"]) == (200, answer)
+    wait_for_two(ray_server)
+    (fresh,) = set(replicas(ray_server)) - {survivor}
+    os.kill(survivor, signal.SIGKILL)
+    from_fresh = complete_retrying(ray_server, model["id"])
+    assert (from_fresh.status_code, from_fresh.json()["completions"]) == (200, answer)
+    assert fresh in replicas(ray_server)
+    wait_for_two(ray_server)
+
+
+def test_the_sdks_retry_after_a_replica_dies_succeeds(ray_server):
+    """The openai SDK, default retries, a long completion; its replica is killed mid-request."""
+    variable, venv = CLIENTS["openai"]
+    python = Path(os.environ.get(variable, VENVS / venv / "bin/python"))
+    script = ("import sys, openai; c = openai.OpenAI(api_key=sys.argv[2], base_url=sys.argv[1] + '/v1'); "
+              "r = c.completions.create(model='j2-light', prompt='Once upon a time', max_tokens=300, temperature=0); "
+              "print(r.usage.completion_tokens)")
+    wait_for_two(ray_server)
+    proc = subprocess.Popen([python, "-c", script, ray_server.url, ray_server.key], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    os.kill(busiest(ray_server), signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert int(out) > 0
+    wait_for_two(ray_server)
