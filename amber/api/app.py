@@ -97,7 +97,8 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     def health():
         default = pool.registry.default
         if pool.is_loaded(default):
-            return {"status": "ok", "model": default, "engines": pool.stats(), "kernels": pool.kernels()}
+            replicas = {"replicas": pool.replicas()} if hasattr(pool, "replicas") else {}  # amber serve --ray
+            return {"status": "ok", "model": default, "engines": pool.stats(), "kernels": pool.kernels(), **replicas}
         if load_error:
             return JSONResponse({"status": "error", "detail": str(load_error[0])}, status_code=503)
         return JSONResponse({"status": "loading", "model": default}, status_code=503)

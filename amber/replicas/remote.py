@@ -21,7 +21,7 @@ from amber.engine.checkpoint import ensure_checkpoint
 from amber.engine.engine import EngineUnavailable
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, RequestOutput
-from amber.replicas.wire import ADMITTED, Refusal, as_exception
+from amber.replicas.wire import Admitted, Generated, Refusal, as_exception
 from amber.serving import LoadedModel, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,13 @@ class RemoteEngine:
     def __init__(self, handle: Any, model: str, max_batch: int, bos_id: int | None):
         self._handle, self.model, self.max_batch, self.bos_id = handle, model, max_batch, bos_id
         self._calls: dict[str, Any] = {}  # request id -> its Ray response, so abort can cancel it
+        # custom-model requests, and those that reached a replica already holding their adapter
+        self.adapter_requests = self.adapter_held = 0
+
+    def _count(self, held: bool | None) -> None:
+        if held is not None:
+            self.adapter_requests += 1
+            self.adapter_held += held
 
     def _route(self, request: GenerationRequest, **options):
         if request.adapter is not None:
@@ -69,7 +76,9 @@ class RemoteEngine:
             self._calls.pop(request.request_id, None)
         if isinstance(out, Refusal):
             raise as_exception(out)
-        return out
+        assert isinstance(out, Generated), out
+        self._count(out.adapter_held)
+        return out.output
 
     async def open_stream(self, request: GenerationRequest) -> AsyncIterator:
         """Queued in a replica's engine when this returns (or QueueFull, ... raised here)."""
@@ -84,7 +93,8 @@ class RemoteEngine:
         if isinstance(first, Refusal):
             self._calls.pop(request.request_id, None)
             raise as_exception(first)
-        assert first == ADMITTED, first
+        assert isinstance(first, Admitted), first
+        self._count(first.adapter_held)
         return self._events(request.request_id, call)
 
     async def _events(self, request_id: str, call) -> AsyncIterator:
@@ -113,8 +123,8 @@ class RemoteEngine:
 class RemotePool:
     """ModelPool's surface over the engine deployment: models resolve here, run in replicas."""
 
-    def __init__(self, config: Config, registry: Registry, handle: Any):
-        self.config, self.registry, self._handle = config, registry, handle
+    def __init__(self, config: Config, registry: Registry, handle: Any, board: Any = None):
+        self.config, self.registry, self._handle, self._board = config, registry, handle, board
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         self._stats: tuple[float, dict] = (0.0, {})
@@ -140,23 +150,33 @@ class RemotePool:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
-    def _replica_stats(self) -> dict:
-        """One replica's counters (whichever Ray picks), at most a second old."""
-        at, stats = self._stats
-        if time.monotonic() - at > 1.0:
+    def replicas(self) -> dict[str, dict]:
+        """Each live replica's latest stats (board.py), at most a quarter second old."""
+        at, latest = self._stats
+        if time.monotonic() - at > 0.25:
             try:
-                stats = self._handle.stats.remote().result(timeout_s=STATS_TIMEOUT_S)
-            except Exception as exc:  # a replica being replaced: report what is known
-                log.warning("engine replica stats: %s", exc)
-                stats = {"engines": {}, "kernels": {}}
-            self._stats = (time.monotonic(), stats)
-        return stats
+                import ray
+                latest = ray.get(self._board.read.remote(), timeout=STATS_TIMEOUT_S) if self._board else {}
+            except Exception as exc:
+                log.warning("reading the replicas' stats: %s", exc)
+            self._stats = (time.monotonic(), latest)
+        return latest
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return self._replica_stats()["engines"]
+        """Per model: the engine counters summed over the live replicas, and this ingress's routing
+        counters (custom-model requests, and how many reached a replica already holding their adapter)."""
+        summed: dict[str, dict[str, int]] = {}
+        for replica in self.replicas().values():
+            for name, counters in replica["engines"].items():
+                into = summed.setdefault(name, {})
+                for key, value in counters.items():
+                    into[key] = into.get(key, 0) + value
+        return {name: {**summed.get(name, {}), "adapter_requests": loaded.engine.adapter_requests,
+                       "adapter_already_held": loaded.engine.adapter_held}
+                for name, loaded in list(self._loaded.items())}
 
     def kernels(self) -> dict[str, dict[str, str]]:
-        return self._replica_stats()["kernels"]
+        return next((r["kernels"] for r in self.replicas().values()), {})
 
     def close(self) -> None:
         """The replicas' engines are Ray Serve's to stop."""

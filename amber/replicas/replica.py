@@ -4,18 +4,23 @@ batches) behind methods that Ray Serve calls from the API process (`remote.py`).
 Requests for a custom model arrive with its adapter key as Ray Serve's multiplexed model id:
 `_hold` records the key as held here (up to `adapter_slots`, least recently used out), so that the
 router sends that adapter's next requests to a replica that already has it in memory. The engine
-reads the adapter off its own thread as it would in a single process.
+reads the adapter off its own thread as it would in a single process. Each answer says whether its
+adapter was already held here (`_held` mirrors Ray's LRU), which the API side counts.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import threading
+import time
+from collections import OrderedDict
 from typing import AsyncIterator
 
 from amber.config import Config, Registry
 from amber.engine.types import GenerationRequest
-from amber.replicas.wire import ADMITTED, Refusal, refusal
+from amber.replicas.board import POST_EVERY_S, open_board
+from amber.replicas.wire import Admitted, Generated, refusal
 from amber.serving import ModelPool
 
 log = logging.getLogger(__name__)
@@ -31,34 +36,54 @@ class EngineReplica:
         async def hold(key: str) -> str:  # what Ray Serve's multiplexing tracks: nothing to free
             return key
         self._hold = serve.multiplexed(max_num_models_per_replica=adapter_slots)(hold)
+        self._held: OrderedDict[str, None] = OrderedDict()
+        self._slots = adapter_slots
+        self._id = serve.get_replica_context().replica_id.unique_id
+        threading.Thread(target=self._post_stats, args=(open_board(),), name="amber-board", daemon=True).start()
+
+    def _post_stats(self, board) -> None:
+        while True:
+            try:
+                board.post.remote(self._id, self.stats())
+            except Exception as exc:  # the board is gone with its cluster: this replica soon is too
+                log.warning("posting stats: %s", exc)
+            time.sleep(POST_EVERY_S)
 
     async def _engine(self, model: str, request: GenerationRequest):
+        """The model's engine, and whether the request's adapter was already held (None: no adapter)."""
+        held = None
         if request.adapter is not None:
-            await self._hold(request.adapter.key)
-        return (await asyncio.to_thread(self.pool.get, model)).engine
+            key = request.adapter.key
+            held = key in self._held
+            await self._hold(key)
+            self._held[key] = None
+            self._held.move_to_end(key)
+            while len(self._held) > self._slots:
+                self._held.popitem(last=False)
+        return (await asyncio.to_thread(self.pool.get, model)).engine, held
 
     async def generate(self, model: str, request: GenerationRequest):
-        """The RequestOutput, or a Refusal. Cancelled by the caller: the engine drops the request."""
+        """Generated (the RequestOutput), or a Refusal. Cancelled by the caller: the engine drops the request."""
         try:
-            engine = await self._engine(model, request)
-            return await engine.generate(request)
+            engine, held = await self._engine(model, request)
+            return Generated(await engine.generate(request), held)
         except Exception as exc:
             if (r := refusal(exc)) is None:
                 raise
             return r
 
     async def stream(self, model: str, request: GenerationRequest) -> AsyncIterator:
-        """ADMITTED (or a Refusal, and nothing more), then the engine's events; the caller closing
+        """Admitted (or a Refusal, and nothing more), then the engine's events; the caller closing
         or cancelling the stream aborts the request."""
         try:
-            engine = await self._engine(model, request)
+            engine, held = await self._engine(model, request)
             events = await engine.open_stream(request)
         except Exception as exc:
             if (r := refusal(exc)) is None:
                 raise
             yield r
             return
-        yield ADMITTED
+        yield Admitted(held)
         try:
             async for event in events:
                 yield event
@@ -75,8 +100,9 @@ class EngineReplica:
         return {"max_batch": engine.max_batch, "bos_id": engine.bos_id}
 
     def stats(self) -> dict:
-        """This replica's process id and each loaded model's engine counters."""
-        return {"pid": os.getpid(), "engines": self.pool.stats(), "kernels": self.pool.kernels()}
+        """This replica's process id, each loaded model's engine counters, the adapters it holds."""
+        return {"pid": os.getpid(), "engines": self.pool.stats(), "kernels": self.pool.kernels(),
+                "adapters_held": len(self._held)}
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine thread died is replaced."""

@@ -10,9 +10,20 @@ from dataclasses import dataclass
 
 from amber.engine.engine import ContextTooLong, EngineUnavailable, QueueFull
 from amber.engine.lora import AdapterError
+from amber.engine.types import RequestOutput
 from amber.serving import ModelUnavailable
 
-ADMITTED = "admitted"  # a stream's first item: the request is queued in the replica's engine
+@dataclass(frozen=True)
+class Admitted:
+    """A stream's first item: the request is queued in the replica's engine."""
+    adapter_held: bool | None  # its custom model was already held there (routing hit); None: base model
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A whole request's answer."""
+    output: RequestOutput
+    adapter_held: bool | None
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,6 @@ def live_server(home: Path, registry_text: str, *args: str):
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([AMBER, "serve", "--port", str(port), "--log-level", "warning", *args],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
-    (home / "server.pid").write_text(str(proc.pid))
     url = f"http://127.0.0.1:{port}"
     try:
         keys = create_key(env, "alice"), create_key(env, "bob")
