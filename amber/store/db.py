@@ -33,6 +33,11 @@ def connect(url: str) -> Engine:
     return engine
 
 
+def shown_url(url: str) -> str:
+    """`url` fit to print: its password hidden."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def open_database(url: str) -> Engine:
     """An Engine for `url` whose schema is this Amber's: an empty database is created, and one that
     is behind upgraded where that is this process's to do; else `migrate.SchemaMismatch`."""

@@ -61,6 +61,11 @@ def current(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+def revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return current(connection)
+
+
 def _has_tables(connection: Connection) -> bool:
     return bool(set(inspect(connection).get_table_names()) - {"alembic_version"})
 
