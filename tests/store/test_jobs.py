@@ -144,7 +144,7 @@ def test_deleting_a_custom_model_cancels_its_job(store):
 class FakeWorker(worker_module.Worker):
     """A worker without torch or a core share: only `run_job`'s dispatch is used."""
     def __init__(self, store):
-        self.store, self.name = store, "host:1"
+        self.store, self.name, self.stale_after = store, "host:1", worker_module.STALE_AFTER
 
 
 def test_a_job_of_a_kind_no_runner_knows_fails_cleanly(store):
