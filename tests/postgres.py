@@ -21,7 +21,8 @@ def find_bin() -> Path | None:
     given = os.environ.get("AMBER_POSTGRES_BIN")
     if given:
         return Path(given)
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
+    version = lambda path: tuple(int(n) for n in Path(path).parts[-3].split(".") if n.isdigit())
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=version)
     return Path(found[-1]).parent if found else None
 
 

@@ -90,8 +90,8 @@ def _refuse_unknown(revision: str | None) -> None:
                              f"newest is {head()}): a newer Amber migrated it; upgrade Amber")
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the database to the head, under the lock; (revision before, revision after)."""
+def upgrade(engine: Engine, to: str = "head") -> tuple[str | None, str]:
+    """Bring the database to revision `to` (the head), under the lock; (revision before, after)."""
     with _locked(engine):
         with engine.connect() as connection:
             before, tables = current(connection), _has_tables(connection)
@@ -99,8 +99,8 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
         if before is None and tables:
             _adopt(engine)
         with engine.begin() as connection:
-            command.upgrade(_config(connection), "head")
-    return before, head()
+            command.upgrade(_config(connection), to)
+            return before, current(connection)
 
 
 def _adopt(engine: Engine) -> None:

@@ -65,7 +65,7 @@ def upgrade() -> None:
                     sa.Column("model_type", sa.String(128), nullable=False),
                     sa.Column("dataset_id", sa.Integer(), nullable=False),
                     sa.Column("dataset_name", sa.String(128), nullable=False),
-                    sa.Column("learning_rate", sa.Float(), nullable=False),
+                    sa.Column("learning_rate", sa.Double(), nullable=False),
                     sa.Column("num_epochs", sa.Integer(), nullable=False),
                     sa.Column("settings", sa.JSON(), nullable=False),
                     sa.Column("default_epoch", sa.Integer()),
@@ -109,8 +109,8 @@ def upgrade() -> None:
                     sa.Column("http_status", sa.Integer()),
                     sa.Column("prompt_tokens", sa.Integer(), nullable=False),
                     sa.Column("completion_tokens", sa.Integer(), nullable=False),
-                    sa.Column("latency_ms", sa.Float()),
-                    sa.Column("first_token_ms", sa.Float()),
+                    sa.Column("latency_ms", sa.Double()),
+                    sa.Column("first_token_ms", sa.Double()),
                     _when("started_at", False), _when("finished_at"))
     op.create_index("ix_usage_records_account_id", "usage_records", ["account_id"])
     op.create_index("ix_usage_records_status", "usage_records", ["status"])
@@ -122,7 +122,7 @@ def upgrade() -> None:
                     sa.Column("output", sa.Text(), nullable=False),
                     sa.Column("finish_reason", sa.String(16), nullable=False),
                     sa.Column("samples", sa.JSON()),
-                    sa.Column("confidence", sa.Float()),
+                    sa.Column("confidence", sa.Double()),
                     sa.Column("reasons", sa.JSON(), nullable=False),
                     sa.Column("details", sa.JSON(), nullable=False),
                     sa.Column("decision", sa.String(16)),
