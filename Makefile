@@ -20,6 +20,9 @@ SCHEMATHESIS := $(CLIENTS)/schemathesis-4.32.5
 # The browser tests: Debian's chromium (driven by Playwright from PyPI, in .[test]; no browser
 # download) and axe-core from the npm registry for the accessibility checks.
 CHROMIUM  := /usr/bin/chromium
+# PostgreSQL's server binaries (Debian's `postgresql` package) for the store's tests, which run on
+# SQLite and on a throwaway PostgreSQL server (tests/postgres.py); set, they cannot skip.
+PG_BIN    ?= $(shell ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 AXE       := $(CLIENTS)/axe-core-4.14.1
 
 # The peers the benchmarks compare against, in their own venv (not part of setup): llama.cpp built
@@ -30,7 +33,7 @@ BENCH_VENV := .venv-bench
 CPU_KEY := $(shell (grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo) | md5sum | cut -c1-12)
 PEERS_STAMP := $(BENCH_VENV)/.installed-$(CPU_KEY)
 
-.PHONY: setup serve test clients bench bench-peers clean
+.PHONY: setup serve test clients postgres bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -47,7 +50,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m amber.engine.paged_ops build || true
 	touch $(STAMP)
 
-clients: $(CHROMIUM) $(AXE)/.installed $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed \
+clients: $(CHROMIUM) postgres $(AXE)/.installed $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed \
          $(LANGCHAIN_TESTS)/.installed $(LM_EVAL)/.installed $(SCHEMATHESIS)/.installed
 
 # $(call client-venv,VENV,PIP ARGS): a venv holding exactly one client and its own dependencies
@@ -60,6 +63,13 @@ endef
 $(CHROMIUM):
 	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium
+
+# Not a file rule: where the package is missing, PG_BIN is empty until it is installed.
+postgres:
+	if [ ! -x "$(PG_BIN)/pg_ctl" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
+	fi
 
 $(AXE)/.installed:
 	mkdir -p $(AXE)
@@ -97,6 +107,7 @@ test: setup clients
 	AMBER_CLIENT_LM_EVAL=$(LM_EVAL)/bin/python AMBER_CLIENT_LANGCHAIN_TESTS=$(LANGCHAIN_TESTS)/bin/python \
 	AMBER_CLIENT_SCHEMATHESIS=$(SCHEMATHESIS)/bin/python \
 	AMBER_CHROMIUM=$(CHROMIUM) AMBER_AXE=$(AXE)/node_modules/axe-core/axe.min.js \
+	AMBER_POSTGRES_BIN=$$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 | grep . || echo none) \
 	  $(BIN)/python -m pytest -q
 
 bench-peers: $(PEERS_STAMP)

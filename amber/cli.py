@@ -8,6 +8,7 @@ Builds Config, then dispatches.
     amber datasets upload  upload a training set
     amber keys create A    make an API key for account A (printed as the last line)
     amber accounts limits A  show or set account A's rate limits (requests and tokens per minute)
+    amber db upgrade       bring the database (AMBER_DATABASE_URL, else SQLite in AMBER_HOME) to this Amber's schema
     amber doctor           this machine as the engine sees it: CPU, torch, kernels chosen per layer
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import typer
 from rich.table import Table
 
 from amber.cli_custom import datasets_app, register_model_commands
-from amber.cli_home import console, home_config
+from amber.cli_home import console, home_config, open_store
 from amber.config import Config, EngineConfig, RateLimits, load_registry
 
 app = typer.Typer(help="Amber: a self-hosted language-model studio (AI21 Studio's J2 API).",
@@ -34,6 +35,9 @@ app.add_typer(accounts_app, name="accounts")
 models_app = typer.Typer(help="General models (the registry) and custom models.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
+db_app = typer.Typer(help="The database (AMBER_DATABASE_URL, else SQLite in AMBER_HOME): schema revisions.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
 register_model_commands(models_app)
 
 
@@ -68,7 +72,11 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
           kv_memory_mb: Annotated[int, typer.Option(min=1, help="MB of KV memory per model (a paged pool: "
                                                     "memory follows the tokens in use, up to this)")] = 512,
           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
-          worker: Annotated[bool, typer.Option(help="start a training worker process beside the server")] = True,
+          worker: Annotated[bool, typer.Option(help="start a worker process beside the server for training and "
+                                               "other jobs; --no-worker: an API-only node, whose jobs workers "
+                                               "elsewhere on the same database run (`amber worker`)")] = True,
+          stale_after: Annotated[float, typer.Option(min=1, help="seconds without a heartbeat after which the "
+                                                     "worker takes over another host's running job")] = 60,
           keep_alive: Annotated[int, typer.Option(min=1, help="seconds an idle client connection stays open")] = 75,
           rpm: Annotated[int, typer.Option(min=0, envvar="AMBER_RPM", help="default requests per minute per "
                                            "account; 0: unlimited")] = 0,
@@ -89,8 +97,6 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
 
     from amber.api.app import create_app
     from amber.serving import ModelPool
-    from amber.store.db import open_database
-    from amber.store.repo import Store
     from amber.worker import WorkerProcess
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,9 +106,9 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     registry = load_registry(config.registry_path)
     if (address is not None or replicas != 2) and not ray:
         raise typer.BadParameter("needs --ray", param_hint="--address/--replicas")
-    store = Store(open_database(config.database_url))
+    store = open_store(config)  # checks (or creates) the schema before anything starts
     # training runs in its own process, never in the API's
-    trainer = WorkerProcess(log_level).start() if worker else None
+    trainer = WorkerProcess(log_level, stale_after).start() if worker else None
     try:
         if ray:
             from amber.replicas.app import serve_on_ray
@@ -119,14 +125,19 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
 @app.command("worker")
 def run_worker(once: Annotated[bool, typer.Option(help="exit when no job is waiting")] = False,
                parent: Annotated[Optional[int], typer.Option(hidden=True, help="exit when this pid is gone")] = None,
+               stale_after: Annotated[float, typer.Option(min=1, help="seconds without a heartbeat after which a "
+                                                          "running job is taken over (a worker on this host "
+                                                          "that died is seen at once)")] = 60,
                log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info") -> None:
-    """Run queued jobs (training custom models, ...), one at a time; takes over jobs whose worker died."""
-    from amber.store.repo import Store
+    """Run queued jobs (training custom models, ...), one at a time, from this host or any other on
+    the same database (AMBER_DATABASE_URL); takes over jobs whose worker died or went silent."""
+    from datetime import timedelta
+
     from amber.worker import Worker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = home_config()
-    Worker(config, load_registry(config.registry_path), Store.open(config.database_url)).run(
+    Worker(config, load_registry(config.registry_path), open_store(config), timedelta(seconds=stale_after)).run(
         once=once, parent=parent)
 
 
@@ -253,9 +264,44 @@ def _quiet() -> None:
 
 
 def _store():
-    from amber.store.db import open_database
-    from amber.store.repo import Store
-    return Store(open_database(home_config().database_url))
+    return open_store(home_config())
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the database to this Amber's schema (the newest revision it knows). Run once per
+    upgrade of Amber on a shared database (PostgreSQL); a SQLite file is upgraded when opened."""
+    from amber.store import migrate
+    from amber.store.db import connect
+
+    engine = connect(home_config().database_url)
+    try:
+        before, after = migrate.upgrade(engine)
+    except migrate.SchemaMismatch as exc:
+        _refuse(exc)
+    finally:
+        engine.dispose()
+    print(f"the database is already at {after}" if before == after else
+          f"upgraded the database from {before or '(no revision)'} to {after}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's revision and this Amber's."""
+    from amber.store import migrate
+    from amber.store.db import connect, shown_url
+
+    url = home_config().database_url
+    engine = connect(url)
+    try:
+        revision = migrate.revision(engine)
+    finally:
+        engine.dispose()
+    head = migrate.head()
+    state = ("up to date" if revision == head else
+             "none yet: `amber db upgrade`, or any command that opens it, makes it" if revision is None else
+             "behind: run `amber db upgrade`" if migrate.known(revision) else "newer than this Amber: upgrade Amber")
+    print(f"database    {shown_url(url)}\nrevision    {revision or '(none)'}\nthis Amber  {head}\n{state}")
 
 
 @keys_app.command("create")

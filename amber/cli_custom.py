@@ -18,7 +18,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from amber.cli_home import console, home_config
+from amber.cli_home import console, home_config, open_store
 from amber.config import load_registry
 
 datasets_app = typer.Typer(help="Training datasets.", no_args_is_help=True)
@@ -26,9 +26,8 @@ AccountOpt = Annotated[str, typer.Option("--account", envvar="AMBER_ACCOUNT", he
 
 
 def _context(account: str):
-    from amber.store.repo import Store
     config = home_config()
-    store = Store.open(config.database_url)
+    store = open_store(config)
     try:
         return config, store, store.ensure_account(account)
     except ValueError as exc:

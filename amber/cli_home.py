@@ -1,4 +1,5 @@
-"""What every `amber` command shares: AMBER_HOME read from the environment, and the console.
+"""What every `amber` command shares: AMBER_HOME and AMBER_DATABASE_URL read from the environment,
+the store opened (or a refusal in one sentence), and the console.
 
 Its own module so that `cli.py` and the command groups beside it (`cli_custom.py`) both import it
 rather than each other. Builds Config's home part only; `cli.py` adds server options.
@@ -29,4 +30,20 @@ def home_config() -> Config:
     except PermissionError as exc:  # not ours: say so rather than refuse to run
         print(f"warning: could not make {home} private to its owner: {exc}", file=sys.stderr)
     kernels = os.environ.get("AMBER_KERNELS")  # a kernels cache shared by several homes (tests do)
-    return Config(home=home, kernels_path=Path(kernels).expanduser() if kernels else None)
+    return Config(home=home, kernels_path=Path(kernels).expanduser() if kernels else None,
+                  database=os.environ.get("AMBER_DATABASE_URL") or None)
+
+
+def open_store(config: Config):
+    """The store at `config.database_url`, its schema checked (amber/store/migrate.py). A database
+    this Amber may not use as it is (behind on a shared server, or migrated by a newer Amber) is
+    one sentence on stderr, naming the revisions and what to run, and exit status 1."""
+    import typer
+
+    from amber.store.migrate import SchemaMismatch
+    from amber.store.repo import Store
+    try:
+        return Store.open(config.database_url)
+    except SchemaMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None

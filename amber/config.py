@@ -152,6 +152,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     rate_limits: RateLimits = field(default_factory=RateLimits)  # defaults for accounts without their own
     kernels_path: Path | None = None  # AMBER_KERNELS: kernel timings shared by several homes on one machine
+    database: str | None = None  # AMBER_DATABASE_URL (an SQLAlchemy URL); None: SQLite under home
 
     @property
     def registry_path(self) -> Path:
@@ -159,7 +160,9 @@ class Config:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.home / 'amber.db'}"
+        """AMBER_DATABASE_URL (PostgreSQL shared by several hosts: postgresql+psycopg://...), else
+        one SQLite file under AMBER_HOME."""
+        return self.database or f"sqlite:///{self.home / 'amber.db'}"
 
     @property
     def checkpoints_dir(self) -> Path:

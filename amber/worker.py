@@ -1,12 +1,15 @@
 """`amber worker`: the process that runs jobs. Never runs inside the API process.
 
 Loops: claim the oldest queued job of any kind (or one whose worker died: a dead pid on this host,
-or no heartbeat for `STALE_AFTER`) and hand it to the runner registered for its kind (`RUNNERS`); a
-kind with no runner fails at once, saying so. The "train" runner trains a custom model's LoRA
+or no heartbeat for `stale_after`, wherever it ran) and hand it to the runner registered for its
+kind (`RUNNERS`); a kind with no runner fails at once, saying so. Workers on several hosts share
+one queue through the database (AMBER_DATABASE_URL); while a job runs, a thread beats its heartbeat
+every few seconds, whatever the job is doing (a long evaluation, a slow step), so only a worker
+that is gone falls silent. The "train" runner trains a custom model's LoRA
 adapter with `amber.training`, which resumes from the last complete epoch on disk, then scores it
 against k-shot prompting (`amber.evaluation`) and marks the job COMPLETED, or FAILED with a reason
-the user can act on. Progress goes to the store about once a second, and is the heartbeat; a job
-cancelled or deleted meanwhile is noticed at the next report (`JobGone`) and dropped.
+the user can act on. Progress goes to the store about once a second; a job cancelled or deleted
+meanwhile is noticed at the next report (`JobGone`) and dropped.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable
 
@@ -28,7 +32,8 @@ from amber.store.repo import Store
 from amber.threads import CoreShare
 
 log = logging.getLogger(__name__)
-STALE_AFTER = timedelta(minutes=10)   # for a worker on another host, whose pid we cannot check
+STALE_AFTER = timedelta(seconds=60)  # silence after which a job is taken over (`amber worker --stale-after`)
+HEARTBEAT_EVERY_S = 5.0              # at most; a fifth of `stale_after` when that is shorter
 REPORT_EVERY_S = 1.0
 # Training is background work. What keeps both sides moving while a server on this AMBER_HOME is
 # busy is the core split (amber/threads.py); nice 15 alone starved the trainer's OpenMP team (no
@@ -65,8 +70,8 @@ def is_alive(worker: str | None) -> bool:
 
 
 class Worker:
-    def __init__(self, config: Config, registry: Registry, store: Store):
-        self.config, self.registry, self.store = config, registry, store
+    def __init__(self, config: Config, registry: Registry, store: Store, stale_after: timedelta = STALE_AFTER):
+        self.config, self.registry, self.store, self.stale_after = config, registry, store, stale_after
         self.name = worker_name(os.getpid())
         self.parent: int | None = None  # with a parent to follow: its pid
         import torch
@@ -83,7 +88,7 @@ class Worker:
         os.nice(NICENESS)
         self.parent = parent
         while not self._parent_gone():
-            job = self.store.jobs.claim(self.name, is_alive, STALE_AFTER)
+            job = self.store.jobs.claim(self.name, is_alive, self.stale_after)
             if job is not None:
                 try:
                     self.run_job(job)
@@ -103,7 +108,8 @@ class Worker:
                                                     f"(it runs {', '.join(sorted(RUNNERS))})")
             return
         try:
-            runner(self, job)
+            with self._heartbeat(job.id):
+                runner(self, job)
         except ParentGone:
             raise
         except JobGone:
@@ -112,6 +118,29 @@ class Worker:
             log.exception("job %d (%s) failed", job.id, job.kind)
             doing = "training" if job.kind == "train" else job.kind
             self.store.jobs.fail(job.id, self.name, f"{doing} failed: {type(exc).__name__}: {exc}")
+
+    @contextmanager
+    def _heartbeat(self, job_id: int):
+        """Beat job `job_id`'s heartbeat from a thread of its own meanwhile; it stops when the job is
+        no longer this worker's (the runner finds out at its next report)."""
+        done = threading.Event()
+        every = min(HEARTBEAT_EVERY_S, self.stale_after.total_seconds() / 5)
+
+        def beat() -> None:
+            while not done.wait(every):
+                try:
+                    if not self.store.jobs.heartbeat(job_id, self.name):
+                        return
+                except Exception:  # a database hiccup: the next beat tries again
+                    log.warning("heartbeat of job %d failed", job_id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"amber-heartbeat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def _train_and_evaluate(self, model: CustomModelInfo, job_id: int) -> None:
         from amber.engine.checkpoint import ensure_checkpoint
@@ -255,9 +284,9 @@ class WorkerProcess:
     """`amber serve`'s training worker: a child process, started again whenever it dies (a worker
     killed mid-job is replaced, and the new one resumes the job from its last epoch)."""
 
-    def __init__(self, log_level: str = "info"):
+    def __init__(self, log_level: str = "info", stale_after: float = STALE_AFTER.total_seconds()):
         self.command = [sys.executable, "-m", "amber.cli", "worker", "--parent", str(os.getpid()),
-                        "--log-level", log_level]
+                        "--stale-after", str(stale_after), "--log-level", log_level]
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._watch = threading.Thread(target=self._keep_alive, name="amber-worker-watch", daemon=True)

@@ -63,3 +63,39 @@ def sp_tok():
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "</s>", "###")])
     return Tokenizer(backend, bos_id=1, eos_ids=frozenset({2}))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server for the session (tests/postgres.py). Skipped where its binaries are
+    missing, unless AMBER_POSTGRES_BIN names them (as `make test` does): then a failure is loud."""
+    from tests import postgres
+    bin_dir = postgres.find_bin()
+    if bin_dir is None or not (bin_dir / "pg_ctl").exists():
+        if os.environ.get("AMBER_POSTGRES_BIN"):
+            pytest.fail(f"AMBER_POSTGRES_BIN={os.environ['AMBER_POSTGRES_BIN']} holds no pg_ctl")
+        pytest.skip("no PostgreSQL binaries (/usr/lib/postgresql/*/bin); set AMBER_POSTGRES_BIN")
+    server = postgres.start(bin_dir)
+    yield server
+    server.stop()
+    postgres.remove(server)
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A URL to a fresh, empty database of its own on the session's server."""
+    import psycopg
+    name = f"t{abs(hash(request.node.nodeid)):x}"[:40] + f"_{os.getpid()}"
+    with psycopg.connect(f"host=127.0.0.1 port={postgres_server.port} user=postgres dbname=postgres",
+                         autocommit=True) as db:
+        db.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        db.execute(f'CREATE DATABASE "{name}"')
+    return postgres_server.url(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """A URL to an empty database, once on SQLite (a file under tmp_path) and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'amber.db'}"
+    return request.getfixturevalue("postgres_url")

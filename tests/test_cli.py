@@ -113,3 +113,24 @@ def test_generate_review_and_save_from_the_command_line(tmp_path, tiny_checkpoin
                   "--account", "carol")
     assert saved.returncode == 0, saved.stderr + saved.stdout
     assert f"dataset 'labelled': id 1, {96 - 2 - len(blank)} examples" in saved.stdout
+
+
+def test_a_shared_database_behind_is_refused_in_one_sentence_until_db_upgrade(tmp_path, postgres_url):
+    from amber.store import migrate
+    from amber.store.db import connect
+
+    engine = connect(postgres_url)
+    migrate.upgrade(engine, migrate.BASELINE)  # as an older Amber left it
+    engine.dispose()
+    env = {**os.environ, "AMBER_HOME": str(tmp_path), "AMBER_DATABASE_URL": postgres_url}
+    run = lambda *args: subprocess.run([AMBER, *args], env=env, capture_output=True, text=True, timeout=120)
+    refused = run("keys", "create", "alice")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"at revision {migrate.BASELINE}" in refused.stderr and "`amber db upgrade`" in refused.stderr
+    assert "behind" in run("db", "current").stdout
+    upgraded = run("db", "upgrade")
+    assert upgraded.stdout.strip() == f"upgraded the database from {migrate.BASELINE} to {migrate.head()}"
+    assert run("keys", "create", "alice").returncode == 0
+    current = run("db", "current").stdout
+    assert "postgresql+psycopg://postgres@127.0.0.1" in current and current.strip().endswith("up to date")
+    assert not (tmp_path / "amber.db").exists()  # AMBER_DATABASE_URL, not the file under AMBER_HOME

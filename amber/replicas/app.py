@@ -27,11 +27,10 @@ class Ingress:
     def __init__(self, config: Config, registry: Registry, engines: Any):
         from amber.replicas.board import open_board
         from amber.replicas.remote import RemotePool
-        from amber.store.db import open_database
         from amber.store.repo import Store
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.pool = RemotePool(config, registry, engines, open_board())
-        self.store = Store(open_database(config.database_url))
+        self.store = Store.open(config.database_url)
 
     def __serve_build_asgi_app__(self):
         from amber.api.app import create_app

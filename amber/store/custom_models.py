@@ -116,7 +116,7 @@ def _model(row: CustomModel, job: Job | None, dataset_deleted: bool = False) -> 
 
 def _train_job_of(model_id):
     """Train jobs whose spec names custom model `model_id` (a column or a value)."""
-    return (Job.kind == TRAIN) & (func.json_extract(Job.spec, "$.custom_model_id") == model_id)
+    return (Job.kind == TRAIN) & (Job.spec["custom_model_id"].as_integer() == model_id)
 
 
 def _with_job(*columns):

@@ -4,8 +4,10 @@ The account's side (`create`, `get`, `list`, `cancel`) takes the caller's accoun
 another account's job as missing. The worker's side (`claim`, `report_progress`, `complete`, `fail`)
 takes the worker's name and does nothing to a job that is no longer that worker's (cancelled,
 deleted, taken over): it answers False, and the worker stops. Every status change is one
-conditional UPDATE, so two workers never take the same job. What a spec, progress or result holds
-is the kind's business (`amber.worker` runs them); this module knows no kind.
+conditional UPDATE, so two workers never take the same job, whichever host they run on; on
+PostgreSQL a claim also locks the rows it looks at (FOR UPDATE SKIP LOCKED), so racing workers
+neither wait on each other nor read a row another is taking. What a spec, progress or result
+holds is the kind's business (`amber.worker` runs them); this module knows no kind.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ class JobInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    attempts: int = 0  # claims so far: 1 for a job run once, more for one taken over
 
 
 def job_info(row: Job) -> JobInfo:
     return JobInfo(row.id, row.account_id, row.kind, row.status, dict(row.spec), row.progress, row.result,
-                   row.failure, row.worker, row.created_at, row.started_at, row.finished_at)
+                   row.failure, row.worker, row.created_at, row.started_at, row.finished_at, row.attempts)
 
 
 def owned(job_id: int, worker: str):
@@ -63,9 +66,24 @@ def cancel_in(session: Session, reason: str, *where) -> int:
     return session.execute(statement).rowcount
 
 
+def _take(session: Session, job, worker: str) -> JobInfo | None:
+    """In the caller's transaction: `job` (a candidate row as read) becomes `worker`'s if its status
+    and worker are still what was read; None if another claimant got there first."""
+    claim = (update(Job)
+             .where(Job.id == job.id, Job.status == job.status,
+                    (Job.worker == job.worker) if job.worker else Job.worker.is_(None))
+             .values(status=RUNNING, worker=worker, heartbeat_at=utcnow(), failure=None,
+                     attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, utcnow()))
+             .execution_options(synchronize_session=False))
+    if session.execute(claim).rowcount != 1:
+        return None
+    return job_info(session.get(Job, job.id))
+
+
 class JobRepo:
-    def __init__(self, sessions: sessionmaker[Session]):
-        self._sessions = sessions
+    def __init__(self, sessions: sessionmaker[Session], lock_rows: bool = False):
+        """`lock_rows`: claim under FOR UPDATE SKIP LOCKED (PostgreSQL; SQLite has no row locks)."""
+        self._sessions, self._lock_rows = sessions, lock_rows
 
     # ---- the account's side ----
     def create(self, account_id: int, kind: str, spec: dict, session: Session | None = None) -> JobInfo:
@@ -113,22 +131,27 @@ class JobRepo:
         query = (select(Job.id, Job.status, Job.worker, Job.heartbeat_at)
                  .where(Job.status.in_(ACTIVE), *([Job.kind.in_(kinds)] if kinds is not None else []))
                  .order_by(Job.id))
+        takeable = lambda job: not (job.status == RUNNING and job.worker != worker and alive(job.worker)
+                                    and job.heartbeat_at is not None and job.heartbeat_at > stale)
+        if self._lock_rows:
+            # one transaction: rows another claimant has locked are skipped, not waited on
+            with self._sessions.begin() as session:
+                for job in session.execute(query.with_for_update(skip_locked=True)).all():
+                    if takeable(job) and (taken := _take(session, job, worker)) is not None:
+                        return taken
+            return None
+        # SQLite serializes writers; a read turned write mid-transaction could fail, so read first
         with self._sessions() as session:
             candidates = session.execute(query).all()
-        for job in candidates:
-            if job.status == RUNNING and job.worker != worker and alive(job.worker) and \
-                    job.heartbeat_at is not None and job.heartbeat_at > stale:
-                continue
-            claim = (update(Job)
-                     .where(Job.id == job.id, Job.status == job.status,
-                            (Job.worker == job.worker) if job.worker else Job.worker.is_(None))
-                     .values(status=RUNNING, worker=worker, heartbeat_at=utcnow(), failure=None,
-                             started_at=func.coalesce(Job.started_at, utcnow()))
-                     .execution_options(synchronize_session=False))
+        for job in filter(takeable, candidates):
             with self._sessions.begin() as session:
-                if session.execute(claim).rowcount == 1:
-                    return job_info(session.get(Job, job.id))
+                if (taken := _take(session, job, worker)) is not None:
+                    return taken
         return None
+
+    def heartbeat(self, job_id: int, worker: str) -> bool:
+        """The job's heartbeat alone (the worker beats while a job runs, whatever it is doing)."""
+        return self._owned_update(job_id, worker)
 
     def _owned_update(self, job_id: int, worker: str, **values) -> bool:
         with self._sessions.begin() as session:

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine, delete, select, update
-from sqlalchemy.dialects.sqlite import insert
 
 from amber.store.custom_models import CustomModelRepo, DatasetRepo
-from amber.store.db import make_sessions, open_database
+from amber.store.db import insert_for, make_sessions, open_database
 from amber.store.generated import GeneratedRepo
 from amber.store.jobs import JobRepo
 from amber.store.tables import Account, AccountLimits, ApiKey, utcnow
@@ -73,8 +72,9 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = make_sessions(engine)
+        self._insert = insert_for(engine)  # ON CONFLICT, in the engine's dialect
         self.datasets = DatasetRepo(self._sessions)
-        self.jobs = JobRepo(self._sessions)
+        self.jobs = JobRepo(self._sessions, lock_rows=engine.dialect.name == "postgresql")
         self.custom_models = CustomModelRepo(self._sessions, self.jobs)
         self.usage = UsageRepo(self._sessions)
         self.generated = GeneratedRepo(self._sessions)
@@ -97,7 +97,7 @@ class Store:
         row = ApiKey(key_hash=hash_key(key), prefix=key[:PREFIX_CHARS], name=name, created_at=utcnow())
         with self._sessions.begin() as session:
             # One atomic statement, so two processes creating the same account cannot collide.
-            session.execute(insert(Account).values(name=account_name, created_at=utcnow())
+            session.execute(self._insert(Account).values(name=account_name, created_at=utcnow())
                             .on_conflict_do_nothing(index_elements=[Account.name]))
             row.account_id = session.scalar(select(Account.id).where(Account.name == account_name))
             session.add(row)
@@ -107,7 +107,7 @@ class Store:
         """The account, created if missing (the CLI acts for a named local account)."""
         check_account_name(account_name)
         with self._sessions.begin() as session:
-            session.execute(insert(Account).values(name=account_name, created_at=utcnow())
+            session.execute(self._insert(Account).values(name=account_name, created_at=utcnow())
                             .on_conflict_do_nothing(index_elements=[Account.name]))
             row = session.execute(select(Account.id, Account.name).where(Account.name == account_name)).one()
         return AccountInfo(id=row.id, name=row.name)
@@ -177,7 +177,7 @@ class Store:
         values = {k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v is not None}
         if values:
             with self._sessions.begin() as session:
-                session.execute(insert(AccountLimits).values(account_id=account_id, **values)
+                session.execute(self._insert(AccountLimits).values(account_id=account_id, **values)
                                 .on_conflict_do_update(index_elements=[AccountLimits.account_id], set_=values))
         return self.own_limits(account_id)
 

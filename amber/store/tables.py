@@ -3,9 +3,13 @@
 Owns column types, keys and indexes; knows no queries (those are in `repo.py`) and no connection
 settings (those are in `db.py`). Every resource a user owns (keys now; datasets, custom models and
 training jobs later) carries an `account_id` foreign key to `accounts`.
-Times are stored as naive UTC (SQLite has no time zones) and read back as aware UTC datetimes.
-Tables whose ids the API shows (datasets, custom models, jobs) never reuse an id (SQLite AUTOINCREMENT):
-a custom model names its dataset by id, and a directory under AMBER_HOME is named after one.
+Times are stored as naive UTC (SQLite has no time zones; on PostgreSQL `timestamp without time
+zone`) and read back as aware UTC datetimes, the same on both.
+Tables whose ids the API shows (datasets, custom models, jobs) never reuse an id (SQLite AUTOINCREMENT;
+PostgreSQL's sequences never do): a custom model names its dataset by id, and a directory under
+AMBER_HOME is named after one.
+The database gets this shape from the migrations (`migrations/versions`), never from create_all: a
+change here needs a revision there (tests/store/test_migrations.py compares the two).
 """
 from __future__ import annotations
 
@@ -131,7 +135,8 @@ class Job(Base):
     """Background work of some `kind` ("train", "generate", ...), one queue for every kind.
 
     status: QUEUED -> RUNNING -> COMPLETED | FAILED (with `failure`) | CANCELLED. A RUNNING job names
-    its worker (host:pid) and heartbeat, so a worker that starts can take over one whose worker died.
+    its worker (host:pid) and heartbeat, so any worker can take over one whose worker died or went
+    silent; `attempts` counts the claims (1: run once).
     `spec` says what to do, `progress` how far it got, `result` what came out; their keys are the
     kind's own business.
     """
@@ -151,11 +156,12 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class AccountLimits(Base):
     """An account's own rate limits (per minute); a missing row or a NULL column means the server's
-    default, 0 unlimited. A table of its own, so that create_all adds it to existing databases."""
+    default, 0 unlimited."""
     __tablename__ = "account_limits"
 
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)

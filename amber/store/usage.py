@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Integer, func, select, update
+from sqlalchemy import Date, Integer, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from amber.store.tables import UsageRecord, utcnow
@@ -94,7 +94,8 @@ class UsageRepo:
     def summary(self, account_id: int, start: date, end: date) -> list[UsageGroup]:
         """The account's rows between `start` and `end` (UTC days, both included), by day, model and key."""
         lo, hi = _bounds(start, end)
-        day = func.date(UsageRecord.started_at)  # stored as naive UTC, so this is the UTC day
+        # stored as naive UTC, so this is the UTC day; typed Date, so both databases give a date
+        day = func.date(UsageRecord.started_at, type_=Date)
         query = (select(day.label("day"), UsageRecord.model, UsageRecord.key_prefix, func.count().label("requests"),
                         func.sum(UsageRecord.status.in_([ERROR, CANCELLED, INTERRUPTED]).cast(Integer)).label("failed"),
                         func.sum(UsageRecord.prompt_tokens).label("prompt"),
@@ -104,5 +105,5 @@ class UsageRepo:
                  .order_by(day, UsageRecord.model, UsageRecord.key_prefix))
         with self._sessions() as session:
             rows = session.execute(query).all()
-        return [UsageGroup(date.fromisoformat(r.day), r.model, r.key_prefix, r.requests, r.failed or 0,
+        return [UsageGroup(r.day, r.model, r.key_prefix, r.requests, r.failed or 0,
                            r.prompt or 0, r.completion or 0) for r in rows]

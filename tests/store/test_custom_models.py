@@ -9,12 +9,13 @@ from sqlalchemy import MetaData, create_engine
 
 from amber.store.custom_models import INSERT_BATCH, ExampleRow
 from amber.store.repo import Store
+from tests.store.old_files import before_migrations
 from amber.store.tables import Base
 
 
 @pytest.fixture
-def url(tmp_path):
-    return f"sqlite:///{tmp_path / 'amber.db'}"
+def url(database_url):
+    return database_url
 
 
 @pytest.fixture
@@ -42,12 +43,12 @@ def test_ids_are_never_reused_after_a_delete(store):
     assert model(store, bob, "m", first).id > used.id
 
 
-def test_a_dataset_counts_only_its_own_accounts_models(store, url):
+def test_a_dataset_counts_only_its_own_accounts_models(store):
     alice, bob = store.ensure_account("alice").id, store.ensure_account("bob").id
     mine, theirs = dataset(store, alice, "d"), dataset(store, bob, "d")
     model(store, alice, "m", mine)
-    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:  # as a model left from a reused id would
-        db.execute("UPDATE custom_models SET dataset_id = ?", (theirs.id,))
+    with store.engine.begin() as db:  # as a model left from a reused id would
+        db.exec_driver_sql(f"UPDATE custom_models SET dataset_id = {theirs.id}")
     assert store.datasets.get(bob, theirs.id).num_models_used == 0
     assert store.custom_models.list(alice)[0].dataset_deleted  # alice has no dataset of that id
 
@@ -100,6 +101,7 @@ def old_database(url: str) -> None:
     old.create_all(engine)
     engine.dispose()
     with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        db.execute("ALTER TABLE jobs DROP COLUMN attempts")  # a later revision's
         db.execute("INSERT INTO accounts (id, name, created_at) VALUES (1, 'alice', '2024-01-01')")
         for i in (1, 2, 3):
             db.execute("INSERT INTO datasets (id, account_id, name, file_name, size_bytes, format, num_examples, "
@@ -112,7 +114,8 @@ def old_database(url: str) -> None:
                    "(4, 1, 'm', 'tiny', 'tiny', 5, 'gone', 'COMPLETED', 0.1, 1, '{}', '[]', '2024-01-01')")
 
 
-def test_a_database_from_before_autoincrement_is_rebuilt_keeping_everything(url):
+def test_a_database_from_before_autoincrement_is_rebuilt_keeping_everything(tmp_path):
+    url = f"sqlite:///{tmp_path / 'amber.db'}"  # SQLite only: such files were SQLite's
     old_database(url)
     store = Store.open(url)
     try:

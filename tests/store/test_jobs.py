@@ -12,14 +12,15 @@ import pytest
 from amber import worker as worker_module
 from amber.store.custom_models import ExampleRow
 from amber.store.repo import Store
+from tests.store.old_files import before_migrations
 
 FRESH = timedelta(hours=1)
 alive = lambda worker: True
 
 
 @pytest.fixture
-def url(tmp_path):
-    return f"sqlite:///{tmp_path / 'amber.db'}"
+def url(database_url):
+    return database_url
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def test_deleting_a_custom_model_cancels_its_job(store):
 class FakeWorker(worker_module.Worker):
     """A worker without torch or a core share: only `run_job`'s dispatch is used."""
     def __init__(self, store):
-        self.store, self.name = store, "host:1"
+        self.store, self.name, self.stale_after = store, "host:1", worker_module.STALE_AFTER
 
 
 def test_a_job_of_a_kind_no_runner_knows_fails_cleanly(store):
@@ -174,9 +175,12 @@ def test_a_registered_runner_runs_its_kind_and_an_error_fails_the_job(store, mon
     assert failed.status == "FAILED" and failed.failure == "echo failed: ValueError: no model"
 
 
-def test_a_custom_model_from_before_jobs_gets_its_job_once(store, url):
+def test_a_custom_model_from_before_jobs_gets_its_job_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'amber.db'}"  # SQLite only: such files were SQLite's
+    store = Store.open(url)
     alice = store.ensure_account("alice").id
-    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:  # as an older Amber left it, mid-training
+    before_migrations(tmp_path / "amber.db")
+    with sqlite3.connect(tmp_path / "amber.db") as db:  # as an older Amber left it, mid-training
         db.execute("INSERT INTO custom_models (id, account_id, name, base_model, model_type, dataset_id, "
                    "dataset_name, status, learning_rate, num_epochs, settings, epochs, worker, heartbeat_at, "
                    "progress, created_at) VALUES (7, ?, 'old', 'tiny', 'tiny', 1, 'd', 'TRAINING', 0.1, 2, '{}', "
@@ -189,3 +193,4 @@ def test_a_custom_model_from_before_jobs_gets_its_job_once(store, url):
     [job] = store.jobs.list(alice)
     assert (job.id, job.status, job.worker, job.spec) == (model.job_id, "RUNNING", "elsewhere:1", {"custom_model_id": 7})
     assert store.jobs.claim("host:1", alive, FRESH).id == job.id  # silent since 2024: taken over
+    store.close()

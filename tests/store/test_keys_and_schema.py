@@ -9,6 +9,7 @@ import pytest
 
 from amber.store.custom_models import ExampleRow
 from amber.store.repo import PREFIX_CHARS, Store, hash_key
+from tests.store.old_files import before_migrations
 
 
 @pytest.fixture
@@ -17,8 +18,8 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def store(db_path):
-    s = Store.open(f"sqlite:///{db_path}")
+def store(database_url):
+    s = Store.open(database_url)
     yield s
     s.close()
 
@@ -61,6 +62,7 @@ def old_file(db_path) -> str:
     s = Store.open(f"sqlite:///{db_path}")
     key = s.create_key("alice")
     s.close()
+    before_migrations(db_path)
     with sqlite3.connect(db_path) as raw:
         raw.execute("ALTER TABLE api_keys DROP COLUMN name")
     return key

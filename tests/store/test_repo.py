@@ -1,4 +1,5 @@
-"""The store against real SQLite files under tmp_path: keys, accounts, and sharing one file."""
+"""The store against real databases (a SQLite file under tmp_path, and PostgreSQL): keys, accounts, and
+sharing one database between stores."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,20 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def store(db_path):
+def url(database_url):
+    return database_url
+
+
+@pytest.fixture
+def store(url):
+    s = Store.open(url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def file_store(db_path):
+    """SQLite only: a store whose file the test reads."""
     s = Store.open(f"sqlite:///{db_path}")
     yield s
     s.close()
@@ -35,7 +49,8 @@ def test_create_key_then_look_it_up(store):
     assert store.get_account("alice") == account  # a second key, not a second account
 
 
-def test_only_the_hash_is_stored(store, db_path):
+def test_only_the_hash_is_stored(file_store, db_path):
+    store = file_store
     key = store.create_key("alice")
     with sqlite3.connect(db_path) as raw:
         rows = raw.execute("SELECT * FROM api_keys").fetchall()
@@ -76,11 +91,11 @@ def test_list_keys_shows_prefixes_times_and_revocation(store):
     assert store.list_keys("nobody") == []
 
 
-def test_an_ambiguous_prefix_revokes_nothing(store, db_path):
+def test_an_ambiguous_prefix_revokes_nothing(store):
     key = store.create_key("alice")
-    with sqlite3.connect(db_path) as raw:  # a second key that happens to share the prefix
-        raw.execute("INSERT INTO api_keys (account_id, key_hash, prefix, created_at) "
-                    "SELECT account_id, 'x', prefix, created_at FROM api_keys")
+    with store.engine.begin() as raw:  # a second key that happens to share the prefix
+        raw.exec_driver_sql("INSERT INTO api_keys (account_id, key_hash, prefix, created_at) "
+                            "SELECT account_id, 'x', prefix, created_at FROM api_keys")
     with pytest.raises(ValueError, match="matches 2 active keys"):
         store.revoke_key(key[:PREFIX_CHARS])
     assert store.account_for_key(key).name == "alice"
@@ -97,12 +112,12 @@ def test_accounts_are_isolated(store):
     assert store.account_for_key(bob) == b
 
 
-def test_reopening_keeps_data(store, db_path):
+def test_reopening_keeps_data(store, url):
     key = store.create_key("alice")
     revoked = store.create_key("alice")
     store.revoke_key(revoked)
     store.close()
-    again = Store.open(f"sqlite:///{db_path}")
+    again = Store.open(url)
     try:
         assert again.account_for_key(key).name == "alice"
         assert again.account_for_key(revoked) is None
@@ -125,8 +140,8 @@ def test_valid_account_names_are_accepted(store, name):
     assert store.account_for_key(store.create_key(name)).name == name
 
 
-def test_two_stores_on_one_file_see_each_others_writes(store, db_path):
-    server = Store.open(f"sqlite:///{db_path}")  # as the API server and the worker would
+def test_two_stores_on_one_database_see_each_others_writes(store, url):
+    server = Store.open(url)  # as the API server and the worker would
     try:
         key = store.create_key("alice")
         assert server.account_for_key(key).name == "alice"
@@ -138,8 +153,8 @@ def test_two_stores_on_one_file_see_each_others_writes(store, db_path):
         server.close()
 
 
-def test_concurrent_writers_share_one_account(store, db_path):
-    other = Store.open(f"sqlite:///{db_path}")
+def test_concurrent_writers_share_one_account(store, url):
+    other = Store.open(url)
     keys, errors = [], []
 
     def make(s):
@@ -159,8 +174,8 @@ def test_concurrent_writers_share_one_account(store, db_path):
     assert len(store.list_keys("shared")) == 40
 
 
-def test_connections_use_wal_foreign_keys_and_a_busy_timeout(store):
-    with store.engine.connect() as conn:
+def test_connections_use_wal_foreign_keys_and_a_busy_timeout(file_store):
+    with file_store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == BUSY_TIMEOUT_MS

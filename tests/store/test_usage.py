@@ -6,8 +6,8 @@ from datetime import date, timedelta
 from amber.store.repo import Store
 
 
-def test_finish_once_and_interrupted_after_a_crash(tmp_path):
-    url = f"sqlite:///{tmp_path / 'amber.db'}"
+def test_finish_once_and_interrupted_after_a_crash(database_url):
+    url = database_url
     store = Store.open(url)
     account, prefix = store.key_owner(store.create_key("alice"))
     store.usage.start("a", account.id, prefix, "openai", "/v1/completions")
