@@ -80,6 +80,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     import uvicorn
 
     from amber.api.app import create_app
+    from amber.files import SharedFiles
     from amber.serving import ModelPool
     from amber.store.db import open_database
     from amber.store.repo import Store
@@ -91,7 +92,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
                           kv_memory_mb)
     registry = load_registry(config.registry_path)
     store = Store(open_database(config.database_url))
-    app_ = create_app(ModelPool(config, registry), store)
+    app_ = create_app(ModelPool(config, registry), store, SharedFiles.open(config))
     # training runs in its own process, never in the API's
     trainer = WorkerProcess(log_level).start() if worker else None
     try:

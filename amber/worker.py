@@ -3,25 +3,29 @@
 Loops: claim the oldest queued job of any kind (or one whose worker died: a dead pid on this host,
 or no heartbeat for `STALE_AFTER`) and hand it to the runner registered for its kind (`RUNNERS`); a
 kind with no runner fails at once, saying so. The "train" runner trains a custom model's LoRA
-adapter with `amber.training`, which resumes from the last complete epoch on disk, then scores it
-against k-shot prompting (`amber.evaluation`) and marks the job COMPLETED, or FAILED with a reason
-the user can act on. Progress goes to the store about once a second, and is the heartbeat; a job
+adapter with `amber.training` into shared storage (amber/files), resuming from the last complete
+epoch there (whichever host wrote it), then scores it against k-shot prompting
+(`amber.evaluation`) and marks the job COMPLETED, or FAILED with a reason the user can act on. Progress goes to the store about once a second, and is the heartbeat; a job
 cancelled or deleted meanwhile is noticed at the next report (`JobGone`) and dropped.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable
 
 from amber.config import Config, Registry
+from amber.files import layout, open_storage
+from amber.files.storage import fetch
 from amber.store.custom_models import CustomModelInfo, worker_name
 from amber.store.jobs import JobInfo
 from amber.store.repo import Store
@@ -68,6 +72,7 @@ class Worker:
     def __init__(self, config: Config, registry: Registry, store: Store):
         self.config, self.registry, self.store = config, registry, store
         self.name = worker_name(os.getpid())
+        self.storage = open_storage(config)
         self.parent: int | None = None  # with a parent to follow: its pid
         import torch
         self.cores = CoreShare(config.home, torch.get_num_threads())  # torch's default: every core
@@ -152,10 +157,10 @@ class Worker:
 
         _use_threads(self.cores.between_steps())
         started = time.perf_counter()
-        results = train_lora(checkpoint, train, held_out, settings, self.config.custom_model_dir(model.id),
-                             on_progress=on_progress, on_epoch=on_epoch)
+        run = self.storage.within(layout.custom_model(model.id))
+        results = train_lora(checkpoint, train, held_out, settings, run, on_progress=on_progress, on_epoch=on_epoch)
         train_seconds = time.perf_counter() - started
-        # from disk, which is never behind the store (an epoch is saved before it is reported)
+        # from storage, which is never behind the store (an epoch is saved before it is reported)
         if not self.store.custom_models.report_epoch(model.id, job_id, self.name, [_epoch_json(r) for r in results]):
             raise JobGone()
         with_loss = [r for r in results if r.validation_loss is not None]
@@ -166,7 +171,7 @@ class Worker:
                 raise JobGone()
             evaluation = self._evaluate(model, spec, checkpoint, best.epoch, train, held_out)
         evaluation = {**(evaluation or {}), "trainingSeconds": round(train_seconds, 2)}
-        size = sum(f.stat().st_size for f in best.path.glob("adapter_model.*"))
+        size = sum(size for name, size in run.list(best.key).items() if name.startswith("adapter_model."))
         if not self.store.custom_models.complete(model.id, job_id, self.name, best.epoch, evaluation, size):
             raise JobGone()
         log.info("custom model %s completed: epoch %d chosen", model.name, best.epoch)
@@ -184,7 +189,6 @@ class Worker:
 
     def _evaluate(self, custom, spec, checkpoint, epoch, train, held_out) -> dict:
         """Through Amber's own engine, in the served precision, on this thread."""
-        from amber.engine.types import AdapterRef
         from amber.evaluation import Example, evaluate
         from amber.training.data import ExampleEncoder
 
@@ -192,8 +196,18 @@ class Worker:
         rendered = lambda rows: [Example(*encoder.render_chat(r.messages)) if r.messages
                                  else Example(r.prompt, r.completion) for r in rows]
         engine = self.engine(spec, checkpoint, max_batch=1)
-        adapter = AdapterRef(f"eval-{custom.id}-{epoch}", str(self.config.adapter_dir(custom.id, epoch)))
-        return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
+        with self.local_adapter(layout.adapter(custom.id, epoch)) as adapter:
+            return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
+
+    @contextmanager
+    def local_adapter(self, key: str):
+        """The adapter in storage directory `key`, in a local directory for this job's engine (which
+        reads a directory), removed afterwards. FileNotFoundError when storage has none."""
+        from amber.engine.types import AdapterRef
+
+        with tempfile.TemporaryDirectory(prefix="amber-adapter-") as local:
+            fetch(self.storage, key, Path(local), layout.ADAPTER_FILES)
+            yield AdapterRef(f"{key}@job", local)
 
 
 def train(worker: Worker, job: JobInfo) -> None:
@@ -211,7 +225,7 @@ def train(worker: Worker, job: JobInfo) -> None:
             worker._train_and_evaluate(model, job.id)
     except JobGone:
         if worker.store.custom_models.get_any(model_id) is None:  # deleted: its adapters go too
-            shutil.rmtree(worker.config.custom_model_dir(model_id), ignore_errors=True)
+            worker.storage.delete(layout.custom_model(model_id))
         raise
     except TrainingError as exc:
         worker.store.jobs.fail(job.id, worker.name, str(exc))
