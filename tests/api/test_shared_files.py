@@ -5,7 +5,6 @@ answer 404 and drop its copy, on disk and in its engine."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import httpx
