@@ -34,7 +34,8 @@ class AdapterCache:
     def local(self, key: str, version: str) -> Path:
         """Storage directory `key`'s adapter files as a local directory, copied on first use.
         FileNotFoundError when storage has no such adapter. Blocking: call off the event loop."""
-        path = self.root.joinpath(*check_key(key), VERSION + check_key(version)[0])
+        (name,) = check_key(version)  # one plain name
+        path = self.root.joinpath(*check_key(key), VERSION + name)
         if path.is_dir():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)

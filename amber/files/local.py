@@ -28,6 +28,9 @@ class LocalStorage:
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
 
+    def __str__(self) -> str:  # in messages: where the files are
+        return str(self.root)
+
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key))
 
