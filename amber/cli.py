@@ -96,6 +96,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     import uvicorn
 
     from amber.api.app import create_app
+    from amber.files import SharedFiles
     from amber.serving import ModelPool
     from amber.worker import WorkerProcess
 
@@ -115,7 +116,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
             serve_on_ray(config, registry, address=address, replicas=replicas, keep_alive=keep_alive,
                          adapter_slots=adapter_slots)
         else:
-            uvicorn.run(create_app(ModelPool(config, registry), store), host=config.host, port=config.port,
+            uvicorn.run(create_app(ModelPool(config, registry), store, SharedFiles.open(config)), host=config.host, port=config.port,
                         log_level=log_level, timeout_keep_alive=keep_alive)
     finally:
         if trainer is not None:

@@ -7,7 +7,6 @@ process: `amber serve` starts one; `models train` starts its own if no worker ta
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -150,10 +149,11 @@ def register_model_commands(models_app: typer.Typer) -> None:
         epoch = epoch or model.default_epoch
         if epoch is None or epoch > (model.current_epoch or 0):
             raise typer.BadParameter(f"{name!r} has no trained epoch {epoch} ({model.status})", param_hint="--epoch")
-        source = config.adapter_dir(model.id, epoch)
+        from amber.files import layout, open_storage
+        from amber.files.storage import fetch
+
         directory.mkdir(parents=True, exist_ok=True)
-        for file in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(source / file, directory / file)
+        fetch(open_storage(config), layout.adapter(model.id, epoch), directory, layout.ADAPTER_FILES)
         console.print(f"exported {name!r} epoch {epoch} to {directory} (load it with "
                       f"peft.PeftModel.from_pretrained onto {model.base_model})", highlight=False)
 

@@ -58,11 +58,11 @@ def register_datagen_commands(datasets_app: typer.Typer, context) -> None:
                  seed: int = 0, account: Annotated[str, typer.Option(envvar="AMBER_ACCOUNT")] = "local",
                  follow: Annotated[bool, typer.Option(help="show live progress until it ends")] = True) -> None:
         """Queue a generation job (the same checks as POST /studio/v1/dataset/generate)."""
-        from amber.api.custom import adapter_ref
         from amber.datagen.generate import SpecError, build_spec, check_fits
         from amber.datagen.job import KIND, spec_json
         from amber.engine.checkpoint import ensure_checkpoint
         from amber.engine.tokenizer import Tokenizer
+        from amber.files import layout
 
         config, store, who = context(account)
         registry = load_registry(config.registry_path)
@@ -74,8 +74,7 @@ def register_datagen_commands(datasets_app: typer.Typer, context) -> None:
                 raise typer.BadParameter(f"{name!r} is neither a general model nor a trained custom model of "
                                          f"{account!r}", param_hint="--model")
             base = registry.resolve(custom.base_model)
-            ref = adapter_ref(config, custom, custom.default_epoch or custom.current_epoch)
-            adapter = {"key": ref.key, "path": ref.path}
+            adapter = {"key": layout.adapter(custom.id, custom.default_epoch or custom.current_epoch)}
         try:
             spec = build_spec(mode, read_examples(examples), inputs=read_inputs(inputs) if inputs else None, n=n,
                               shots=shots, samples=samples, temperature=temperature, max_tokens=max_tokens, seed=seed)

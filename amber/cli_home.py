@@ -30,8 +30,10 @@ def home_config() -> Config:
     except PermissionError as exc:  # not ours: say so rather than refuse to run
         print(f"warning: could not make {home} private to its owner: {exc}", file=sys.stderr)
     kernels = os.environ.get("AMBER_KERNELS")  # a kernels cache shared by several homes (tests do)
+    shared = os.environ.get("AMBER_SHARED_DIR")  # datasets and adapters, shared by every replica
     return Config(home=home, kernels_path=Path(kernels).expanduser() if kernels else None,
-                  database=os.environ.get("AMBER_DATABASE_URL") or None)
+                  database=os.environ.get("AMBER_DATABASE_URL") or None,
+                  shared_path=Path(shared).expanduser() if shared else None)
 
 
 def open_store(config: Config):

@@ -153,6 +153,7 @@ class Config:
     rate_limits: RateLimits = field(default_factory=RateLimits)  # defaults for accounts without their own
     kernels_path: Path | None = None  # AMBER_KERNELS: kernel timings shared by several homes on one machine
     database: str | None = None  # AMBER_DATABASE_URL (an SQLAlchemy URL); None: SQLite under home
+    shared_path: Path | None = None   # AMBER_SHARED_DIR: the files every replica reads (see shared_dir)
 
     @property
     def registry_path(self) -> Path:
@@ -174,22 +175,18 @@ class Config:
         return self.kernels_path or self.home / "kernels"
 
     @property
-    def datasets_dir(self) -> Path:
-        """One directory per dataset, and `.incoming-*` ones being filled (amber/datasets/store.py)."""
-        return self.home / "datasets"
+    def shared_dir(self) -> Path:
+        """Datasets, adapters and training epochs (amber/files), which every replica must reach:
+        AMBER_SHARED_DIR, else AMBER_HOME itself (where they always lived)."""
+        return self.shared_path or self.home
 
-    def dataset_dir(self, dataset_id: int) -> Path:
-        """The uploaded file, unchanged (upload.jsonl, .csv or .tsv), and its parsed rows (rows.jsonl)."""
-        return self.datasets_dir / str(dataset_id)
+    @property
+    def adapter_cache_dir(self) -> Path:
+        """This replica's copies of the adapters it serves (amber/files/adapter_cache.py)."""
+        return self.home / "cache" / "adapters"
 
     @property
     def uploads_dir(self) -> Path:
-        """Request bodies being received, in unnamed temporary files that vanish with their request."""
+        """Request bodies being received, in unnamed temporary files that vanish with their request,
+        and a dataset's files while they are written."""
         return self.home / "uploads"
-
-    def custom_model_dir(self, model_id: int) -> Path:
-        """A training run's output: epoch-N/ PEFT adapters (amber/training/epochs.py)."""
-        return self.home / "custom-models" / str(model_id)
-
-    def adapter_dir(self, model_id: int, epoch: int) -> Path:
-        return self.custom_model_dir(model_id) / f"epoch-{epoch}"

@@ -3,29 +3,33 @@
 Loops: claim the oldest queued job of any kind (or one whose worker died: a dead pid on this host,
 or no heartbeat for `stale_after`, wherever it ran) and hand it to the runner registered for its
 kind (`RUNNERS`); a kind with no runner fails at once, saying so. Workers on several hosts share
-one queue through the database (AMBER_DATABASE_URL); while a job runs, a thread beats its heartbeat
-every few seconds, whatever the job is doing (a long evaluation, a slow step), so only a worker
-that is gone falls silent. The "train" runner trains a custom model's LoRA
-adapter with `amber.training`, which resumes from the last complete epoch on disk, then scores it
-against k-shot prompting (`amber.evaluation`) and marks the job COMPLETED, or FAILED with a reason
-the user can act on. Progress goes to the store about once a second; a job cancelled or deleted
-meanwhile is noticed at the next report (`JobGone`) and dropped.
+one queue through the database (AMBER_DATABASE_URL) and the files (amber/files); while a job runs,
+a thread beats its heartbeat every few seconds, whatever the job is doing (a long evaluation, a
+slow step), so only a worker that is gone falls silent. The "train" runner trains a custom model's
+LoRA adapter with `amber.training` into shared storage, resuming from the last complete epoch there
+(whichever host wrote it), then scores it against k-shot prompting (`amber.evaluation`) and marks
+the job COMPLETED, or FAILED with a reason the user can act on. Progress goes to the store about
+once a second; a job cancelled or deleted meanwhile is noticed at the next report (`JobGone`) and
+dropped.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable
 
 from amber.config import Config, Registry
+from amber.files import layout, open_storage
+from amber.files.storage import fetch
 from amber.store.custom_models import CustomModelInfo, worker_name
 from amber.store.jobs import JobInfo
 from amber.store.repo import Store
@@ -73,6 +77,7 @@ class Worker:
     def __init__(self, config: Config, registry: Registry, store: Store, stale_after: timedelta = STALE_AFTER):
         self.config, self.registry, self.store, self.stale_after = config, registry, store, stale_after
         self.name = worker_name(os.getpid())
+        self.storage = open_storage(config)
         self.parent: int | None = None  # with a parent to follow: its pid
         import torch
         self.cores = CoreShare(config.home, torch.get_num_threads())  # torch's default: every core
@@ -181,10 +186,10 @@ class Worker:
 
         _use_threads(self.cores.between_steps())
         started = time.perf_counter()
-        results = train_lora(checkpoint, train, held_out, settings, self.config.custom_model_dir(model.id),
-                             on_progress=on_progress, on_epoch=on_epoch)
+        run = self.storage.within(layout.custom_model(model.id))
+        results = train_lora(checkpoint, train, held_out, settings, run, on_progress=on_progress, on_epoch=on_epoch)
         train_seconds = time.perf_counter() - started
-        # from disk, which is never behind the store (an epoch is saved before it is reported)
+        # from storage, which is never behind the store (an epoch is saved before it is reported)
         if not self.store.custom_models.report_epoch(model.id, job_id, self.name, [_epoch_json(r) for r in results]):
             raise JobGone()
         with_loss = [r for r in results if r.validation_loss is not None]
@@ -195,7 +200,7 @@ class Worker:
                 raise JobGone()
             evaluation = self._evaluate(model, spec, checkpoint, best.epoch, train, held_out)
         evaluation = {**(evaluation or {}), "trainingSeconds": round(train_seconds, 2)}
-        size = sum(f.stat().st_size for f in best.path.glob("adapter_model.*"))
+        size = sum(size for name, size in run.list(best.key).items() if name.startswith("adapter_model."))
         if not self.store.custom_models.complete(model.id, job_id, self.name, best.epoch, evaluation, size):
             raise JobGone()
         log.info("custom model %s completed: epoch %d chosen", model.name, best.epoch)
@@ -213,7 +218,6 @@ class Worker:
 
     def _evaluate(self, custom, spec, checkpoint, epoch, train, held_out) -> dict:
         """Through Amber's own engine, in the served precision, on this thread."""
-        from amber.engine.types import AdapterRef
         from amber.evaluation import Example, evaluate
         from amber.training.data import ExampleEncoder
 
@@ -221,8 +225,18 @@ class Worker:
         rendered = lambda rows: [Example(*encoder.render_chat(r.messages)) if r.messages
                                  else Example(r.prompt, r.completion) for r in rows]
         engine = self.engine(spec, checkpoint, max_batch=1)
-        adapter = AdapterRef(f"eval-{custom.id}-{epoch}", str(self.config.adapter_dir(custom.id, epoch)))
-        return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
+        with self.local_adapter(layout.adapter(custom.id, epoch)) as adapter:
+            return {"epoch": epoch, **evaluate(engine, adapter, rendered(train), rendered(held_out))}
+
+    @contextmanager
+    def local_adapter(self, key: str):
+        """The adapter in storage directory `key`, in a local directory for this job's engine (which
+        reads a directory), removed afterwards. FileNotFoundError when storage has none."""
+        from amber.engine.types import AdapterRef
+
+        with tempfile.TemporaryDirectory(prefix="amber-adapter-") as local:
+            fetch(self.storage, key, Path(local), layout.ADAPTER_FILES)
+            yield AdapterRef(f"{key}@job", local)
 
 
 def train(worker: Worker, job: JobInfo) -> None:
@@ -240,7 +254,7 @@ def train(worker: Worker, job: JobInfo) -> None:
             worker._train_and_evaluate(model, job.id)
     except JobGone:
         if worker.store.custom_models.get_any(model_id) is None:  # deleted: its adapters go too
-            shutil.rmtree(worker.config.custom_model_dir(model_id), ignore_errors=True)
+            worker.storage.delete(layout.custom_model(model_id))
         raise
     except TrainingError as exc:
         worker.store.jobs.fail(job.id, worker.name, str(exc))

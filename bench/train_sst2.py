@@ -144,7 +144,7 @@ def main() -> None:
             acc, latency = accuracy(base, tokenizer, bos, [shots + ex.prompt for ex in dev_rows], labels)
             figures["base_8shot"] = {"accuracy": acc, "latency_s": latency}
             print(f"base model, {SHOTS}-shot: dev accuracy {acc:.0%}, {latency * 1000:.0f} ms per request")
-        custom = PeftModel.from_pretrained(base, results[-1].path).eval()
+        custom = PeftModel.from_pretrained(base, Path(out_dir) / results[-1].key).eval()
         acc, latency = accuracy(custom, tokenizer, bos, [ex.prompt for ex in dev_rows], labels)
         figures["custom"] = {"accuracy": acc, "latency_s": latency}
         print(f"custom model: dev accuracy {acc:.0%}, {latency * 1000:.0f} ms per request")

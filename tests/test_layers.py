@@ -58,3 +58,10 @@ def test_openai_layer_borrows_nothing_from_ai21(path):
 
 def test_the_scheduler_is_plain_python():
     assert not {m for m in imports(AMBER / "engine" / "scheduler.py") if m.split(".")[0] == "torch"}
+
+
+@pytest.mark.parametrize("path", sources("files"), ids=lambda p: str(p.relative_to(AMBER)))
+def test_shared_files_know_no_engine_database_or_api(path):
+    """amber/files: keys and bytes; what a key means to the engine or the store is its callers' business."""
+    bad = {m for m in imports(path) if m.startswith("amber.") and not m.startswith(("amber.files", "amber.config"))}
+    assert not bad, f"{path.relative_to(AMBER)} imports {sorted(bad)}"

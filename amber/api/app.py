@@ -31,6 +31,7 @@ from amber.api.metering import Metering, Metrics
 from amber.api.errors import unavailable, validation_error
 from amber.api.openai import errors as openai_errors
 from amber.api.openai.routes import router as openai_router
+from amber.files import SharedFiles
 from amber.ratelimit import Limiter
 from amber.serving import ModelPool, ModelUnavailable
 from amber.store.repo import Store
@@ -38,8 +39,9 @@ from amber.store.repo import Store
 log = logging.getLogger(__name__)
 
 
-def create_app(pool: ModelPool, store: Store) -> FastAPI:
-    """The app serves at once; /health answers 503 until the default model has loaded."""
+def create_app(pool: ModelPool, store: Store, files: SharedFiles) -> FastAPI:
+    """The app serves at once; /health answers 503 until the default model has loaded. `files`: the
+    shared datasets and adapters, and this replica's adapter cache."""
     load_error: list[BaseException] = []
 
     def load_default() -> None:
@@ -67,7 +69,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     # No /docs or /redoc: FastAPI's pages fetch Swagger UI and ReDoc from a CDN, which an offline
     # server cannot reach; /openapi.json describes both APIs, and the studio's pages are at /.
     app = FastAPI(title="Amber", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.pool, app.state.store = pool, store
+    app.state.pool, app.state.store, app.state.files = pool, store, files
     app.state.limiter = Limiter()  # one for both APIs: an account's limits span them
     app.include_router(generate_router)      # before datasets': /dataset/generate is no dataset id
     app.include_router(datasets_router)      # before ai21's /{model}/complete-style paths
@@ -81,7 +83,7 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     app.include_router(ai21_router)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ModelUnavailable, unavailable)
-    v1 = openai_app(pool, store)
+    v1 = openai_app(pool, store, files)
     v1.state.limiter = app.state.limiter
     app.mount("/v1", v1)
     app.add_middleware(rate_limits.HeadersMiddleware)
@@ -107,10 +109,10 @@ def create_app(pool: ModelPool, store: Store) -> FastAPI:
     return app
 
 
-def openai_app(pool: ModelPool, store: Store) -> FastAPI:
+def openai_app(pool: ModelPool, store: Store, files: SharedFiles) -> FastAPI:
     """The OpenAI-compatible API, mounted at /v1 (same keys, same models)."""
     v1 = FastAPI(title="Amber (OpenAI-compatible)", version="0.1.0", docs_url=None, redoc_url=None)
-    v1.state.pool, v1.state.store = pool, store
+    v1.state.pool, v1.state.store, v1.state.files = pool, store, files
     v1.include_router(openai_router)
     openai_errors.install(v1)
     docs.install(v1)

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from amber.api import rate_limits
+from amber.files import SharedFiles
 from amber.serving import ModelPool
 from amber.store.repo import AccountInfo, hash_key
 from amber.store.repo import Store as StoreType
@@ -17,6 +18,10 @@ def get_store(request: Request) -> StoreType:
 
 def get_pool(request: Request) -> ModelPool:
     return request.app.state.pool
+
+
+def get_files(request: Request) -> SharedFiles:
+    return request.app.state.files
 
 
 def current_account(request: Request, store: Annotated[StoreType, Depends(get_store)]) -> AccountInfo:
@@ -37,4 +42,5 @@ def current_account(request: Request, store: Annotated[StoreType, Depends(get_st
 
 Account = Annotated[AccountInfo, Depends(current_account)]
 Pool = Annotated[ModelPool, Depends(get_pool)]
+Files = Annotated[SharedFiles, Depends(get_files)]
 Store = Annotated[StoreType, Depends(get_store)]

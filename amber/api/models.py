@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
 
-from amber.api.custom import adapter_for
+from amber.api.custom import adapter_for, notice_deletions
 from amber.engine.types import AdapterRef, GenerationRequest, SamplingParams
+from amber.files import SharedFiles
 from amber.serving import LoadedModel, ModelPool
 from amber.store.repo import AccountInfo, Store
 
@@ -42,15 +43,17 @@ class ModelInfo:
     root: str               # the registry model behind it
 
 
-async def resolve_model(pool: ModelPool, store: Store, account: AccountInfo, name: str) -> ResolvedModel:
+async def resolve_model(pool: ModelPool, store: Store, files: SharedFiles, account: AccountInfo,
+                        name: str) -> ResolvedModel:
     """The running model `name` addresses for `account`, loading it on first use."""
     if pool.registry.resolve(name) is not None:
         return ResolvedModel(name, await run_in_threadpool(pool.get, name))
+    await notice_deletions(pool, files)
     custom = store.custom_models.find(account.id, name) if not name.isdigit() else None
     base = pool.registry.resolve(custom.base_model) if custom is not None else None
     if base is None:
         raise ModelNotFound(name)
-    adapter = adapter_for(pool, custom, None)
+    adapter = await adapter_for(files, custom, None)
     return ResolvedModel(name, await run_in_threadpool(pool.get, base.name), adapter)
 
 

@@ -7,6 +7,7 @@ the last row written; rows live with the job, never in a dataset, until a review
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 
 from amber.datagen.filters import Candidate, filter_rows
@@ -54,18 +55,22 @@ def run(worker, job) -> None:
 
 def _run(worker, job) -> None:
     from amber.engine.checkpoint import ensure_checkpoint
-    from amber.engine.types import AdapterRef
     from amber.training.data import TrainingError
-    from amber.worker import JobGone
 
     spec = GenerationSpec.from_json(job.spec["generation"])
     model_spec = worker.registry.resolve(job.spec["baseModel"])
     if model_spec is None:
         raise TrainingError(f"model {job.spec['baseModel']!r} is not in this server's registry")
-    adapter = job.spec.get("adapter")
+    adapter = job.spec.get("adapter")  # {"key": the adapter's directory in shared storage}
     checkpoint = ensure_checkpoint(model_spec, worker.config.checkpoints_dir)
     engine = worker.engine(model_spec, checkpoint, max_batch=16)
-    ref = AdapterRef(adapter["key"], adapter["path"]) if adapter else None
+    with (worker.local_adapter(adapter["key"]) if adapter else contextlib.nullcontext()) as ref:
+        _generate(worker, job, spec, engine, ref)
+
+
+def _generate(worker, job, spec: GenerationSpec, engine, ref) -> None:
+    from amber.worker import JobGone
+
     store, started = worker.store, time.perf_counter()
     start = store.generated.count(job.id)
     made_here = 0

@@ -1,31 +1,31 @@
-"""A parsed upload kept for good: rows in the store, the file byte for byte under AMBER_HOME.
+"""A parsed upload kept for good: rows in the store, the file byte for byte in shared storage.
 
 Shared by the API and the CLI, so both apply the same rules and leave the same traces. A dataset's
-directory, AMBER_HOME/datasets/ID, holds files whose names Amber chooses: `upload.jsonl` (or .csv,
-.tsv: the uploaded file, unchanged) and `rows.jsonl` (the rows as parsed, for people). The name the
-client gave is metadata only, cleaned for display. The row and the directory appear together or not
-at all: the files are written to a staging directory first, which is renamed into place inside the
-transaction that creates the row. A staging directory that a killed process left behind is
-removed by a later upload.
+directory in storage (`datasets/ID`, amber/files/layout.py) holds files whose names Amber chooses:
+`upload.jsonl` (or .csv, .tsv: the uploaded file, unchanged) and `rows.jsonl` (the rows as parsed,
+for people). The name the client gave is metadata only, cleaned for display. The row and the
+directory appear together or not at all: the files are written to a local staging directory under
+AMBER_HOME/uploads first, which is put into storage (at once) inside the transaction that creates
+the row. A staging directory that a killed process left behind is removed by a later upload.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import time
 from pathlib import Path, PurePath
 from typing import BinaryIO
 
 from amber.config import Config
 from amber.datasets.parse import ParsedDataset, parse_dataset
 from amber.engine.tokenizer import Tokenizer
+from amber.files import layout, open_storage
+from amber.files.local import remove_stale
 from amber.store.custom_models import DatasetInfo, ExampleRow
 from amber.store.repo import Store
 
 MAX_FILE_NAME = 128  # characters of the client's file name kept for display
-STALE_STAGING_S = 3600  # a staging directory this old belongs to no live upload
+STAGING = ".dataset-"
 
 
 def display_name(file_name: str | None) -> str:
@@ -54,38 +54,28 @@ def save_dataset(store: Store, config: Config, account_id: int, name: str, file_
                            count_tokens=tokenizer.count_tokens, max_tokens=max_tokens)
     rows = [ExampleRow(r.index, r.split, r.prompt, r.completion,
                        [dict(m) for m in r.messages] if r.messages else None) for r in parsed.rows]
-    config.datasets_dir.mkdir(parents=True, exist_ok=True)
-    _sweep(config.datasets_dir)
-    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=config.datasets_dir))
-    placed: list[Path] = []
+    storage = open_storage(config)
+    config.uploads_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale(config.uploads_dir, STAGING)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=config.uploads_dir))
+    placed: list[str] = []
 
     def place(dataset_id: int) -> None:
-        """Runs inside the row's transaction: the row commits only once the directory is in place."""
-        target = config.dataset_dir(dataset_id)
-        # A directory already there is a leftover of a crash between this rename and its commit:
-        # an id being created now was never committed, and ids are never reused.
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(staging, target)
-        placed.append(target)
+        """Runs inside the row's transaction: the row commits only once the directory is in place.
+        One already there is a leftover of a crash between putting it and the commit (an id being
+        created now was never committed, and ids are never reused): `put_dir` replaces it."""
+        storage.put_dir(layout.dataset(dataset_id), staging)
+        placed.append(layout.dataset(dataset_id))
 
     try:
         size = _write_files(staging, upload, parsed.kind, rows)
         return store.datasets.create(account_id, name, shown, size, parsed.format, rows, _report(parsed),
                                      then=place)
     except BaseException:
-        for directory in (staging, *placed):
-            shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        for key in placed:
+            storage.delete(key)
         raise
-
-
-def _sweep(datasets_dir: Path) -> None:
-    cutoff = time.time() - STALE_STAGING_S
-    for staging in datasets_dir.glob(".incoming-*"):
-        try:
-            if staging.stat().st_mtime < cutoff:
-                shutil.rmtree(staging, ignore_errors=True)
-        except OSError:  # another upload's sweep got there first
-            pass
 
 
 def _report(parsed: ParsedDataset) -> dict:

@@ -207,6 +207,10 @@ class Engine:
             if not finished:
                 self.abort(request_id)
 
+    def forget_adapter(self, key: str) -> None:
+        """Drop adapter `key` (its custom model was deleted) from host memory. Any thread."""
+        self.adapters.forget(key)
+
     def drain_seconds(self) -> float:
         """Seconds the waiting requests would take to finish at the engine's recent pace."""
         return self.scheduler.drain_seconds()

@@ -93,6 +93,10 @@ class AdapterSlots:
                 self._lane_of.move_to_end(self._keys[lane])
                 self.store.unpin(self._keys[lane])
 
+    def forget(self, key: str) -> None:
+        """Drop a deleted adapter from host memory (ResidentAdapters.forget). Any thread."""
+        self.store.forget(key)
+
     def loaded(self) -> int:
         """Adapters resident in host memory."""
         return len(self.store)

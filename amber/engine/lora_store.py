@@ -152,6 +152,13 @@ class ResidentAdapters:
         with self._lock:
             return self._insert(ref.key, adapter)
 
+    def forget(self, key: str) -> None:
+        """Drop `key` (its model deleted): a lane holding it keeps its copy until reused, which no
+        request for the deleted model will ask for. Any thread."""
+        with self._lock:
+            self._resident.pop(key, None)
+            self._failed.pop(key, None)
+
     def pin(self, key: str) -> None:
         with self._lock:
             self._pins[key] = self._pins.get(key, 0) + 1

@@ -34,7 +34,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         from amber.api.app import create_app
-        return create_app(self.pool, self.store)
+        from amber.files import SharedFiles
+        return create_app(self.pool, self.store, SharedFiles.open(self.pool.config))
 
 
 def application(config: Config, registry: Registry, replicas: int, cpus: int, adapter_slots: int = ADAPTER_SLOTS):

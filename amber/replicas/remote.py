@@ -115,6 +115,9 @@ class RemoteEngine:
             if not finished:
                 call.cancel()  # the replica's stream closes, which aborts the request there
 
+    def forget_adapter(self, key: str) -> None:
+        """Nothing to do here: each replica notices deletions from shared storage itself."""
+
     def abort(self, request_id: str) -> None:
         if (call := self._calls.pop(request_id, None)) is not None:
             call.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import dataclasses
 import os
 import threading
 import time
@@ -18,7 +19,10 @@ from collections import OrderedDict
 from typing import AsyncIterator
 
 from amber.config import Config, Registry
-from amber.engine.types import GenerationRequest
+from amber.engine.lora import AdapterError
+from amber.engine.types import AdapterRef, GenerationRequest
+from amber.files import SharedFiles
+from amber.files.adapter_cache import engine_key, split_engine_key
 from amber.replicas.board import POST_EVERY_S, open_board
 from amber.replicas.wire import Admitted, Generated, refusal
 from amber.serving import ModelPool
@@ -31,6 +35,7 @@ class EngineReplica:
         from ray import serve
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.pool = ModelPool(config, registry)
+        self.files = SharedFiles.open(config)  # this replica's own copies of adapters from shared storage
         self.pool.get(registry.default)  # ready before Ray routes anything here
 
         async def hold(key: str) -> str:  # what Ray Serve's multiplexing tracks: nothing to free
@@ -42,15 +47,36 @@ class EngineReplica:
         threading.Thread(target=self._post_stats, args=(open_board(),), name="amber-board", daemon=True).start()
 
     def _post_stats(self, board) -> None:
+        """Twice a second the stats to the board; when due, forget adapters deleted from storage."""
         while True:
             try:
                 board.post.remote(self._id, self.stats())
+                if self.files.adapters.sweep_due():
+                    self._forget_deleted()
             except Exception as exc:  # the board is gone with its cluster: this replica soon is too
                 log.warning("posting stats: %s", exc)
             time.sleep(POST_EVERY_S)
 
+    def _forget_deleted(self) -> None:
+        for key, version in self.files.adapters.sweep():
+            for loaded in self.pool.loaded().values():
+                loaded.engine.forget_adapter(engine_key(key, version))
+
+    def _localized(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its adapter read from this replica's copy (the API's path is a copy on
+        the API's host; on another node it does not exist). Blocking."""
+        adapter = request.adapter
+        if adapter is None or os.path.isdir(adapter.path):
+            return request
+        try:
+            path = self.files.adapters.local(*split_engine_key(adapter.key))
+        except (FileNotFoundError, ValueError) as exc:
+            raise AdapterError(f"no adapter files for {adapter.key} in shared storage") from exc
+        return dataclasses.replace(request, adapter=AdapterRef(adapter.key, str(path)))
+
     async def _engine(self, model: str, request: GenerationRequest):
-        """The model's engine, and whether the request's adapter was already held (None: no adapter)."""
+        """The model's engine, the request as this replica runs it, and whether its adapter was
+        already held here (None: no adapter)."""
         held = None
         if request.adapter is not None:
             key = request.adapter.key
@@ -60,12 +86,13 @@ class EngineReplica:
             self._held.move_to_end(key)
             while len(self._held) > self._slots:
                 self._held.popitem(last=False)
-        return (await asyncio.to_thread(self.pool.get, model)).engine, held
+            request = await asyncio.to_thread(self._localized, request)
+        return (await asyncio.to_thread(self.pool.get, model)).engine, request, held
 
     async def generate(self, model: str, request: GenerationRequest):
         """Generated (the RequestOutput), or a Refusal. Cancelled by the caller: the engine drops the request."""
         try:
-            engine, held = await self._engine(model, request)
+            engine, request, held = await self._engine(model, request)
             return Generated(await engine.generate(request), held)
         except Exception as exc:
             if (r := refusal(exc)) is None:
@@ -76,7 +103,7 @@ class EngineReplica:
         """Admitted (or a Refusal, and nothing more), then the engine's events; the caller closing
         or cancelling the stream aborts the request."""
         try:
-            engine, held = await self._engine(model, request)
+            engine, request, held = await self._engine(model, request)
             events = await engine.open_stream(request)
         except Exception as exc:
             if (r := refusal(exc)) is None:

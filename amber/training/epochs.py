@@ -1,16 +1,17 @@
-"""The output directory of a training run: one complete checkpoint per epoch, and resuming from them.
+"""A training run's epochs in storage: one complete checkpoint per epoch, and resuming from them.
 
-Layout: `out_dir/epoch-N/` holds a standard PEFT adapter (adapter_config.json,
+Layout, within the run's storage (the worker's is `custom-models/ID` in shared storage,
+amber/files): `epoch-N/` holds a standard PEFT adapter (adapter_config.json,
 adapter_model.safetensors), `epoch.json` (this epoch's losses and the run's identity) and, for the
 newest epoch only, `trainer_state.pt` (optimizer and scheduler) to resume from. Each epoch is
-written into a hidden temporary directory and renamed into place, so a process killed at any
-moment leaves either a complete epoch or none: an `epoch-N` directory is complete by existing.
-Knows nothing of data, losses or the training loop.
+written to a local temporary directory, then put into storage whole (`Storage.put_dir`), so a
+process killed at any moment leaves either a complete epoch or none, and a worker on any host
+resumes after the last complete one. Knows nothing of data, losses or the training loop.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -18,12 +19,15 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
+from amber.files import layout
+from amber.files.storage import Storage
 from amber.training.data import TrainingError
 
 STATE = "trainer_state.pt"
 RECORD = "epoch.json"
+WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -31,56 +35,46 @@ class EpochResult:
     epoch: int
     train_loss: float              # mean completion-token NLL over the epoch's training steps
     validation_loss: float | None  # mean completion-token NLL on validation rows; None without any
-    path: Path                     # this epoch's adapter directory
+    key: str                       # this epoch's adapter directory in the run's storage
     seconds: float                 # wall time of the epoch's steps and validation
 
 
-def epoch_dir(out_dir: Path, epoch: int) -> Path:
-    return out_dir / f"epoch-{epoch}"
-
-
-def completed_epochs(out_dir: Path, run: dict) -> list[EpochResult]:
-    """Results of the epochs already in `out_dir`, in order. `run` identifies the run (settings and
-    data); a directory from another run is refused rather than silently continued."""
-    for stale in out_dir.glob(".epoch-*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+def completed_epochs(out: Storage, run: dict) -> list[EpochResult]:
+    """Results of the epochs already in `out`, in order. `run` identifies the run (settings and
+    data); epochs of another run are refused rather than silently continued."""
     results = []
-    while (path := epoch_dir(out_dir, len(results) + 1)).is_dir():
-        record = json.loads((path / RECORD).read_text())
+    while out.exists(key := layout.epoch(len(results) + 1)):
+        with out.open(f"{key}/{RECORD}") as file:
+            record = json.load(file)
         if record["run"] != run:
-            raise TrainingError(f"{out_dir} holds epochs of a different training run (other settings "
-                                f"or data); resume with the same ones or use an empty directory")
-        results.append(EpochResult(**record["result"], path=path))
+            raise TrainingError(f"{out} holds epochs of a different training run (other settings or data); "
+                                "resume with the same ones or use an empty directory")
+        results.append(EpochResult(**record["result"], key=key))
     return results
 
 
-def restore(path: Path, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler) -> None:
-    """Put the adapter weights, optimizer and scheduler back as they were when `path` was saved."""
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    state = torch.load(path / STATE, weights_only=True)
+def restore(out: Storage, key: str, model: PeftModel, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Put the adapter weights, optimizer and scheduler back as they were when epoch `key` was saved."""
+    with out.open(f"{key}/{WEIGHTS}") as file:
+        set_peft_model_state_dict(model, load_safetensors(file.read()))
+    with out.open(f"{key}/{STATE}") as file:
+        state = torch.load(io.BytesIO(file.read()), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
 
 
-def save_epoch(out_dir: Path, result: EpochResult, run: dict, model: PeftModel,
+def save_epoch(out: Storage, result: EpochResult, run: dict, model: PeftModel,
                optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Write epoch `result.epoch` atomically, then drop the previous epoch's optimizer state,
     which nothing needs once a newer epoch can be resumed from."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".epoch-{result.epoch}-", dir=out_dir))  # 0700, as AMBER_HOME keeps all
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / STATE)
-    fields = {k: v for k, v in asdict(result).items() if k != "path"}
-    (tmp / RECORD).write_text(json.dumps({"run": run, "result": fields}, indent=1))
-    for file in tmp.iterdir():  # on disk before the rename makes them visible as complete
-        _fsync(file)
-    os.rename(tmp, result.path)
-    _fsync(out_dir)
-    (epoch_dir(out_dir, result.epoch - 1) / STATE).unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    tmp = Path(tempfile.mkdtemp(prefix=f"amber-epoch-{result.epoch}-"))  # 0700, as AMBER_HOME keeps all
     try:
-        os.fsync(fd)
+        model.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / STATE)
+        fields = {k: v for k, v in asdict(result).items() if k != "key"}
+        (tmp / RECORD).write_text(json.dumps({"run": run, "result": fields}, indent=1))
+        out.put_dir(result.key, tmp)
     finally:
-        os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if result.epoch > 1:
+        out.delete(f"{layout.epoch(result.epoch - 1)}/{STATE}")

@@ -32,10 +32,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from amber.engine.models import family_for
+from amber.files import layout
+from amber.files.local import LocalStorage
+from amber.files.storage import Storage
 from amber.training.data import (Batch, Example, ExampleEncoder, TokenizedExample, TrainingError,
                                  bucketed_batches, collate, fingerprint)
 from amber.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE
-from amber.training.epochs import EpochResult, completed_epochs, epoch_dir, restore, save_epoch
+from amber.training.epochs import EpochResult, completed_epochs, restore, save_epoch
 
 __all__ = ["Example", "TrainConfig", "Progress", "EpochResult", "TrainingError", "train_lora", "target_modules"]
 
@@ -75,12 +78,13 @@ class Progress:
 
 
 def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[Example],
-               config: TrainConfig, out_dir: Path,
+               config: TrainConfig, out: Storage | Path,
                on_progress: Callable[[Progress], None] | None = None,
                on_epoch: Callable[[EpochResult], None] | None = None) -> list[EpochResult]:
-    """Train a LoRA adapter on `train`, writing `out_dir/epoch-N/` (a PEFT adapter) after each
-    epoch; returns every epoch's result. If `out_dir` already holds epochs of this same run, training
-    resumes after the last of them. Raises TrainingError for problems the caller can act on."""
+    """Train a LoRA adapter on `train`, writing `epoch-N/` (a PEFT adapter) into `out` (a storage,
+    or a local directory) after each epoch; returns every epoch's result. If `out` already holds
+    epochs of this same run, training resumes after the last of them. Raises TrainingError for
+    problems the caller can act on."""
     if not train:
         raise TrainingError("there are no training examples")
     if config.base_dtype not in DTYPES:
@@ -88,10 +92,9 @@ def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[
     encoder = ExampleEncoder(checkpoint, config.max_length)
     train_set = encoder.encode_all(train, "training")
     validation_set = encoder.encode_all(validation, "validation")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = LocalStorage(out) if isinstance(out, Path) else out
     run = {"config": asdict(config), "train": fingerprint(train_set), "validation": fingerprint(validation_set)}
-    results = completed_epochs(out_dir, run)[:config.epochs]
+    results = completed_epochs(out, run)[:config.epochs]
     if len(results) == config.epochs:
         return results
 
@@ -104,7 +107,7 @@ def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(config.warmup_steps, total_steps))
     if results:
-        restore(results[-1].path, model, optimizer, scheduler)
+        restore(out, results[-1].key, model, optimizer, scheduler)
 
     began, steps_here = time.perf_counter(), 0
     lengths = [len(ex.ids) for ex in train_set]
@@ -131,9 +134,9 @@ def train_lora(checkpoint: Path, train: Sequence[Example], validation: Sequence[
                                      elapsed / steps_here * (total_steps - step)))
         result = EpochResult(epoch, nll_sum / token_count,
                              validation_loss(causal, validation_set, config.batch_size, encoder.eos_id),
-                             epoch_dir(out_dir, epoch), 0.0)
+                             layout.epoch(epoch), 0.0)
         result.seconds = time.perf_counter() - epoch_began
-        save_epoch(out_dir, result, run, model, optimizer, scheduler)
+        save_epoch(out, result, run, model, optimizer, scheduler)
         results.append(result)
         if on_epoch:
             on_epoch(result)

@@ -18,7 +18,7 @@ LIMITS = Limits()
 
 @pytest.fixture(scope="module")
 def client():
-    return TestClient(create_app(None, None))  # no lifespan: nothing loads
+    return TestClient(create_app(None, None, None))  # no lifespan: nothing loads
 
 
 @pytest.fixture(scope="module")

@@ -211,8 +211,8 @@ def test_custom_model_trains_and_serves(tiny, tmp_path):
     expected = {f"{PEFT_PREFIX}{family.hf_layers}.{i}.{part}.lora_{ab}.weight" for i in range(cfg.num_hidden_layers)
                 for target in family.lora_targets if f"model.layers.{i}.{target}" in modules
                 for part in family.hf_parts(cfg, target) for ab in "AB"}
-    assert set(load_file(results[-1].path / "adapter_model.safetensors")) == expected
-    ref = AdapterRef("trained", str(results[-1].path))
+    assert set(load_file(tmp_path / results[-1].key / "adapter_model.safetensors")) == expected
+    ref = AdapterRef("trained", str(tmp_path / results[-1].key))
     engine = Engine(load_model(checkpoint), tiny.tokenizer, max_batch=4, max_context=128).start()
     prompt = tiny.tokenizer.encode(TRAIN[0].prompt)
     try:

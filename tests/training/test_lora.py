@@ -118,18 +118,18 @@ def test_writes_standard_peft_adapters_each_epoch(tiny_checkpoint, tmp_path):
     assert [r.epoch for r in results] == [1, 2, 3]
     assert [p.step for p in seen] == list(range(1, 7)) and seen[-1].eta_seconds == 0
     assert results[-1].train_loss < results[0].train_loss and results[-1].validation_loss is not None
-    config = json.loads((results[-1].path / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / results[-1].key / "adapter_config.json").read_text())
     targets = target_modules(tiny_checkpoint)  # the Llama family's q, k, v, o, gate, up, down
     assert len(targets) == 7
     assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8, sorted(targets))
     assert not config["use_dora"] and not config["use_rslora"]
-    weights = load_file(results[-1].path / "adapter_model.safetensors")
+    weights = load_file(tmp_path / results[-1].key / "adapter_model.safetensors")
     assert len(weights) == 2 * 2 * len(targets)  # A and B, two layers
     a = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     b = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert a.dtype == torch.float32 and a.shape == (4, 64) and b.shape == (64, 4) and b.abs().sum() > 0
     # Only the newest epoch keeps optimizer state; every epoch stays a servable adapter.
-    assert [(r.path / epochs.STATE).exists() for r in results] == [False, False, True]
+    assert [(tmp_path / r.key / epochs.STATE).exists() for r in results] == [False, False, True]
     assert not train_lora(tiny_checkpoint, TRAIN, [], replace(FAST, epochs=1), tmp_path / "x")[0].validation_loss
 
 
@@ -145,7 +145,8 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_checkpoint, tmp_path):
     resumed = train_lora(tiny_checkpoint, TRAIN, VALIDATION, FAST, tmp_path / "cut")
 
     assert [r.train_loss for r in resumed] == [r.train_loss for r in whole]
-    final, expected = (load_file(r[-1].path / "adapter_model.safetensors") for r in (resumed, whole))
+    final, expected = (load_file(tmp_path / run / r[-1].key / "adapter_model.safetensors")
+                       for run, r in (("cut", resumed), ("whole", whole)))
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in final)
 
@@ -158,7 +159,7 @@ def test_a_crash_while_saving_leaves_no_epoch(tiny_checkpoint, tmp_path, monkeyp
         train_lora(tiny_checkpoint, TRAIN, [], replace(FAST, epochs=1), tmp_path)
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
     monkeypatch.undo()
-    assert train_lora(tiny_checkpoint, TRAIN, [], replace(FAST, epochs=1), tmp_path)[0].path.is_dir()
+    assert (tmp_path / train_lora(tiny_checkpoint, TRAIN, [], replace(FAST, epochs=1), tmp_path)[0].key).is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["epoch-1"]  # the half-written temp dir is gone
 
 
@@ -183,5 +184,5 @@ def test_real_model_adapter_loads_with_peft_and_lowers_the_loss(default_checkpoi
     base = LlamaForCausalLM.from_pretrained(default_checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         before = completion_nll(base, batch)
-        after = completion_nll(PeftModel.from_pretrained(base, result[0].path).get_base_model(), batch)
+        after = completion_nll(PeftModel.from_pretrained(base, tmp_path / result[0].key).get_base_model(), batch)
     assert after < 0.7 * before

@@ -14,7 +14,7 @@ from amber.api.ai21 import chat_convert as cc
 from amber.api.ai21 import chat_schemas as cs
 from amber.api.ai21 import convert
 from amber.api import docs
-from amber.api.deps import Account, Pool, Store
+from amber.api.deps import Account, Files, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.api.generation import generate_all, open_streams
@@ -26,9 +26,9 @@ from amber.engine.chat_template import NoChatTemplate
 router = APIRouter(prefix="/studio/v1", route_class=TextRoute, responses=docs.ai21(401))
 
 
-async def _model(pool: Pool, store: Store, account: Account, name: str) -> ResolvedModel:
+async def _model(pool: Pool, store: Store, files: Files, account: Account, name: str) -> ResolvedModel:
     try:
-        return await resolve_model(pool, store, account, name)
+        return await resolve_model(pool, store, files, account, name)
     except ModelNotFound:
         raise not_found(f"model {name!r} does not exist (GET /studio/v1/models lists them)") from None
 
@@ -58,10 +58,10 @@ def _check_batch(model: ResolvedModel, n: int, field: str) -> None:
 
 @router.post("/chat/completions", responses={**docs.STREAM, **docs.ai21(400, 404, 409, 429, 499, 500)})
 async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, pool: Pool, store: Store,
-                           http: Request):
+                           files: Files, http: Request):
     usage = meter(http, body.model)
     cc.refuse_unsupported(body)
-    model = await _model(pool, store, account, body.model)
+    model = await _model(pool, store, files, account, body.model)
     _check_batch(model, body.n, "n")
     ids, max_tokens = await _prompt(model, cc.jamba_messages(body), body.max_tokens)
     rid = f"chat-{uuid.uuid4().hex}"
@@ -82,9 +82,9 @@ async def chat_completions(body: cs.ChatCompletionsRequest, account: Account, po
 
 @router.post("/{model}/chat", responses=docs.ai21(400, 404, 409, 429, 499, 500))
 async def j2_chat(model: str, body: cs.J2ChatRequest, account: Account, pool: Pool, store: Store,
-                  http: Request) -> dict:
+                  files: Files, http: Request) -> dict:
     usage = meter(http, model)
-    resolved = await _model(pool, store, account, model)
+    resolved = await _model(pool, store, files, account, model)
     _check_batch(resolved, body.numResults, "numResults")
     ids, _ = await _prompt(resolved, cc.j2_messages(body), body.maxTokens)
     params = convert.sampling_params(body, resolved.loaded.tokenizer)

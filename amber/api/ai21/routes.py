@@ -11,7 +11,7 @@ from amber.api.ai21 import schemas as s
 from amber.api.ai21.j2_tokenizer import j2_tokenize
 from amber.api.custom import resolve_custom
 from amber.api import docs
-from amber.api.deps import Account, Pool, Store
+from amber.api.deps import Account, Files, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.api.generation import generate_all
@@ -40,11 +40,11 @@ async def complete(model: str, body: s.CompleteRequest, account: Account, pool: 
 @router.post("/{model}/{custom}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False,
              responses=docs.ai21(400, 404, 409, 429, 499, 500))
 async def complete_custom(model: str, custom: str, body: s.CompleteRequest, account: Account, pool: Pool,
-                          store: Store, http: Request) -> s.CompleteResponse:
+                          store: Store, files: Files, http: Request) -> s.CompleteResponse:
     usage = meter(http, custom)
     if pool.registry.resolve(model) is None:
         raise not_found(f"model {model!r} does not exist (GET /studio/v1/models lists them)")
-    loaded, adapter, _ = await resolve_custom(pool, store, account, model, custom, body.epoch)
+    loaded, adapter, _ = await resolve_custom(pool, store, files, account, model, custom, body.epoch)
     return await _complete(loaded, body, http, adapter, usage)
 
 

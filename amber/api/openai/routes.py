@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from amber.api import docs
-from amber.api.deps import Account, Pool, Store
+from amber.api.deps import Account, Files, Pool, Store
 from amber.api.generation import generate_all, open_streams
 from amber.api.metering import meter
 from amber.api.models import ModelNotFound, ResolvedModel, available_models, resolve_model
@@ -27,9 +27,9 @@ from amber.serving import LoadedModel
 router = APIRouter(route_class=TextRoute, responses=docs.openai(401))
 
 
-async def _model(pool: Pool, store: Store, account: Account, name: str) -> ResolvedModel:
+async def _model(pool: Pool, store: Store, files: Files, account: Account, name: str) -> ResolvedModel:
     try:
-        return await resolve_model(pool, store, account, name)
+        return await resolve_model(pool, store, files, account, name)
     except ModelNotFound:
         raise OpenAIError(404, f"The model {name!r} does not exist (GET /v1/models lists them)", "model",
                           "model_not_found") from None
@@ -65,10 +65,11 @@ async def get_model(model: str, account: Account, pool: Pool, store: Store) -> d
 
 
 @router.post("/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
-async def completions(body: s.CompletionRequest, account: Account, pool: Pool, store: Store, http: Request):
+async def completions(body: s.CompletionRequest, account: Account, pool: Pool, store: Store, files: Files,
+                      http: Request):
     usage = meter(http, body.model)
     c.refuse_unsupported(body)
-    model = await _model(pool, store, account, body.model)
+    model = await _model(pool, store, files, account, body.model)
     loaded, tokenizer = model.loaded, model.loaded.tokenizer
     prompts = await run_in_threadpool(c.prompts, body.prompt, tokenizer)
     for _, ids, _ in prompts:
@@ -99,10 +100,10 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
 
 @router.post("/chat/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
 async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool: Pool, store: Store,
-                           http: Request):
+                           files: Files, http: Request):
     usage = meter(http, body.model)
     c.refuse_unsupported(body)
-    model = await _model(pool, store, account, body.model)
+    model = await _model(pool, store, files, account, body.model)
     loaded, tokenizer = model.loaded, model.loaded.tokenizer
     try:
         ids = await run_in_threadpool(loaded.chat.render, c.messages(body))

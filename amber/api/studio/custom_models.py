@@ -5,15 +5,17 @@ Creating one queues a training job in the store; `amber worker` (a separate proc
 from __future__ import annotations
 
 import re
-import shutil
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from amber.api import docs
-from amber.api.deps import Account, Pool, Store
+from amber.api.custom import forget_deleted
+from amber.api.deps import Account, Files, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
+from amber.files import layout
 from amber.store.custom_models import CustomModelInfo, NameTaken
 from amber.training.defaults import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, MAX_EPOCHS
 
@@ -121,10 +123,12 @@ async def update_custom_model(model_id: str, body: UpdateCustomModel, account: A
 
 
 @router.delete("/custom-model/{model_id}", responses=docs.ai21(404))
-async def delete_custom_model(model_id: str, account: Account, pool: Pool, store: Store) -> dict:
-    """Deletes the record and its adapters and cancels its training job; a worker training it stops
+async def delete_custom_model(model_id: str, account: Account, pool: Pool, store: Store, files: Files) -> dict:
+    """Deletes the record and its adapters (in shared storage, and this replica's copies at once;
+    other replicas notice within seconds) and cancels its training job; a worker training it stops
     at its next report."""
     model = owned_model(store, account, model_id)
     store.custom_models.delete(account.id, model.id)
-    shutil.rmtree(pool.config.custom_model_dir(model.id), ignore_errors=True)
+    await run_in_threadpool(files.storage.delete, layout.custom_model(model.id))
+    await run_in_threadpool(forget_deleted, pool, files)
     return {"id": model_id, "deleted": True}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, BinaryIO, Literal
@@ -26,11 +25,12 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from amber.api import docs
-from amber.api.deps import Account, Pool, Store
+from amber.api.deps import Account, Files, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
 from amber.datasets.parse import DatasetError
 from amber.datasets.store import save_dataset
+from amber.files import layout
 from amber.store.custom_models import DatasetInfo, NameTaken
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ async def dataset_rows(dataset_id: str, account: Account, store: Store,
 
 
 @router.delete("/dataset/{dataset_id}", responses=docs.ai21(404, 409))
-async def delete_dataset(dataset_id: str, account: Account, pool: Pool, store: Store) -> dict:
+async def delete_dataset(dataset_id: str, account: Account, store: Store, files: Files) -> dict:
     """Deletes the rows and the file. Custom models trained on it keep working (their adapters do
     not need it); one still waiting to train would fail, so that is refused."""
     ident = _id(dataset_id)
@@ -260,5 +260,5 @@ async def delete_dataset(dataset_id: str, account: Account, pool: Pool, store: S
     if pending:
         raise HTTPException(409, f"dataset {dataset_id} is in use by custom models still training: {pending}")
     store.datasets.delete(account.id, ident)
-    shutil.rmtree(pool.config.dataset_dir(ident), ignore_errors=True)
+    await run_in_threadpool(files.storage.delete, layout.dataset(ident))
     return {"id": dataset_id, "deleted": True}

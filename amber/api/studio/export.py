@@ -4,8 +4,8 @@ writes it to a directory."""
 from __future__ import annotations
 
 import io
+import shutil
 import zipfile
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
@@ -13,29 +13,31 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from amber.api import docs
-from amber.api.deps import Account, Pool, Store
+from amber.api.deps import Account, Files, Store
 from amber.api.errors import invalid
 from amber.api.routing import TextRoute
 from amber.api.studio.custom_models import owned_model
+from amber.files import layout
+from amber.files.storage import Storage
 
 router = APIRouter(prefix="/studio/v1", route_class=TextRoute, responses=docs.ai21(401))
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _ZIP = {200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
               "description": "The adapter's files, zipped"}}
 
 
-def _zip(directory: Path) -> bytes:
+def _zip(storage: Storage, key: str) -> bytes:
     """Stored, not deflated: safetensors weights barely compress."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name in ADAPTER_FILES:
-            archive.write(directory / name, name)
+        for name in layout.ADAPTER_FILES:
+            with storage.open(f"{key}/{name}") as source, archive.open(name, "w") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
     return buffer.getvalue()
 
 
 @router.get("/custom-model/{model_id}/export", response_class=Response,
             responses={**_ZIP, **docs.ai21(404, 409, 422)})
-async def export_custom_model(model_id: str, account: Account, pool: Pool, store: Store,
+async def export_custom_model(model_id: str, account: Account, store: Store, files: Files,
                               epoch: Annotated[int | None, Query(ge=1)] = None) -> Response:
     """The adapter of `epoch` (default: the model's default epoch, else its latest trained one), to
     load with peft.PeftModel.from_pretrained onto the base model."""
@@ -46,9 +48,10 @@ async def export_custom_model(model_id: str, account: Account, pool: Pool, store
     if epoch is not None and epoch > done:
         raise invalid(("query", "epoch"), f"epoch must be a trained epoch, 1..{done}")
     epoch = epoch or model.default_epoch or done
-    directory = pool.config.adapter_dir(model.id, epoch)
-    if not all((directory / name).is_file() for name in ADAPTER_FILES):
-        raise HTTPException(409, f"epoch {epoch} of {model.name!r} has no adapter files on this server")
-    content = await run_in_threadpool(_zip, directory)
+    key = layout.adapter(model.id, epoch)
+    held = await run_in_threadpool(files.storage.list, key)
+    if not all(name in held for name in layout.ADAPTER_FILES):
+        raise HTTPException(409, f"epoch {epoch} of {model.name!r} has no adapter files in storage")
+    content = await run_in_threadpool(_zip, files.storage, key)
     return Response(content, media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{model.name}-epoch{epoch}.zip"'})

@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from amber.api import docs
-from amber.api.custom import adapter_for
+from amber.api.custom import trained_epoch
 from amber.api.deps import Account, Pool, Store
 from amber.api.errors import invalid, not_found
 from amber.api.routing import TextRoute
@@ -26,6 +26,7 @@ from amber.datagen.generate import MAX_ROWS, MAX_SAMPLES, GenerationSpec, SpecEr
 from amber.datagen.job import KIND, save_rows, spec_json
 from amber.datasets.parse import DatasetError
 from amber.evaluation import Example
+from amber.files import layout
 from amber.store.custom_models import NameTaken
 from amber.store.generated import APPROVED, REJECTED, VIEWS
 
@@ -69,7 +70,7 @@ def _spec(body: GenerateRequest) -> GenerationSpec:
 
 
 async def _model(body: GenerateRequest, account, pool, store) -> tuple[str, str, dict | None]:
-    """(name as asked, registry model, adapter {key, path} or None)."""
+    """(name as asked, registry model, adapter {key: its directory in shared storage} or None)."""
     spec = pool.registry.resolve(body.model)
     if spec is not None:
         return body.model, spec.name, None
@@ -79,10 +80,10 @@ async def _model(body: GenerateRequest, account, pool, store) -> tuple[str, str,
         raise invalid(("body", "model"), f"model {body.model!r} is neither a general model ({names}) nor one "
                                          "of your custom models")
     try:
-        ref = adapter_for(pool, custom, body.epoch)
+        epoch = trained_epoch(custom, body.epoch)
     except HTTPException as exc:
         raise invalid(("body", "model"), f"custom model {body.model!r} cannot generate yet: {exc.detail}") from exc
-    return body.model, custom.base_model, {"key": ref.key, "path": ref.path}
+    return body.model, custom.base_model, {"key": layout.adapter(custom.id, epoch)}
 
 
 def job_json(job, counts: dict[str, int] | None = None) -> dict:
