@@ -112,7 +112,9 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     trainer = WorkerProcess(log_level, stale_after).start() if worker else None
     try:
         if ray:
-            from amber.replicas.app import serve_on_ray
+            from amber.replicas.app import serve_on_ray, ray_missing
+            if (missing := ray_missing()) is not None:
+                raise typer.BadParameter(missing, param_hint="--ray")
             serve_on_ray(config, registry, address=address, replicas=replicas, keep_alive=keep_alive,
                          adapter_slots=adapter_slots)
         else:

@@ -91,7 +91,7 @@ def make_custom_models(n: int) -> list[str]:
     spec = registry.models[registry.default]
     model = load_model(ensure_checkpoint(spec, config.checkpoints_dir), "float32", "cpu", tune=False)
     rows = HOME / "rows.jsonl"
-    rows.write_text("\n".join(f'{{"prompt": "Item {i}:", "completion": " {i}"}}' for i in range(20)))
+    rows.write_text("\n".join(f'{{"prompt": "Item {i}:", "completion": " {i}"}}' for i in range(60)))
     subprocess.run([AMBER, "datasets", "upload", str(rows), "--name", "bench", "--account", "bench"], check=True,
                    env={**os.environ, "AMBER_HOME": str(HOME)}, capture_output=True)
     store, storage = Store.open(config.database_url), open_storage(config)

@@ -54,6 +54,15 @@ def application(config: Config, registry: Registry, replicas: int, cpus: int, ad
     return ingress.bind(config, registry, engines)
 
 
+def ray_missing() -> str | None:
+    """What to install, if Ray Serve is not importable here."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        return f"needs Ray Serve, which is not installed ({exc}): pip install 'amber[ray]'"
+    return None
+
+
 def cores_per_replica(replicas: int) -> int:
     """An even share of the largest node's cores (a replica runs on one node), at least one."""
     import ray
