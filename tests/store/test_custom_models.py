@@ -9,20 +9,7 @@ from sqlalchemy import MetaData, create_engine
 
 from amber.store.custom_models import INSERT_BATCH, ExampleRow
 from amber.store.repo import Store
-from tests.store.old_files import before_migrations
 from amber.store.tables import Base
-
-
-@pytest.fixture
-def url(database_url):
-    return database_url
-
-
-@pytest.fixture
-def store(url):
-    s = Store.open(url)
-    yield s
-    s.close()
 
 
 def dataset(store, account: int, name: str, n: int = 3):

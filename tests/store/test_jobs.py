@@ -7,7 +7,6 @@ import sqlite3
 import threading
 from datetime import timedelta
 
-import pytest
 
 from amber import worker as worker_module
 from amber.store.custom_models import ExampleRow
@@ -16,18 +15,6 @@ from tests.store.old_files import before_migrations
 
 FRESH = timedelta(hours=1)
 alive = lambda worker: True
-
-
-@pytest.fixture
-def url(database_url):
-    return database_url
-
-
-@pytest.fixture
-def store(url):
-    s = Store.open(url)
-    yield s
-    s.close()
 
 
 def custom_model(store, account: int, name: str = "m"):

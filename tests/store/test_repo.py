@@ -19,18 +19,6 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def url(database_url):
-    return database_url
-
-
-@pytest.fixture
-def store(url):
-    s = Store.open(url)
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def file_store(db_path):
     """SQLite only: a store whose file the test reads."""
     s = Store.open(f"sqlite:///{db_path}")
