@@ -43,10 +43,11 @@ register_model_commands(models_app)
 
 def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None = None,
                  max_batch: int = 32, max_queue: int = 256, prefix_blocks: int = 512,
-                 rate_limits: RateLimits = RateLimits(), kv_memory_mb: int = 512) -> Config:
+                 rate_limits: RateLimits = RateLimits(), kv_memory_mb: int = 512,
+                 threads: int | None = None) -> Config:
     from amber.serving import pick_device  # torch import only for commands that need it
     engine = replace(EngineConfig(), device=pick_device(device), max_batch=max_batch, max_queue=max_queue,
-                     prefix_blocks=prefix_blocks, kv_memory_mb=kv_memory_mb)
+                     prefix_blocks=prefix_blocks, kv_memory_mb=kv_memory_mb, threads=threads)
     return replace(home_config(), host=host, port=port, engine=engine, rate_limits=rate_limits)
 
 
@@ -71,6 +72,8 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
                                                            "may keep; 0: off")] = 512,
           kv_memory_mb: Annotated[int, typer.Option(min=1, help="MB of KV memory per model (a paged pool: "
                                                     "memory follows the tokens in use, up to this)")] = 512,
+          threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads per engine (with --ray: per "
+                                                         "replica); default: every core (with --ray: a share)")] = None,
           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
           worker: Annotated[bool, typer.Option(help="start a worker process beside the server for training and "
                                                "other jobs; --no-worker: an API-only node, whose jobs workers "
@@ -103,7 +106,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _fewer_malloc_arenas()
     config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks, RateLimits(rpm, tpm),
-                          kv_memory_mb)
+                          kv_memory_mb, threads)
     registry = load_registry(config.registry_path)
     if (address is not None or replicas != 2) and not ray:
         raise typer.BadParameter("needs --ray", param_hint="--address/--replicas")
