@@ -22,7 +22,12 @@ from tests.browser.conftest import LAPTOP, PHONE, Watch, axe_violations, screens
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-SST2 = REPO / "tests/data/sst2/train.jsonl"
+# SST-2's first 64 training rows, uploaded as a file: the 50 a dataset needs, and, after the 8
+# examples generation takes, 56 inputs to label, whose kept rows still make a dataset (50) once one
+# is rejected. Training and generation take time in proportion (the whole file has 100 rows).
+SST2_ROWS = (REPO / "tests/data/sst2/train.jsonl").read_text().splitlines(keepends=True)[:64]
+SST2 = {"name": "train.jsonl", "mimeType": "application/jsonl", "buffer": "".join(SST2_ROWS).encode()}
+INPUTS = len(SST2_ROWS) - 8
 WIDE = """() => [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > innerWidth + 1)
     .slice(0, 8).map(e => `${e.tagName}.${e.className}: ${Math.round(e.getBoundingClientRect().right)}`)"""
 HOSTILE = '<img src=x onerror=alert(1)> and <script>alert(2)</script>'
@@ -236,17 +241,17 @@ def test_a_bad_upload_shows_its_errors_per_row(page, studio, tmp_path):
 
 
 def test_upload_sst2_and_preview_it(page, studio, axe_source):
-    page.get_by_label("File (CSV, TSV or JSONL)").set_input_files(str(SST2))
+    page.get_by_label("File (CSV, TSV or JSONL)").set_input_files(SST2)
     page.get_by_label("Dataset name").fill("sst2")
     page.get_by_role("button", name="Upload").click()
     page.get_by_text("Dataset sst2 saved").wait_for()
     page.get_by_role("button", name="Preview sst2").click()
     preview = page.locator("table.preview")
     preview.wait_for()
-    first = json.loads(SST2.read_text().splitlines()[0])
+    first = json.loads(SST2_ROWS[0])
     assert preview.locator("tbody tr").first.locator("pre").first.inner_text() == first["prompt"]
     # a hostile dataset name is shown as text
-    page.get_by_label("File (CSV, TSV or JSONL)").set_input_files(str(SST2))
+    page.get_by_label("File (CSV, TSV or JSONL)").set_input_files(SST2)
     page.get_by_label("Dataset name").fill(HOSTILE)
     page.get_by_role("button", name="Upload").click()
     page.get_by_role("cell", name=HOSTILE, exact=True).wait_for()
@@ -300,11 +305,11 @@ def test_generate_data_then_review_and_save_it(page, studio, axe_source):
     done = page.locator("article.job[data-status=COMPLETED]").first
     done.wait_for(timeout=400_000)
     (job,) = httpx.get(f"{studio.url}/studio/v1/dataset/generate", headers=studio.headers).json()
-    assert job["result"]["generated"] == 92 and f"{job['result']['kept']} kept" in done.inner_text()
+    assert job["result"]["generated"] == INPUTS and f"{job['result']['kept']} kept" in done.inner_text()
     done.get_by_role("button", name="Review rows").click()
     table = page.locator("table.review")
     table.wait_for()
-    assert "92 all rows" in table.locator("caption").inner_text()
+    assert f"{INPUTS} all rows" in table.locator("caption").inner_text()
     page.get_by_label("Show").select_option("kept")
     expect(table.locator("caption")).to_contain_text(f"{job['result']['kept']} kept rows")
     first = table.locator("tbody tr").first
@@ -312,7 +317,7 @@ def test_generate_data_then_review_and_save_it(page, studio, axe_source):
     first.get_by_role("button", name=f"Reject row {index}").click()
     expect(table.locator(f"tbody tr[data-index='{index}']")).to_have_attribute("data-included", "false")
     table.scroll_into_view_if_needed()
-    screenshot(page, "generate", full_page=False)  # 92 rows: the window, not the whole page
+    screenshot(page, "generate", full_page=False)  # 56 rows: the window, not the whole page
     no_serious_violations(page, axe_source)
     page.get_by_label("Save approved rows as dataset").fill("sst2-labelled")
     page.get_by_role("button", name="Save dataset").click()
