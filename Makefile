@@ -100,9 +100,18 @@ $(SCHEMATHESIS)/.installed:
 serve: setup
 	$(BIN)/amber serve
 
-# The clients' venvs are independent: built four at a time (they were ~5 minutes of CI one by one).
-test: setup
-	$(MAKE) -j4 clients
+# The real models' checkpoints the tests read, converted from their GGUFs into the test cache once
+# per clone (tests/conftest.py does it too, if this was skipped).
+TEST_CKPT := .amber-test/checkpoints/.converted
+$(TEST_CKPT): $(STAMP)
+	$(BIN)/python -c 'from tests.conftest import convert_test_models; convert_test_models()'
+	touch $@
+
+# Everything before the suite is independent but for the checkpoints needing the venv: the clients'
+# venvs, the system packages and the conversions run four at a time (one by one they were ~7 of
+# CI's minutes).
+test:
+	$(MAKE) -j4 clients $(TEST_CKPT)
 	AMBER_CLIENT_AI21_V2=$(AI21_V2)/bin/python AMBER_CLIENT_AI21_V4=$(AI21_V4)/bin/python \
 	AMBER_CLIENT_OPENAI=$(OPENAI)/bin/python AMBER_CLIENT_LANGCHAIN=$(LANGCHAIN)/bin/python \
 	AMBER_CLIENT_LM_EVAL=$(LM_EVAL)/bin/python AMBER_CLIENT_LANGCHAIN_TESTS=$(LANGCHAIN_TESTS)/bin/python \

@@ -32,17 +32,29 @@ def pytest_configure(config) -> None:
             print(f"paged attention kernel failed to build:\n{exc.stderr}")
 
 
+def general_checkpoint(name: str) -> Path:
+    """The checkpoint of general model `name` in the test cache, converted from its GGUF if not yet."""
+    return ensure_checkpoint(parse_registry(DEFAULT_REGISTRY).models[name], TEST_CACHE / "checkpoints")
+
+
+def convert_test_models() -> None:
+    """Both general models' checkpoints, ahead of the suite (`make test` runs this beside the clients'
+    installs)."""
+    for name in (DEFAULT_MODEL, SECOND_MODEL):
+        general_checkpoint(name)
+
+
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     """Checkpoint directory of the real default model (SmolLM2-135M-Instruct, fp32)."""
-    return ensure_checkpoint(parse_registry(DEFAULT_REGISTRY).models[DEFAULT_MODEL], TEST_CACHE / "checkpoints")
+    return general_checkpoint(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def gemma_checkpoint() -> Path:
     """Checkpoint directory of the second general model (Gemma 3 270M, fp32), converted from the GGUF
     its chunk packages assemble (about a minute, once per machine)."""
-    return ensure_checkpoint(parse_registry(DEFAULT_REGISTRY).models[SECOND_MODEL], TEST_CACHE / "checkpoints")
+    return general_checkpoint(SECOND_MODEL)
 
 
 @pytest.fixture(scope="session")
