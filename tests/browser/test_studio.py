@@ -360,7 +360,9 @@ def test_compare_with_k_shot_prompting(page, studio, axe_source):
     sides = page.locator("section.side")
     sides.nth(1).wait_for()
     custom, base = (int(sides.nth(i).locator(".read").inner_text().replace(",", "")) for i in (0, 1))
-    assert base > 5 * custom  # the base model read eight examples first
+    # the base model read eight examples first (each "Review: ... Sentiment: label" is 5+ tokens);
+    # a ratio would depend on which example the page picked (a 65-token one: 324 against 65)
+    assert base > custom + 8 * 5
     for i in (0, 1):
         assert sides.nth(i).locator(".latency").inner_text().endswith(" ms")
         assert sides.nth(i).locator(".answer").inner_text().strip()
