@@ -72,7 +72,7 @@ def cores_per_replica(replicas: int) -> int:
 
 
 def serve_on_ray(config: Config, registry: Registry, *, address: str | None, replicas: int,
-                 keep_alive: int, adapter_slots: int = ADAPTER_SLOTS, on_ready=None) -> None:
+                 keep_alive: int, adapter_slots: int = ADAPTER_SLOTS) -> None:
     """Start (or join, with `address`) a Ray cluster, run the application, block until SIGINT or
     SIGTERM, then take the application down (and the cluster, if this process started it)."""
     import ray
@@ -86,8 +86,6 @@ def serve_on_ray(config: Config, registry: Registry, *, address: str | None, rep
         log.info("starting %d engine replicas of %d cores each", replicas, cpus)
         serve.run(application(config, registry, replicas, cpus, adapter_slots), name=APP_NAME, route_prefix="/")
         log.info("Amber on Ray Serve at http://%s:%d", config.host, config.port)
-        if on_ready is not None:
-            on_ready()
         _wait_for_signal()
     finally:
         try:

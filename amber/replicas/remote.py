@@ -126,7 +126,7 @@ class RemoteEngine:
 class RemotePool:
     """ModelPool's surface over the engine deployment: models resolve here, run in replicas."""
 
-    def __init__(self, config: Config, registry: Registry, handle: Any, board: Any = None):
+    def __init__(self, config: Config, registry: Registry, handle: Any, board: Any):
         self.config, self.registry, self._handle, self._board = config, registry, handle, board
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -159,7 +159,7 @@ class RemotePool:
         if time.monotonic() - at > 0.25:
             try:
                 import ray
-                latest = ray.get(self._board.read.remote(), timeout=STATS_TIMEOUT_S) if self._board else {}
+                latest = ray.get(self._board.read.remote(), timeout=STATS_TIMEOUT_S)
             except Exception as exc:
                 log.warning("reading the replicas' stats: %s", exc)
             self._stats = (time.monotonic(), latest)
