@@ -134,7 +134,7 @@ def main() -> None:
     from amber.engine.types import AdapterRef
 
     model = load_model(CHECKPOINT, "int4", kernel_cache=KERNELS)
-    cfg, act = model.config, model.model.embed_tokens.weight.dtype
+    cfg, act = model.config, model.activation_dtype
     cache = KVCache(cfg.num_hidden_layers, args.rows, cfg.num_key_value_heads, 64, cfg.head_dim,
                     model.kv_dtype or torch.float32)
     result = {"model": "smollm2-135m-instruct int4", "rows": args.rows, "adapters": args.rows, "rank": 16,

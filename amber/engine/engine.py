@@ -36,7 +36,7 @@ from amber.engine.scheduler import QueueFull, Scheduler  # noqa: F401 (QueueFull
 from amber.engine.sequence import RequestState, Sample, length_finish
 from amber.engine.stops import check_finish, completion_output
 from amber.engine.tokenizer import Tokenizer
-from amber.engine.types import GenerationRequest, RequestOutput, TokenLogprob
+from amber.engine.types import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Engine:
         self.max_batch, self.max_context, self.max_queue = max_batch, max_context, max_queue
         self.threads, self._own_threads = threads, torch.get_num_threads()
         self.bos_id = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_id
-        states, kv_dtype = family.layer_states(cfg), model.kv_dtype or model.model.embed_tokens.weight.dtype
+        states, kv_dtype = family.layer_states(cfg), model.kv_dtype or model.activation_dtype
         self.cache = KVCache.for_layers(states, max_batch, max_context, kv_dtype, self.device,
                                         blocks=_pool_blocks(states, kv_dtype, max_batch, max_context, kv_memory_mb))
         # recurrent states exist only after a whole prefix, not per block: no prefix cache for them
@@ -112,6 +112,7 @@ class Engine:
                 ready.put(exc)
                 return
             engine._thread = threading.current_thread()
+            engine._warm_up()
             ready.put(engine)
             engine._loop()
 
@@ -243,6 +244,19 @@ class Engine:
             while self.busy:
                 if not self._step():
                     time.sleep(0.005)
+
+    def _warm_up(self) -> None:
+        """Before the first client's request: a short request of one row, then one of two, on the
+        engine thread. The first decode steps compile TorchScript's decode functions (~3 s on
+        SmolLM2), which the first request would otherwise wait for."""
+        ids = tuple(self.tokenizer.encode("Hello"))[:8] or (self.bos_id,)
+        with torch.inference_mode():
+            for results in (1, 2):
+                params = SamplingParams(max_tokens=4, temperature=0.0, num_results=results)
+                self.submit(GenerationRequest(f"warm-up-{results}", ids, params, score_prompt=False), lambda out: None)
+                while self.busy:
+                    self._step()
+        self.step_times.clear()
 
     def _loop(self) -> None:
         with torch.inference_mode():

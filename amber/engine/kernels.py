@@ -109,7 +109,7 @@ def shape_key(layer: QuantizedLinear, activation: torch.dtype) -> str:
 
 def quantized_layers(model: nn.Module) -> dict[str, list[QuantizedLinear]]:
     """The model's tunable layers (quantized, with a CPU kernel), grouped by shape key."""
-    activation = model.model.embed_tokens.weight.dtype
+    activation = model.activation_dtype
     groups: dict[str, list[QuantizedLinear]] = {}
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and module.has_fused_kernel():
@@ -128,7 +128,7 @@ def tune(model: nn.Module, cache_dir: Path | None = None, retune: bool = False) 
     path = cache_dir / f"{key}.json" if cache_dir else None
     known = {} if retune else _load(key, path)
     measured = False
-    activation = model.model.embed_tokens.weight.dtype  # the dtype the layers are fed
+    activation = model.activation_dtype  # the dtype the layers are fed
     for shape, layers in groups.items():
         if shape not in known.get("shapes", {}):
             rows = HEAD_ROWS if layers[0].out_features >= 16 * layers[0].in_features else ROWS

@@ -50,7 +50,7 @@ class AdapterSlots:
         self.targets = family_of(model).lora_targets
         # the activations' dtype (fp32 beside int8 weights): bf16 adapters were measured slower here,
         # small bf16 matmuls plus the casts costing more than the bytes they save
-        self.dtype = dtype or model.model.embed_tokens.weight.dtype
+        self.dtype = dtype or model.activation_dtype
         self.device = model.model.embed_tokens.weight.device
         self.store = ResidentAdapters(model, self.dtype, resident, pin=self.device.type == "cuda")
         self._lane_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> lane, least recently used first

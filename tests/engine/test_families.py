@@ -96,7 +96,7 @@ def reference(tiny):
 def prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
     """(len(ids), vocab) log-probabilities of one forward over `ids`, in a fresh cache."""
     cache = KVCache.for_layers(family_of(model).layer_states(model.config), 1, len(ids),
-                               model.kv_dtype or model.model.embed_tokens.weight.dtype)
+                               model.kv_dtype or model.activation_dtype)
     hidden = model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), cache, slice(0, 1))
     return model.logits(hidden[0]).log_softmax(-1)
 

@@ -12,7 +12,7 @@ from amber.engine.kv_cache import KVCache
 from amber.engine.loader import load_model
 from amber.engine.models import family_of
 from amber.engine.kernels import UNLIMITED, Choice
-from amber.engine.quantize import Int4Linear, Int8Linear, QuantizedLinear
+from amber.engine.quantize import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear, compact_embedding
 from amber.engine.tokenizer import Tokenizer
 from amber.engine.types import GenerationRequest, SamplingParams
 from tests.conftest import REPO
@@ -34,7 +34,7 @@ def two_caches(model, slots: int) -> tuple[KVCache, KVCache]:
     """Two like caches of `slots` slots x 64 positions: one for the forward, one for a fast path."""
     cfg = model.config
     return tuple(KVCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, 64, cfg.head_dim,
-                         model.kv_dtype or model.model.embed_tokens.weight.dtype) for _ in range(2))
+                         model.kv_dtype or model.activation_dtype) for _ in range(2))
 
 
 @torch.inference_mode()
@@ -43,7 +43,7 @@ def slow_greedy(model, prompt, steps):
     cfg, seq, out = model.config, [1, *prompt], []
     for _ in range(steps):
         cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, len(seq), cfg.head_dim,
-                        model.kv_dtype or model.model.embed_tokens.weight.dtype)
+                        model.kv_dtype or model.activation_dtype)
         hidden = model(torch.tensor([seq]), torch.arange(len(seq)).unsqueeze(0), cache, slice(0, 1))
         logprobs = model.logits(hidden[0, -1]).log_softmax(-1)
         token = int(logprobs.argmax())
@@ -195,6 +195,42 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape():
     assert isinstance(model[1], Int8Linear)      # 96 inputs are 3 groups of 32, but 40 outputs are not x16
 
 
+def q8_0_table(rows: int, dim: int) -> torch.Tensor:
+    """A table as a Q8_0 GGUF stores it: per 32 values, an int8 times an fp16 scale."""
+    codes = torch.randint(-127, 128, (rows, dim // 32, 32)).float()
+    codes[..., 0] = 127  # the block's largest magnitude sets its scale
+    scales = (torch.rand(rows, dim // 32, 1) * 0.01).half().float()
+    scales[0] = 0        # an all-zero row
+    return (codes * scales).view(rows, dim)
+
+
+def test_a_q8_0_embedding_is_kept_as_int8_and_looks_up_the_same_rows_bit_for_bit():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding.from_pretrained(q8_0_table(300, 64))
+    compact = compact_embedding(table)
+    assert isinstance(compact, Int8Embedding) and compact.weight.dtype == torch.int8
+    ids = torch.tensor([[0, 5, 299], [17, 17, 3]])
+    assert torch.equal(compact(ids), table(ids)) and compact(ids).dtype == torch.float32
+    assert torch.equal(compact(torch.tensor([42])), table.weight[42:43])
+    # a table off the grid, or one that lost it to a bf16 cast, stays as it was
+    for other in (torch.randn(300, 64), q8_0_table(300, 64).bfloat16(), q8_0_table(300, 64)[:, :40].contiguous()):
+        embedding = torch.nn.Embedding.from_pretrained(other)
+        assert compact_embedding(embedding) is embedding
+
+
+def test_quantized_modes_keep_the_real_models_embeddings_as_int8_with_the_same_rows(default_checkpoint):
+    """SmolLM2's GGUF keeps its token embeddings as Q8_0: int8 and int4 serve them in 30 MB instead
+    of 113, every row bit for bit the fp32 checkpoint's."""
+    from safetensors.torch import load_file
+    table = load_file(default_checkpoint / "model.safetensors")["model.embed_tokens.weight"]
+    model = load_model(default_checkpoint, "int4", tune=False)
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding, Int8Embedding) and model.activation_dtype == torch.float32
+    ids = torch.randint(0, table.shape[0], (4, 256))
+    assert torch.equal(embedding(ids), table[ids])
+    assert embedding.weight.nbytes + embedding.scales.nbytes < table.nbytes / 3.5
+
+
 # limits on mean |logprob - fp32| per general model. SmolLM2's GGUF is Q4_1, int4's own grid; Gemma
 # 3 270M's stores most projections as Q5_0, which int4 re-rounds (measured: bf16 0.030, int8 0.066,
 # int8-bf16 0.070, int4 0.447: the registry serves it in int8)
@@ -205,7 +241,7 @@ REAL_LIMITS = {"default_checkpoint": {"bfloat16": 0.05, "int8": 0.05, "int8-bf16
 def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
     """The logprob of each next token of `ids`, from one forward over the whole sequence."""
     cache = KVCache.for_layers(family_of(model).layer_states(model.config), 1, len(ids),
-                               model.kv_dtype or model.model.embed_tokens.weight.dtype)
+                               model.kv_dtype or model.activation_dtype)
     with torch.inference_mode():
         lp = model.logits(model(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slice(0, 1))[0])
     return lp.log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]

@@ -184,8 +184,8 @@ class Gemma3ForCausalLM(CausalLM):
                 "local_inv_freq": inverse_frequencies(cfg.rope_local_theta, cfg.head_dim)}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight
-        return self.model.embed_tokens(ids) * torch.tensor(self.config.hidden_size ** 0.5, dtype=weight.dtype)
+        normalizer = torch.tensor(self.config.hidden_size ** 0.5, dtype=self.activation_dtype)
+        return self.model.embed_tokens(ids) * normalizer
 
     def layer_inputs(self, positions: torch.Tensor, cache: BatchCache, dtype: torch.dtype) -> list[LayerInputs]:
         """Full layers see every earlier position, sliding ones the last `sliding_window`; each

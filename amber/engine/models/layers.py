@@ -64,6 +64,13 @@ class CausalLM(nn.Module):
         for name, table in self.position_tables().items():
             self.register_buffer(name, table, persistent=False)
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The residual stream's dtype: the rows the embedding returns (quantize.py may keep the
+        table itself as int8)."""
+        embedding = self.model.embed_tokens
+        return embedding.weight.dtype if isinstance(embedding, nn.Embedding) else embedding.dtype
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 

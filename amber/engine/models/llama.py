@@ -166,7 +166,7 @@ class LlamaForCausalLM(CausalLM):
         llama_decode.decode_layers (single-stream decode)."""
         cfg, plan = self.config, self._decode_plan()
         batch = cache.batch(torch.tensor([slot]), torch.tensor([[position]]))
-        x = self.model.embed_tokens.weight[token].unsqueeze(0)
+        x = self.model.embed_tokens(torch.tensor([token], device=self.rope_cos.device))
         x = scripted(decode_layers)(
             x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), batch.write_rows,
             batch.decode_rows, *batch.tables, cache.block_size, batch.kernel,
