@@ -8,7 +8,8 @@ block_size. Memory therefore follows the tokens in use, not slots x context:
 
 - The pools are allocated empty (`torch.empty`: the OS backs a page only once it is written),
   and blocks are handed out lowest id first, so resident memory grows with the most blocks ever in
-  use at once. A block is zeroed when it is handed out: attention reads positions past a row's
+  use at once. The prefix cache keeps its blocks in memory that is already resident: past a floor
+  of its own, it gives back its least recently used block before the pool touches a new one. A block is zeroed when it is handed out: attention reads positions past a row's
   length under a mask, and a masked weight times a NaN left in never-written memory would still be
   NaN.
 - Blocks are reference-counted. `fork` gives a sample the prompt's blocks without copying them
@@ -74,7 +75,8 @@ class KVCache:
         self.refs = [0] * self.num_blocks
         self._free = list(range(self.num_blocks))  # a heap: the lowest id first keeps memory compact
         self.high_water = 0                         # the most blocks ever handed out at once
-        self.evict: Callable[[], bool] | None = None  # frees a block held only by the prefix cache
+        self.backed = 0                             # blocks [0, backed) were handed out: their memory is resident
+        self.evict: Callable[[bool], bool] | None = None  # frees a block held only by the prefix cache (_take)
         # decode steps read blocks in place by the compiled kernel where it was built (CPU only)
         self.kernel = paged_ops.ensure() and self.device.type == "cpu"
 
@@ -119,10 +121,17 @@ class KVCache:
         return -(-positions // self.block_size)
 
     def _take(self) -> int:
+        """The lowest free block, memory already resident first: before a block past every one ever
+        handed out is touched, the prefix cache may give back its least recently used block
+        (`evict(False)`: only while it holds more than its floor), and when no block is free at all
+        it gives back any block it alone holds (`evict(True)`)."""
+        if self.evict is not None and (not self._free or self._free[0] >= self.backed):
+            self.evict(False)
         while not self._free:
-            if self.evict is None or not self.evict():
+            if self.evict is None or not self.evict(True):
                 raise PoolExhausted(f"all {self.num_blocks} KV blocks of {self.block_size} positions are in use")
         block = heapq.heappop(self._free)
+        self.backed = max(self.backed, block + 1)
         rows = slice(block * self.block_size, (block + 1) * self.block_size)
         self.keys[:, rows].zero_()
         self.values[:, rows].zero_()

@@ -11,6 +11,9 @@ no copy-on-write is ever needed for them.
 
 The cache keeps at most `max_blocks` blocks, least recently used first out; and when the pool has
 no free block, it gives back (`evict_one`) the least recently used block that no sequence holds.
+Past `floor` blocks it also gives one back rather than let the pool back a block with new memory:
+beyond the floor it lives in memory that running sequences once used, so a server's resident size
+follows its peak load (plus the floor), not the load plus every prompt it has seen.
 Few-shot prompts, chat histories and repeated scoring all start with the same blocks.
 
 Off for families with recurrent layers (Jamba's Mamba mixers; the engine gives it no blocks): their
@@ -35,8 +38,9 @@ class Block:
 
 
 class PrefixCache:
-    def __init__(self, cache: KVCache, max_blocks: int = 512):
+    def __init__(self, cache: KVCache, max_blocks: int = 512, floor: int = 128):
         self.cache, self.block_size, self.max_blocks = cache, cache.block_size, max_blocks
+        self.floor = min(floor, max_blocks)
         self._blocks: OrderedDict[tuple, Block] = OrderedDict()
         if max_blocks:
             cache.evict = self.evict_one
@@ -52,15 +56,16 @@ class PrefixCache:
              namespace: str | None = None) -> tuple[int, list[TokenLogprob]]:
         """Attach the longest cached prefix of `ids` to the empty `slot`. Returns how many
         positions are now filled and the scores of ids[1 : that + 1]."""
-        blocks, scores = [], []
+        blocks, scores, keys = [], [], []
         for _, key in self._keys(ids, namespace):
             block = self._blocks.get(key)
             if block is None or (need_scores and (block.scores is None or block.top_k < top_k)):
                 break
-            self._blocks.move_to_end(key)
+            keys.append(key)
             blocks.append(block.block)
             if need_scores:
                 scores += [TokenLogprob(t.token_id, t.logprob, t.raw_logprob, t.top[:top_k]) for t in block.scores]
+        self._touch(keys)
         self.cache.attach(slot, blocks)
         return len(blocks) * self.block_size, scores
 
@@ -69,23 +74,33 @@ class PrefixCache:
         """Keep the full blocks of a prefilled prompt in `slot`. scores[i] belongs to ids[i + 1]."""
         if self.max_blocks == 0:  # turned off
             return
-        bs, blocks = self.block_size, self.cache.blocks_of(slot)
+        bs, blocks, keys = self.block_size, self.cache.blocks_of(slot), []
         for b, key in self._keys(ids, namespace):
+            keys.append(key)
             kept = self._blocks.get(key)
             if kept is not None and (scores is None or (kept.scores is not None and kept.top_k >= top_k)):
-                self._blocks.move_to_end(key)
                 continue
             if kept is not None:  # a better-scored copy of the same block replaces it
                 self.cache.drop(kept.block)
             self.cache.hold(blocks[b])
             block_scores = scores[b * bs:(b + 1) * bs] if scores is not None else None
             self._blocks[key] = Block(blocks[b], block_scores, top_k)
-            self._blocks.move_to_end(key)
-            while len(self._blocks) > self.max_blocks:
-                self.cache.drop(self._blocks.popitem(last=False)[1].block)
+        self._touch(keys)
+        while len(self._blocks) > self.max_blocks:
+            self.cache.drop(self._blocks.popitem(last=False)[1].block)
 
-    def evict_one(self) -> bool:
-        """Give the pool back the least recently used block no sequence holds; False if none."""
+    def _touch(self, keys: list[tuple]) -> None:
+        """Mark a prompt's blocks used now, its last block least recent of them: eviction takes a
+        prefix from its end, never leaving later blocks that no lookup can reach."""
+        for key in reversed(keys):
+            self._blocks.move_to_end(key)
+
+    def evict_one(self, needed: bool = True) -> bool:
+        """Give the pool back the least recently used block no sequence holds; False if none.
+        Not `needed` (the pool has free blocks, but only in memory not yet resident): only while
+        the cache holds more than its floor."""
+        if not needed and len(self._blocks) <= self.floor:
+            return False
         for key, block in self._blocks.items():
             if self.cache.refs[block.block] == 1:
                 del self._blocks[key]
