@@ -165,21 +165,27 @@ def test_logprobs_that_disagree_with_transformers_are_refused(home, tiny_checkpo
 
 
 def test_add_the_default_gguf_from_its_package_and_as_a_file(home):
+    """Both adds at once, as two users might run them: each converts the GGUF into its own
+    checkpoint, and the registry's lock (models_admin._rewrite) keeps both tables."""
     before = (home / "models.toml").read_bytes()
-    out = amber(home, "models", "add", "pkg", "--from", f"{GGUF_PACKAGE}:{GGUF_FILE}", "--dtype", "int4",
-                "--alias", "pkg-2")
-    assert out.returncode == 0, out.stderr
-    assert "logprobs vs transformers' float32 forward" in out.stdout
-    text = (home / "models.toml").read_text()
-    assert f'gguf_package = "{GGUF_PACKAGE}"\ngguf_file = "{GGUF_FILE}"\ndtype = "int4"' in text
-    assert (home / "checkpoints/pkg/model.safetensors").exists()
-
     gguf = packaged_gguf()
-    out = amber(home, "models", "add", "file", "--from", str(gguf))
-    assert out.returncode == 0, out.stderr
-    assert f'gguf_path = "{gguf}"' in (home / "models.toml").read_text()
+    env = {**os.environ, "AMBER_HOME": str(home)}
+    started = [subprocess.Popen([AMBER, "models", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+               for args in (("add", "pkg", "--from", f"{GGUF_PACKAGE}:{GGUF_FILE}", "--dtype", "int4", "--alias", "pkg-2"),
+                            ("add", "file", "--from", str(gguf)))]
+    for process in started:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+        assert "logprobs vs transformers' float32 forward" in stdout
+    text = (home / "models.toml").read_text()
+    assert text.startswith(before.decode())
+    assert f'gguf_package = "{GGUF_PACKAGE}"\ngguf_file = "{GGUF_FILE}"\ndtype = "int4"' in text
+    assert f'gguf_path = "{gguf}"' in text
+    for name in ("pkg", "file"):
+        assert (home / "checkpoints" / name / "model.safetensors").exists()
     listed = amber(home, "models").stdout
-    assert f"{GGUF_PACKAGE}:{GGUF_FILE}" in listed and str(gguf) in listed
+    assert f"{GGUF_PACKAGE}:{GGUF_FILE}" in listed and str(gguf) in listed and "pkg-2" in listed
 
     for name in ("pkg", "file"):
         out = amber(home, "models", "remove", name)
