@@ -3,11 +3,15 @@ its [models.NAME] table in AMBER_HOME/models.toml, and the checkpoint Amber conv
 
 A refusal raises `Refused` (one sentence) and leaves models.toml byte for byte as it was and no
 converted checkpoint behind. A new registry file replaces the old one atomically: a temporary file
-beside it, loaded as the server loads it, then renamed over it. Knows files, the registry and the
+beside it, loaded as the server loads it, then renamed over it. The read, edit and rename hold an
+exclusive lock on a file beside it (.models.toml.lock), so two `amber models add|remove` run at once
+each see the other's edit instead of the later rename dropping the earlier one's table. Knows files, the registry and the
 store's custom models; nothing of argv. A running server reads the registry when it starts.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -144,8 +148,23 @@ def _registry(path: Path) -> Registry:
         raise Refused(f"{path} does not load ({exc}); fix it first.") from exc
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock for editing the registry at `path`: on a file beside it, which is never
+    replaced (the registry itself is, by rename, so a lock on it would guard the old inode)."""
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
 def _rewrite(path: Path, edit: Callable[[str], str]) -> None:
-    """Replace the registry file by edit(its text), atomically, once the result loads."""
+    """Replace the registry file by edit(its text), atomically, once the result loads; the read,
+    edit and rename under _locked, so edits made at once apply one after the other."""
+    with _locked(path):
+        _rewrite_locked(path, edit)
+
+
+def _rewrite_locked(path: Path, edit: Callable[[str], str]) -> None:
     new = edit(path.read_text())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

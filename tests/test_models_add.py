@@ -48,6 +48,25 @@ def refused(home: Path, *args: str, says: str) -> str:
     return lines[0]
 
 
+def all_refused(home: Path, *cases: tuple[tuple[str, ...], str]) -> list[str]:
+    """refused() for each (args, says) in `cases`, the `amber models` processes run at once: none
+    of them may change models.toml, so they cannot disturb each other, and each still must refuse
+    in its own one sentence."""
+    before = (home / "models.toml").read_bytes()
+    env = {**os.environ, "AMBER_HOME": str(home)}
+    started = [subprocess.Popen([AMBER, "models", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for args, _ in cases]
+    found = []
+    for process, (args, says) in zip(started, cases):
+        stdout, stderr = process.communicate(timeout=600)
+        lines = stderr.strip().splitlines()
+        assert process.returncode != 0, (args, stdout)
+        assert len(lines) == 1 and says in lines[0], (args, stderr)
+        found.append(lines[0])
+    assert (home / "models.toml").read_bytes() == before
+    return found
+
+
 def packaged_gguf() -> Path:
     """The default model's GGUF file (the package itself needs `llm` to import; its files do not)."""
     return Path(list(importlib.util.find_spec(GGUF_PACKAGE).submodule_search_locations)[0]) / GGUF_FILE
@@ -90,33 +109,31 @@ def test_add_a_save_pretrained_directory_list_serve_and_remove_it(home, tiny_che
 
 
 def test_bad_sources_are_refused_in_one_sentence(home, tiny_checkpoint, tmp_path):
-    refused(home, "add", "m", "--from", str(tmp_path / "nowhere"), says="does not exist")
     (tmp_path / "empty").mkdir()
-    refused(home, "add", "m", "--from", str(tmp_path / "empty"), says="has no config.json")
-
     bad_json = copy_of(tiny_checkpoint, tmp_path / "bad-json")
     (bad_json / "config.json").write_text('{"model_type": "llama",')
-    refused(home, "add", "m", "--from", str(bad_json), says="is not valid JSON")
-
     no_weights = copy_of(tiny_checkpoint, tmp_path / "no-weights")
     (no_weights / "model.safetensors").unlink()
-    refused(home, "add", "m", "--from", str(no_weights), says="has no *.safetensors weights")
-
     truncated = copy_of(tiny_checkpoint, tmp_path / "truncated")
     weights = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
-    refused(home, "add", "m", "--from", str(truncated), says="is corrupt or truncated")
-    (truncated / "model.safetensors").write_bytes(os.urandom(4096))
-    refused(home, "add", "m", "--from", str(truncated), says="is corrupt or truncated")
-
+    garbage = copy_of(tiny_checkpoint, tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(os.urandom(4096))
     no_tokenizer = copy_of(tiny_checkpoint, tmp_path / "no-tokenizer")
     (no_tokenizer / "tokenizer.json").unlink()
-    refused(home, "add", "m", "--from", str(no_tokenizer), says="has no tokenizer")
-
     (tmp_path / "notes.txt").write_text("not a model")
-    refused(home, "add", "m", "--from", str(tmp_path / "notes.txt"), says="is not a GGUF file")
-    refused(home, "add", "m", "--from", "no_such_package_here:model.gguf", says="package 'no_such_package_here' is not installed")
-    refused(home, "add", "m", "--from", f"{GGUF_PACKAGE}:missing.gguf", says="has no GGUF 'missing.gguf'")
+    all_refused(home,
+                (("add", "m", "--from", str(tmp_path / "nowhere")), "does not exist"),
+                (("add", "m", "--from", str(tmp_path / "empty")), "has no config.json"),
+                (("add", "m", "--from", str(bad_json)), "is not valid JSON"),
+                (("add", "m", "--from", str(no_weights)), "has no *.safetensors weights"),
+                (("add", "m", "--from", str(truncated)), "is corrupt or truncated"),
+                (("add", "m", "--from", str(garbage)), "is corrupt or truncated"),
+                (("add", "m", "--from", str(no_tokenizer)), "has no tokenizer"),
+                (("add", "m", "--from", str(tmp_path / "notes.txt")), "is not a GGUF file"),
+                (("add", "m", "--from", "no_such_package_here:model.gguf"),
+                 "package 'no_such_package_here' is not installed"),
+                (("add", "m", "--from", f"{GGUF_PACKAGE}:missing.gguf"), "has no GGUF 'missing.gguf'"))
 
 
 def test_an_unsupported_architecture_is_refused(home, tiny_checkpoint, tmp_path):
@@ -134,14 +151,15 @@ def test_an_unsupported_architecture_is_refused(home, tiny_checkpoint, tmp_path)
 
 def test_names_aliases_dtype_and_context_are_checked_first(home, tiny_checkpoint):
     ckpt = str(tiny_checkpoint)
-    refused(home, "add", "base", "--from", ckpt, says="'base' is already a model in the registry")
-    refused(home, "add", "j2-light", "--from", ckpt, says="'j2-light' is already an alias of 'base'")
-    refused(home, "add", "m", "--from", ckpt, "--alias", "j2-light", says="already an alias of 'base'")
-    refused(home, "add", "m", "--from", ckpt, "--alias", "base", says="'base' is already a model")
-    refused(home, "add", "m", "--from", ckpt, "--alias", "x", "--alias", "x", says="given more than once")
-    refused(home, "add", "no spaces", "--from", ckpt, says="model name 'no spaces' is not allowed")
-    refused(home, "add", "m", "--from", ckpt, "--dtype", "float16", says="dtype 'float16' is not one of")
-    refused(home, "add", "m", "--from", ckpt, "--max-context", "4096", says="more than the model's 512 positions")
+    all_refused(home,
+                (("add", "base", "--from", ckpt), "'base' is already a model in the registry"),
+                (("add", "j2-light", "--from", ckpt), "'j2-light' is already an alias of 'base'"),
+                (("add", "m", "--from", ckpt, "--alias", "j2-light"), "already an alias of 'base'"),
+                (("add", "m", "--from", ckpt, "--alias", "base"), "'base' is already a model"),
+                (("add", "m", "--from", ckpt, "--alias", "x", "--alias", "x"), "given more than once"),
+                (("add", "no spaces", "--from", ckpt), "model name 'no spaces' is not allowed"),
+                (("add", "m", "--from", ckpt, "--dtype", "float16"), "dtype 'float16' is not one of"),
+                (("add", "m", "--from", ckpt, "--max-context", "4096"), "more than the model's 512 positions"))
 
 
 def test_logprobs_that_disagree_with_transformers_are_refused(home, tiny_checkpoint, tmp_path):
@@ -151,7 +169,6 @@ def test_logprobs_that_disagree_with_transformers_are_refused(home, tiny_checkpo
     gelu = copy_of(tiny_checkpoint, tmp_path / "gelu")  # transformers honours hidden_act; Amber's Llama is SiLU
     config = json.loads((gelu / "config.json").read_text())
     (gelu / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
-    refused(home, "add", "m", "--from", str(gelu), says="in float32 the engine's logprobs differ from transformers'")
 
     outlier = copy_of(tiny_checkpoint, tmp_path / "outlier")
     state = load_file(outlier / "model.safetensors")
@@ -159,27 +176,34 @@ def test_logprobs_that_disagree_with_transformers_are_refused(home, tiny_checkpo
     # logit alike), while int8 rows scaled to it round the rest to zero
     state["lm_head.weight"][:, 0] = 300.0
     save_file(state, outlier / "model.safetensors", metadata={"format": "pt"})
+    all_refused(home, (("add", "m", "--from", str(gelu)), "in float32 the engine's logprobs differ from transformers'"),
+                (("add", "m", "--from", str(outlier), "--dtype", "int4"),
+                 "in int4 the engine's logprobs differ from transformers' float32 ones"))
     assert amber(home, "models", "add", "fine", "--from", str(outlier)).returncode == 0  # fp32: faithful
-    refused(home, "add", "m", "--from", str(outlier), "--dtype", "int4",
-            says="in int4 the engine's logprobs differ from transformers' float32 ones")
 
 
 def test_add_the_default_gguf_from_its_package_and_as_a_file(home):
+    """Both adds at once, as two users might run them: each converts the GGUF into its own
+    checkpoint, and the registry's lock (models_admin._rewrite) keeps both tables."""
     before = (home / "models.toml").read_bytes()
-    out = amber(home, "models", "add", "pkg", "--from", f"{GGUF_PACKAGE}:{GGUF_FILE}", "--dtype", "int4",
-                "--alias", "pkg-2")
-    assert out.returncode == 0, out.stderr
-    assert "logprobs vs transformers' float32 forward" in out.stdout
-    text = (home / "models.toml").read_text()
-    assert f'gguf_package = "{GGUF_PACKAGE}"\ngguf_file = "{GGUF_FILE}"\ndtype = "int4"' in text
-    assert (home / "checkpoints/pkg/model.safetensors").exists()
-
     gguf = packaged_gguf()
-    out = amber(home, "models", "add", "file", "--from", str(gguf))
-    assert out.returncode == 0, out.stderr
-    assert f'gguf_path = "{gguf}"' in (home / "models.toml").read_text()
+    env = {**os.environ, "AMBER_HOME": str(home)}
+    started = [subprocess.Popen([AMBER, "models", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+               for args in (("add", "pkg", "--from", f"{GGUF_PACKAGE}:{GGUF_FILE}", "--dtype", "int4", "--alias", "pkg-2"),
+                            ("add", "file", "--from", str(gguf)))]
+    for process in started:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+        assert "logprobs vs transformers' float32 forward" in stdout
+    text = (home / "models.toml").read_text()
+    assert text.startswith(before.decode())
+    assert f'gguf_package = "{GGUF_PACKAGE}"\ngguf_file = "{GGUF_FILE}"\ndtype = "int4"' in text
+    assert f'gguf_path = "{gguf}"' in text
+    for name in ("pkg", "file"):
+        assert (home / "checkpoints" / name / "model.safetensors").exists()
     listed = amber(home, "models").stdout
-    assert f"{GGUF_PACKAGE}:{GGUF_FILE}" in listed and str(gguf) in listed
+    assert f"{GGUF_PACKAGE}:{GGUF_FILE}" in listed and str(gguf) in listed and "pkg-2" in listed
 
     for name in ("pkg", "file"):
         out = amber(home, "models", "remove", name)
