@@ -296,3 +296,19 @@ def test_samples_and_prefix_hits_share_blocks_instead_of_copying(tiny):
     assert set(table[:full]) <= kept and len(out.completions) == 6
     # six samples held the prompt's blocks once, plus one copied last block each (less the last holder)
     assert engine.cache.high_water <= in_use + blocks + 6 + 1
+
+
+def test_a_launched_engine_has_warmed_up_and_left_nothing_behind(tiny, tiny_checkpoint):
+    """Engine.launch runs a one-row and a two-row request before it returns (TorchScript compiles
+    the decode steps then, not in the first client's request); they leave no blocks, no prefix
+    entries and no step times, and the first real answer is the reference's."""
+    _, tok, reference = tiny
+    engine = Engine.launch(lambda: (load_model(tiny_checkpoint), tok), max_batch=8, max_context=256)
+    try:
+        assert engine._steps >= 2 and not engine.step_times and not engine.busy
+        assert engine.cache.free_blocks() + engine.prefixes.evictable() == engine.cache.num_blocks
+        prompt = tok.encode("The warm-up came first")
+        (out,) = run(engine, [req("first", prompt, max_tokens=6)])
+        assert [t.token_id for t in out.completions[0].tokens] == [t for t, _, _ in reference_greedy(reference, prompt, 6)]
+    finally:
+        engine.stop()
