@@ -17,9 +17,12 @@ and gate/up): per target, A as (layers, parts, lanes, r, in), B^T (scale folded 
 (layers, lanes * r, out). Ranks differ between adapters: lanes are padded with zeros to the largest
 rank that entered one (re-allocated when a larger one arrives), which adds nothing to the result.
 
-`LoraBatch` is one forward pass's view over the lanes from the lowest to the highest the batch
-uses, with a mask that keeps each row's own lane. A projection then costs one (batched over parts)
-matmul for A, the mask, and one matmul per part for B, however many adapters the batch mixes.
+`LoraBatch` is what one forward pass reads. Where the compiled CPU op is loaded (paged_ops,
+csrc/lora_rows.cpp) it is all the lanes and each row's lane: each row reads only its own adapter, and
+the lanes are bf16, half the bytes (a decode step's LoRA cost is reading them). Otherwise it is a
+view over the lanes from the lowest to the highest the batch uses, with a mask that keeps each row's
+own lane: a projection then costs one (batched over parts) matmul for A, the mask, and one matmul per
+part for B, however many adapters the batch mixes, in the activations' dtype.
 """
 from __future__ import annotations
 
@@ -29,13 +32,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from amber.engine import paged_ops
 from amber.engine.lora_store import (PEFT_PREFIX, AdapterError, HostAdapter, ResidentAdapters, part_sizes,
                                      read_adapter, target_module)
 from amber.engine.models import family_of
 from amber.engine.models.layers import lora_add
+from amber.engine.quantize import Int4Linear, Int8Linear
 from amber.engine.types import AdapterRef
 
 __all__ = ["PEFT_PREFIX", "AdapterError", "AdapterSlots", "LoraBatch", "read_adapter"]
+
+
+def use_kernel(device: torch.device) -> bool:
+    """Whether adapters on `device` go through the compiled per-row op (CPU, library loaded)."""
+    return device.type == "cpu" and paged_ops.ensure()
 
 
 class AdapterSlots:
@@ -48,10 +58,15 @@ class AdapterSlots:
     def __init__(self, model: nn.Module, capacity: int, resident: int = 128, dtype: torch.dtype | None = None):
         self.model, self.capacity = model, capacity
         self.targets = family_of(model).lora_targets
-        # the activations' dtype (fp32 beside int8 weights): bf16 adapters were measured slower here,
-        # small bf16 matmuls plus the casts costing more than the bytes they save
-        self.dtype = dtype or model.activation_dtype
         self.device = model.model.embed_tokens.weight.device
+        self.kernel = use_kernel(self.device)
+        # the activations' dtype (fp32 beside int8 weights) without the compiled op: bf16 adapters
+        # were measured slower in torch's small matmuls, the casts costing more than the bytes they
+        # save. The op reads bf16 lanes (half the bytes) at fp32 accumulation, taken where the base
+        # weights are quantized anyway; a float32 model keeps fp32 lanes, so that its rows stay
+        # PEFT's to fp32 rounding (the exact mode's promise)
+        quantized = any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules())
+        self.dtype = dtype or (torch.bfloat16 if self.kernel and quantized else model.activation_dtype)
         self.store = ResidentAdapters(model, self.dtype, resident, pin=self.device.type == "cuda")
         self._lane_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> lane, least recently used first
         self._keys: list[str | None] = [None] * capacity       # lane -> adapter key
@@ -61,6 +76,7 @@ class AdapterSlots:
         self.bt: list[list[torch.Tensor]] = []   # [target][part] (layers, (lanes - 1) * r, out of the part)
         self._views: tuple[tuple[int, int, int], list, list] | None = None
         self._mask: tuple[tuple, torch.Tensor] | None = None
+        self._lanes: tuple[tuple, torch.Tensor] | None = None
 
     def request(self, ref: AdapterRef | None) -> bool:
         """True when `ref` can be placed in a lane without reading it (None: always); otherwise
@@ -178,6 +194,13 @@ class AdapterSlots:
         used = set(row_lanes) - {0}
         if not used:
             return None
+        if self.kernel:
+            key = (tuple(row_lanes), seq)
+            if self._lanes is None or self._lanes[0] != key:
+                # index into the lanes as stored (lane l at l - 1); -1: no adapter
+                lanes = torch.tensor(row_lanes, dtype=torch.int32).repeat_interleave(seq) - 1
+                self._lanes = key, lanes.to(self.device)
+            return LoraBatch(self.a, self.bt, None, self._lanes[1])
         lo, hi = min(used), max(used)
         a, bt = self._lanes_view(lo, hi)
         if len(used) == 1 and 0 not in row_lanes:
@@ -193,14 +216,17 @@ class AdapterSlots:
 
 @dataclass
 class LoraBatch:
-    """One forward pass's adapters: per target, A (layers, parts, k * r, in) and B^T per part
-    (layers, k * r, out) of k lanes side by side (views), and the mask (rows, k * r) that gives each
-    row its own lane's share (None when every row has the same one)."""
+    """One forward pass's adapters. With `lanes` (the compiled op's): per target, A (layers, parts,
+    lanes, r, in) and B^T per part (layers, lanes * r, out) of all lanes, and each row's lane (rows,)
+    int32, -1 for none. Without: per target, A (layers, parts, k * r, in) and B^T per part (layers,
+    k * r, out) of k lanes side by side (views), and the mask (rows, k * r) that gives each row its
+    own lane's share (None when every row has the same one)."""
     a: list[torch.Tensor]
     bt: list[list[torch.Tensor]]
     mask: torch.Tensor | None
+    lanes: torch.Tensor | None = None
 
     def add(self, layer: int, target: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus (scaled) B A x for every row that has an adapter; x (rows, in), y (rows, out).
         The arithmetic is layers.lora_add's, which Llama's scripted decode step runs too."""
-        return lora_add(x, y, self.a[target][layer], self.bt[target], layer, self.mask)
+        return lora_add(x, y, self.a[target][layer], self.bt[target], layer, self.mask, self.lanes)

@@ -1,5 +1,6 @@
-"""Decode attention over the paged KV pool: the compiled CPU op (csrc/paged_attention.cpp), how it
-is built and loaded, and the pure-torch path that stands in for it when it is not there.
+"""Decode attention over the paged KV pool and the per-row LoRA update: the compiled CPU ops
+(csrc/paged_attention.cpp, csrc/lora_rows.cpp, one library), how they are built and loaded, and the
+pure-torch paths that stand in for them when they are not there.
 
 The op is optional. It is built for the CPU at hand (-march=native), so a library built on one
 machine may fault on another: each build is named after the CPU (model and flags), the torch
@@ -13,6 +14,12 @@ Layout and argument order (both paths):
     value_pool    like key_pool, same dtype
     block_tables  (batch, max_blocks) int32; lengths (batch,) int32
     block_size, scale (softmax scale), window (0: none; else only the last `window` positions)
+
+    lora_rows(y, x, a, bts, layer, lanes), in place on y, returns nothing:
+    y (rows, out) and x (rows, in), one dtype (fp32 or bf16), y contiguous; a (parts, lanes, r, in)
+    and bts per part (layers, lanes * r, out of the part), contiguous, fp32 or bf16; lanes (rows,)
+    int32, -1 for a row without adapter (left untouched). Row i adds, per part p, its lane's
+    (A_p x_i) B^T_p in fp32 (lora_rows_reference; csrc/lora_rows.cpp says more).
 
 This module knows nothing of where the pool lives or who fills it (kv_cache.py), nor where the
 library directory is kept beyond a default for its command line.
@@ -38,7 +45,7 @@ from amber.engine.kernels import machine
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "lora_rows.cpp")]
 # AMBER_KERNEL_MARCH (default native) picks the target, e.g. x86-64-v3 to build and test the
 # portable (non-AVX-512) path on an AVX-512 machine; it is part of FLAGS, so of the library's name.
 MARCH = os.environ.get("AMBER_KERNEL_MARCH") or "native"
@@ -49,15 +56,15 @@ def library_path(directory: Path) -> Path:
     """Where the library for this CPU, this torch and this source is (or would be) built."""
     info = machine()
     key = hashlib.sha256("\n".join([info["cpu"], info["flags"], torch.__version__, " ".join(FLAGS)]).encode()
-                         + SOURCE.read_bytes()).hexdigest()[:16]
+                         + b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
     return Path(directory) / f"paged_attention-{key}.so"
 
 
-def compile_command(source: Path, output: Path) -> list[str]:
+def compile_command(sources: list[Path], output: Path) -> list[str]:
     torch_lib = Path(torch.__file__).parent / "lib"
     includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return ["g++", *FLAGS, abi, *includes, str(source), "-o", str(output),
+    return ["g++", *FLAGS, abi, *includes, *map(str, sources), "-o", str(output),
             f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
@@ -74,7 +81,7 @@ def build(dest: Path) -> Path:
     fd, partial = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.partial", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run(compile_command(SOURCE, Path(partial)), check=True, capture_output=True, text=True)
+        subprocess.run(compile_command(SOURCES, Path(partial)), check=True, capture_output=True, text=True)
         os.chmod(partial, 0o755)  # mkstemp made it private
         os.replace(partial, target)
     finally:
@@ -89,6 +96,7 @@ _state = {"compiled": False, "tried": False, "fallback": None}
 def _registered() -> bool:
     try:
         torch.ops.amber.paged_decode_attention
+        torch.ops.amber.lora_rows
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -128,6 +136,8 @@ def ensure() -> bool:
             library.define("paged_decode_attention(Tensor q, Tensor key_pool, Tensor value_pool, "
                            "Tensor block_tables, Tensor lengths, int block_size, float scale, int window) -> Tensor")
             library.impl("paged_decode_attention", paged_decode_attention_reference, "CompositeExplicitAutograd")
+            library.define("lora_rows(Tensor(a!) y, Tensor x, Tensor a, Tensor[] bts, int layer, Tensor lanes) -> ()")
+            library.impl("lora_rows", lora_rows_reference, "CompositeExplicitAutograd")
             _state["fallback"] = library  # kept alive: the registration lasts as long as the object
     return available()
 
@@ -167,6 +177,32 @@ def paged_decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: 
                                             scale, window)
 
 
+def lora_rows_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: list[torch.Tensor], layer: int,
+                        lanes: torch.Tensor) -> None:
+    """The LoRA op in plain torch, in place on y: each row with a lane gathers its lane's A and B^T
+    and adds (A x) B^T computed in fp32. The fallback, and the tests' oracle."""
+    rows = torch.nonzero(lanes >= 0).flatten()
+    if rows.numel() == 0:
+        return
+    lane = lanes.long()[rows]
+    xs = x[rows].float()  # (n, in)
+    r, updates = a.shape[2], []
+    for part, bt in enumerate(bts):
+        h = torch.bmm(a[part][lane].float(), xs[:, :, None])[:, :, 0]                 # (n, r)
+        b = bt[layer].view(a.shape[1], r, -1)[lane].float()                          # (n, r, out)
+        updates.append(torch.bmm(h[:, None], b)[:, 0])
+    y[rows] = (y[rows].float() + torch.cat(updates, dim=-1)).to(y.dtype)
+
+
+def lora_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: list[torch.Tensor], layer: int,
+              lanes: torch.Tensor) -> None:
+    """The compiled op when loaded, else the reference."""
+    if available():
+        torch.ops.amber.lora_rows(y, x, a, bts, layer, lanes)
+    else:
+        lora_rows_reference(y, x, a, bts, layer, lanes)
+
+
 def default_dir() -> Path:
     return Path(os.environ.get("AMBER_KERNEL_DIR") or Path.home() / ".cache" / "amber" / "kernels")
 
@@ -177,7 +213,7 @@ def main(argv: list[str]) -> int:
         return 2
     dest = Path(argv[1]) if len(argv) == 2 else default_dir()
     try:
-        print(f"paged attention kernel: {build(dest)}")
+        print(f"paged attention and LoRA kernels: {build(dest)}")
     except FileNotFoundError:
         print("paged attention kernel not built: no g++ (optional; the torch fallback is used)")
     except subprocess.CalledProcessError as e:

@@ -194,16 +194,25 @@ def with_lora(lora: LoraBatch | None, layer: int, target: int, x: torch.Tensor, 
 
 
 def lora_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, bts: List[torch.Tensor], layer: int,
-             mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """y plus each row's adapter update (lora.LoraBatch.add); x (rows, in), y (rows, out); a this
-    layer's A of the batch's k adapter lanes side by side, per part (parts, k * r, in); bts B^T per
-    part (layers, k * r, out of the part); mask (rows, k * r) keeps each row's own lane's share, or
-    None when every row has the same one.
+             mask: Optional[torch.Tensor], lanes: Optional[torch.Tensor]) -> torch.Tensor:
+    """y plus each row's adapter update (lora.LoraBatch.add); x (rows, in), y (rows, out).
 
-    One matmul for A (batched over parts: `a` is a strided view of the lanes, never copied), one
-    per part for B, however many adapters the batch mixes: each row is multiplied by every lane's
-    A and masked, cheap at LoRA ranks. B^T is kept per part, not block-diagonal, because its bytes
-    are what a step pays for."""
+    With `lanes` (rows,) int32 (each row's lane, -1 for none): the compiled op
+    torch.ops.amber.lora_rows (paged_ops, csrc/lora_rows.cpp), `a` this layer's A of all lanes per
+    part (parts, lanes, r, in) and bts B^T per part (layers, lanes * r, out of the part), in fp32 or
+    bf16: each row reads its own lane only, and its result never depends on the other rows. y comes
+    back in x's dtype (the activations').
+
+    Without (the compiled op not loaded): `a` this layer's A of the batch's k lanes side by side,
+    per part (parts, k * r, in); bts B^T per part (layers, k * r, out); mask (rows, k * r) keeps each
+    row's own lane's share, or None when every row has the same one. One matmul for A (batched over
+    parts: `a` is a strided view of the lanes, never copied), one per part for B, however many
+    adapters the batch mixes: each row is multiplied by every lane's A and masked, cheap at LoRA
+    ranks. B^T is kept per part, not block-diagonal, because its bytes are what a step pays for."""
+    if lanes is not None:
+        y = y.to(x.dtype).contiguous()
+        torch.ops.amber.lora_rows(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), a, bts, layer, lanes)
+        return y
     x = x.reshape(-1, x.shape[-1]).to(a.dtype)
     if a.shape[0] == 1:
         h = (x @ a[0].t()).unsqueeze(0)           # (1, rows, k * r): a plain matmul, not a batch of one

@@ -190,7 +190,8 @@ class LlamaForCausalLM(CausalLM):
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
             cache.layer_keys, cache.layer_values,
-            lora.a if lora else [], lora.bt if lora else [], lora.mask if lora else None)
+            lora.a if lora else [], lora.bt if lora else [], lora.mask if lora else None,
+            lora.lanes if lora else None)
         return self.model.norm(x)
 
     def _decode_plan(self) -> DecodePlan:

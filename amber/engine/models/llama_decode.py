@@ -115,10 +115,10 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
                 max_rows: List[int], norms: List[torch.Tensor], doubled_norms: List[torch.Tensor],
                 keys: List[torch.Tensor], values: List[torch.Tensor],
                 lora_a: List[torch.Tensor], lora_bt: List[List[torch.Tensor]],
-                lora_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                lora_mask: Optional[torch.Tensor], lora_lanes: Optional[torch.Tensor]) -> torch.Tensor:
     """x (batch, hidden): one new token for each of `batch` sequences; the cache arguments are
     kv_cache.BatchCache's (write_rows, read_rows, tables, lengths, kernel) and attention_mask's mask
-    (batch, 1, 1, context) or None. lora_a, lora_bt, lora_mask: a LoraBatch's a, bt and mask per
+    (batch, 1, 1, context) or None. lora_a, lora_bt, lora_mask, lora_lanes: a LoraBatch's a, bt, mask and lanes per
     projection (qkv, o, gate_up, down), or empty lists when no row has an adapter."""
     half, lora = head_dim // 2, len(lora_a) > 0
     for i in range(len(keys)):
@@ -126,7 +126,7 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
         h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
         qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group)
         if lora:
-            qkv = lora_add(h, qkv, lora_a[0][i], lora_bt[0], i, lora_mask)
+            qkv = lora_add(h, qkv, lora_a[0][i], lora_bt[0], i, lora_mask, lora_lanes)
         qkv = qkv.view(-1, heads + 2 * kv_heads, head_dim)
         qk = qkv[:, :heads + kv_heads]
         qk = torch.addcmul(qk * cos, torch.cat([qk[:, :, half:], qk[:, :, :half]], dim=-1), sin)
@@ -139,18 +139,18 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
                            tables, lengths, block_size, kernel, None, 0)
         o = _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
         if lora:
-            o = lora_add(out, o, lora_a[1][i], lora_bt[1], i, lora_mask)
+            o = lora_add(out, o, lora_a[1][i], lora_bt[1], i, lora_mask, lora_lanes)
         x = x + o
         h = rms_norm(x, norms[2 * i + 1], doubled_norms[2 * i + 1], eps)
         gate_up = _project(kinds[p + 2], h, weights[p + 2], scales[p + 2], dense[p + 2], max_rows[p + 2], group)
         if lora:
-            gate_up = lora_add(h, gate_up, lora_a[2][i], lora_bt[2], i, lora_mask)
+            gate_up = lora_add(h, gate_up, lora_a[2][i], lora_bt[2], i, lora_mask, lora_lanes)
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up
         down = _project(kinds[p + 3], hidden, weights[p + 3], scales[p + 3], dense[p + 3], max_rows[p + 3],
                              group)
         if lora:
-            down = lora_add(hidden, down, lora_a[3][i], lora_bt[3], i, lora_mask)
+            down = lora_add(hidden, down, lora_a[3][i], lora_bt[3], i, lora_mask, lora_lanes)
         x = x + down
     return x
 
