@@ -312,3 +312,5 @@ def test_a_launched_engine_has_warmed_up_and_left_nothing_behind(tiny, tiny_chec
         assert [t.token_id for t in out.completions[0].tokens] == [t for t, _, _ in reference_greedy(reference, prompt, 6)]
     finally:
         engine.stop()
+    one_row = Engine.launch(lambda: (load_model(tiny_checkpoint), tok), max_batch=1, max_context=256)
+    one_row.stop()  # a batch of one row warms up with the one-row request alone
