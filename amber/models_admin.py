@@ -161,21 +161,17 @@ def _rewrite(path: Path, edit: Callable[[str], str]) -> None:
     """Replace the registry file by edit(its text), atomically, once the result loads; the read,
     edit and rename under _locked, so edits made at once apply one after the other."""
     with _locked(path):
-        _rewrite_locked(path, edit)
-
-
-def _rewrite_locked(path: Path, edit: Callable[[str], str]) -> None:
-    new = edit(path.read_text())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(new)
-        tmp.chmod(path.stat().st_mode & 0o777)
+        new = edit(path.read_text())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            load_registry(tmp)
-        except (ValueError, TypeError) as exc:
-            raise Refused(f"the edited registry would not load ({exc}), so {path} is left as it was.") from exc
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            tmp.write_text(new)
+            tmp.chmod(path.stat().st_mode & 0o777)
+            try:
+                load_registry(tmp)
+            except (ValueError, TypeError) as exc:
+                raise Refused(f"the edited registry would not load ({exc}), so {path} is left as it was.") from exc
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -194,15 +194,6 @@ def lora_rows_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: 
     y[rows] = (y[rows].float() + torch.cat(updates, dim=-1)).to(y.dtype)
 
 
-def lora_rows(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: list[torch.Tensor], layer: int,
-              lanes: torch.Tensor) -> None:
-    """The compiled op when loaded, else the reference."""
-    if available():
-        torch.ops.amber.lora_rows(y, x, a, bts, layer, lanes)
-    else:
-        lora_rows_reference(y, x, a, bts, layer, lanes)
-
-
 def default_dir() -> Path:
     return Path(os.environ.get("AMBER_KERNEL_DIR") or Path.home() / ".cache" / "amber" / "kernels")
 
