@@ -247,8 +247,8 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Before the first client's request: a short request of one row, then one of two (where
-        the batch takes two), on the engine thread. The first decode steps compile TorchScript's decode functions (~3 s on
-        SmolLM2), which the first request would otherwise wait for."""
+        the batch takes two), on the engine thread. The first decode steps compile TorchScript's
+        decode functions (~3 s on SmolLM2), which the first request would otherwise wait for."""
         ids = tuple(self.tokenizer.encode("Hello"))[:8] or (self.bos_id,)
         with torch.inference_mode():
             for results in range(1, min(2, self.max_batch) + 1):

@@ -9,9 +9,9 @@ block_size. Memory therefore follows the tokens in use, not slots x context:
 - The pools are allocated empty (`torch.empty`: the OS backs a page only once it is written),
   and blocks are handed out lowest id first, so resident memory grows with the most blocks ever in
   use at once. The prefix cache keeps its blocks in memory that is already resident: past a floor
-  of its own, it gives back its least recently used block before the pool touches a new one. A block is zeroed when it is handed out: attention reads positions past a row's
-  length under a mask, and a masked weight times a NaN left in never-written memory would still be
-  NaN.
+  of its own, it gives back its least recently used block before the pool touches a new one. A
+  block is zeroed when it is handed out: attention reads positions past a row's length under a
+  mask, and a masked weight times a NaN left in never-written memory would still be NaN.
 - Blocks are reference-counted. `fork` gives a sample the prompt's blocks without copying them
   (numResults samples, and prefix-cache hits through `attach`); a shared block is copied only when
   a holder is about to write into it (`prepare`: copy-on-write, which happens at most once per

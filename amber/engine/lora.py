@@ -37,7 +37,7 @@ from amber.engine.lora_store import (PEFT_PREFIX, AdapterError, HostAdapter, Res
                                      read_adapter, target_module)
 from amber.engine.models import family_of
 from amber.engine.models.layers import lora_add
-from amber.engine.quantize import Int4Linear, Int8Linear
+from amber.engine.quantize import QuantizedLinear
 from amber.engine.types import AdapterRef
 
 __all__ = ["PEFT_PREFIX", "AdapterError", "AdapterSlots", "LoraBatch", "read_adapter"]
@@ -65,7 +65,7 @@ class AdapterSlots:
         # save. The op reads bf16 lanes (half the bytes) at fp32 accumulation, taken where the base
         # weights are quantized anyway; a float32 model keeps fp32 lanes, so that its rows stay
         # PEFT's to fp32 rounding (the exact mode's promise)
-        quantized = any(isinstance(m, (Int4Linear, Int8Linear)) for m in model.modules())
+        quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
         self.dtype = dtype or (torch.bfloat16 if self.kernel and quantized else model.activation_dtype)
         self.store = ResidentAdapters(model, self.dtype, resident, pin=self.device.type == "cuda")
         self._lane_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> lane, least recently used first
