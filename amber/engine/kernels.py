@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amber.engine.quantize import DENSE_DTYPES, Int4Linear, Int8Linear, QuantizedLinear
+from amber.engine.cpu import machine  # noqa: F401  (kernels.machine: what the timings depend on)
+from amber.engine.quantize import DENSE_DTYPES, Int4Linear, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ TIE = 0.02      # mean log-time within 2% counts as a tie, won by the choice hol
 PASSES = 3      # timed passes per path and row count, the fastest kept
 BUDGET_S = 0.25  # ... or fewer when a pass over the layers of a shape takes longer than this
 CACHE_VERSION = 1
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 UNLIMITED = 1 << 30
 
 _memory: dict[str, dict] = {}  # cache key -> the cache file's content, for the process
@@ -73,26 +72,6 @@ class Choice:
         return f"fused<={self.fused_max_rows},{self.dense}"
 
 
-def machine() -> dict:
-    """What the timings depend on: the CPU (model and flags), torch, and its thread count."""
-    model, flags = "", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not model:
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = value.strip()
-    except OSError:  # not Linux: what the platform module knows
-        pass
-    model = model or platform.processor() or platform.machine()
-    # caps that make the same CPU run other kernels (oneDNN's GEMMs, torch's own vector code)
-    limits = {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
-    return {"cpu": model, "flags": flags, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "capability": torch.backends.cpu.get_cpu_capability(), "isa_limits": limits}
-
-
 def cache_key(info: dict) -> str:
     text = json.dumps({k: info.get(k) for k in ("cpu", "flags", "torch", "threads", "isa_limits")}, sort_keys=True)
     return hashlib.sha256(f"{CACHE_VERSION}:{text}".encode()).hexdigest()[:16]
@@ -101,7 +80,7 @@ def cache_key(info: dict) -> str:
 def shape_key(layer: QuantizedLinear, activation: torch.dtype) -> str:
     """Layers with the same key run the same kernels on the same bytes."""
     if isinstance(layer, Int4Linear):
-        kind = f"int4/g{layer.group}"
+        kind = f"int4/g{layer.group}" + ("/amber" if layer.kernel == "amber" else "")  # whose kernel
     else:
         kind = f"int8/x{layer.weight.shape[0]}"  # scale groups: kernel calls per product
     return f"{kind} {layer.out_features}x{layer.in_features} in:{str(activation).removeprefix('torch.')}"

@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.cpp_extension
 
-from amber.engine.kernels import machine
+from amber.engine.cpu import machine
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "lora_rows.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "lora_rows.cpp",
+                                                                  "int4_mm.cpp")]
 # AMBER_KERNEL_MARCH (default native) picks the target, e.g. x86-64-v3 to build and test the
 # portable (non-AVX-512) path on an AVX-512 machine; it is part of FLAGS, so of the library's name.
 MARCH = os.environ.get("AMBER_KERNEL_MARCH") or "native"
@@ -97,6 +98,7 @@ def _registered() -> bool:
     try:
         torch.ops.amber.paged_decode_attention
         torch.ops.amber.lora_rows
+        torch.ops.amber.int4_mm
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -138,6 +140,8 @@ def ensure() -> bool:
             library.impl("paged_decode_attention", paged_decode_attention_reference, "CompositeExplicitAutograd")
             library.define("lora_rows(Tensor(a!) y, Tensor x, Tensor a, Tensor[] bts, int layer, Tensor lanes) -> ()")
             library.impl("lora_rows", lora_rows_reference, "CompositeExplicitAutograd")
+            library.define("int4_mm(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor")
+            library.impl("int4_mm", int4_mm_reference, "CompositeExplicitAutograd")
             _state["fallback"] = library  # kept alive: the registration lasts as long as the object
     return available()
 
@@ -192,6 +196,37 @@ def lora_rows_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: 
         b = bt[layer].view(a.shape[1], r, -1)[lane].float()                          # (n, r, out)
         updates.append(torch.bmm(h[:, None], b)[:, 0])
     y[rows] = (y[rows].float() + torch.cat(updates, dim=-1)).to(y.dtype)
+
+
+def int4_pack(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_mm's layout of 4-bit weights: q (out, in) uint8 in [0, 15] and scales_zeros (groups,
+    out, 2) bf16 (quantize.Int4Linear's) -> packed (out / 16, in / 2, 16) uint8, byte j of pair p
+    of tile t holding q[16t + j][2p] in its low and q[16t + j][2p + 1] in its high nibble, and sz
+    (out / 16, groups, 2, 16) bf16: a tile's 16 scales, then its 16 zeros, group after group."""
+    out, width = q.shape
+    pairs = q.view(out // 16, 16, width // 2, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).permute(0, 2, 1).contiguous()
+    sz = scales_zeros.permute(1, 0, 2).reshape(out // 16, 16, -1, 2).permute(0, 2, 3, 1).contiguous()
+    return packed, sz
+
+
+def int4_unpack(packed: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4_pack's inverse: q (out, in) uint8, scale and zero (out, groups) fp32."""
+    tiles, pairs, _ = packed.shape
+    q = torch.stack([packed & 15, packed >> 4], dim=-1)                  # (tiles, pairs, 16, 2)
+    q = q.permute(0, 2, 1, 3).reshape(tiles * 16, pairs * 2)
+    scale, zero = sz.float().permute(0, 3, 1, 2).reshape(tiles * 16, -1, 2).unbind(-1)
+    return q, scale, zero
+
+
+def int4_mm_reference(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """The int4 op in plain torch: the weights q scale + (zero - 8 scale) in fp32, x widened to
+    fp32, one matmul, the product rounded to bf16. The fallback (for TorchScript to resolve the op
+    by; no layer packs for it without the library), and the tests' oracle."""
+    q, scale, zero = int4_unpack(packed, sz)
+    out = q.shape[0]
+    w = q.view(out, -1, group).float() * scale[..., None] + (zero - 8 * scale)[..., None]
+    return (x.float() @ w.view(out, -1).T).to(torch.bfloat16)
 
 
 def default_dir() -> Path:

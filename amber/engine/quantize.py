@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amber.engine import paged_ops
+
 FUSED_MAX_ROWS = 4  # untuned default: above this many rows the dense copy is used (int8)
 # the ops' overloads, looked up once: calling the packet costs a lookup per call
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
@@ -139,23 +141,35 @@ class Int4Linear(QuantizedLinear):
         q = torch.round((w - low.unsqueeze(2)) / scale.unsqueeze(2)).clamp(0, 15)
         # the kernel's zero is the value at q = 8
         scales_zeros = torch.stack([scale.T, (low + 8 * scale).T], dim=-1).to(torch.bfloat16)
-        # torch's CPU kernel has its own packing; elsewhere (CUDA) the layer runs its bf16 copy
-        packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.view(self.out_features, self.in_features).to(torch.int32), 1) if weight.is_cpu else None)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_zeros", scales_zeros.contiguous())   # (groups, out, 2)
-        # what the kernel multiplies by (in fp32), rounded to bf16
+        q = q.view(self.out_features, self.in_features)
         scale, zero = scales_zeros.float().unbind(-1)                       # (groups, out)
-        dense = (q - 8) * scale.T.unsqueeze(2) + zero.T.unsqueeze(2)
+        scale, zero = scale.T.unsqueeze(2), zero.T.unsqueeze(2)               # (out, groups, 1)
+        # Amber's own kernel where its library is built (paged_ops: csrc/int4_mm.cpp), else
+        # torch's, each with its own packing; elsewhere (CUDA) the layer runs its bf16 copy
+        self.kernel = ("amber" if _own_kernels() else "torch") if weight.is_cpu else None
+        if self.kernel == "amber":
+            packed, scales_zeros = paged_ops.int4_pack(q.to(torch.uint8), scales_zeros)
+            # what the kernel multiplies by, as its fused multiply-adds round it: q s + (zero - 8 s)
+            dense = q.view(self.out_features, -1, group) * scale + (zero - 8 * scale)
+        else:
+            packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+                      if self.kernel == "torch" else None)
+            scales_zeros = scales_zeros.contiguous()                        # (groups, out, 2)
+            # what torch's kernel multiplies by (in fp32)
+            dense = (q.view(self.out_features, -1, group) - 8) * scale + zero
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("dense", dense.view(self.out_features, self.in_features).to(torch.bfloat16))
 
     def fused(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(rows, self.dense)
-        return INT4_MM(rows, self.packed, self.group, self.scales_zeros)
+        if self.kernel == "amber":
+            return torch.ops.amber.int4_mm(rows, self.packed, self.scales_zeros, self.group)
+        if self.kernel == "torch":
+            return INT4_MM(rows, self.packed, self.group, self.scales_zeros)
+        return F.linear(rows, self.dense)
 
     def has_fused_kernel(self) -> bool:
-        return self.packed is not None
+        return self.kernel is not None
 
     def dense_weights(self) -> torch.Tensor:
         """The kernel computes each weight in fp32 and rounds products to bf16: multiplying the
@@ -164,6 +178,11 @@ class Int4Linear(QuantizedLinear):
             return self.dense
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.scales_zeros.device)
         return self.fused(eye).t().contiguous()
+
+
+def _own_kernels() -> bool:
+    """Whether Amber's compiled CPU ops are loaded (paged_ops.ensure loads them once)."""
+    return paged_ops.ensure()
 
 
 class Int8Embedding(nn.Module):

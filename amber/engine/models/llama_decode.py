@@ -35,7 +35,7 @@ from amber.engine.quantize import Int4Linear, Int8Linear, dense_product
 log = logging.getLogger(__name__)
 
 # projection kinds (plain ints: TorchScript takes them as they are)
-PLAIN, DENSE_BF16, INT4, INT8 = 0, 1, 4, 8
+PLAIN, DENSE_BF16, INT4, INT4_AMBER, INT8 = 0, 1, 4, 5, 8  # INT4: torch's kernel; INT4_AMBER: paged_ops'
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,6 +67,8 @@ def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
         return dense_product(x, dense)
     if x.dtype != torch.bfloat16:
         x = x.to(torch.bfloat16)
+    if kind == 5:  # INT4_AMBER
+        return torch.ops.amber.int4_mm(x, weight, scales, group)
     if kind == 4:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scales)
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
@@ -190,10 +192,11 @@ def _projection(linear: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, tor
     computing what its forward() does."""
     none, unlimited = torch.empty(0), 1 << 30
     if isinstance(linear, Int4Linear):
-        if linear.packed is None:  # off CPU: the bf16 copy
+        if linear.kernel is None:  # off CPU: the bf16 copy
             return DENSE_BF16, linear.dense, none, linear.dense, 0, 0
         dense = linear.dense if linear.dense is not None else none  # none: the kernel takes every row count
-        return INT4, linear.packed, linear.scales_zeros, dense, linear.fused_max_rows, linear.group
+        kind = INT4_AMBER if linear.kernel == "amber" else INT4
+        return kind, linear.packed, linear.scales_zeros, dense, linear.fused_max_rows, linear.group
     if isinstance(linear, Int8Linear):
         assert linear.weight.shape[0] == 1, "block projections have one scale group"
         dense = linear.dense if linear.dense is not None else none

@@ -1,0 +1,126 @@
+"""The compiled 4-bit matmul (csrc/int4_mm.cpp) against an fp64 oracle and its pure-torch reference,
+and the layer built on it (quantize.Int4Linear) against its own bf16 copy.
+
+The op sums in fp32 and rounds the product to bf16 once, so it agrees with the exact product to
+half a bf16 step plus fp32 rounding. A row's result never depends on the other rows or the thread
+count: bit for bit."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from amber.engine import paged_ops
+from amber.engine.quantize import Int4Linear
+
+SHAPES = [(48, 64, 32), (96, 128, 32), (32, 256, 64), (16, 128, 128)]  # (out, in, group)
+ROWS = (1, 2, 3, 4, 5, 9, 17, 70)  # every tail of the kernel's row blocks, and past its 64-row chunk
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found: the int4 kernel is optional and cannot be built here")
+    directory = paged_ops.default_dir()
+    paged_ops.build(directory)
+    assert paged_ops.load(directory), "built but not loadable"
+
+
+def weights(out: int, inn: int, group: int, seed: int = 0):
+    """Random q, and bf16 scales and zeros as Int4Linear makes them: (groups, out, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out, inn), generator=g, dtype=torch.uint8)
+    scale = torch.rand(inn // group, out, generator=g) * 0.02 + 1e-3
+    zero = torch.randn(inn // group, out, generator=g) * 0.05
+    return q, torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
+
+
+def exact(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """x W^T in fp64, W = (q - 8) scale + zero."""
+    scale, zero = sz.double().unbind(-1)
+    w = (q.double().view(q.shape[0], -1, group) - 8) * scale.T[..., None] + zero.T[..., None]
+    return x.double() @ w.view(q.shape[0], -1).T
+
+
+def test_packing_round_trips():
+    q, sz = weights(48, 64, 32)
+    packed, psz = paged_ops.int4_pack(q, sz)
+    assert packed.shape == (3, 32, 16) and packed.dtype == torch.uint8 and psz.shape == (3, 2, 2, 16)
+    back, scale, zero = paged_ops.int4_unpack(packed, psz)
+    assert torch.equal(back, q)
+    assert torch.equal(scale, sz[..., 0].float().T) and torch.equal(zero, sz[..., 1].float().T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_op_equals_the_exact_product_to_bf16_rounding(kernel, shape, dtype):
+    out, inn, group = shape
+    q, sz = weights(out, inn, group)
+    packed, psz = paged_ops.int4_pack(q, sz)
+    for rows in ROWS:
+        x = torch.randn(rows, inn, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        got = torch.ops.amber.int4_mm(x, packed, psz, group)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+        want = exact(x, q, sz, group)
+        # half a bf16 step of the value, plus fp32 rounding of sums of ~inn terms
+        bound = want.abs() * 2.0 ** -8 + 1e-5 * inn * (x.double().abs() @ exact_abs(q, sz, group).T)
+        assert ((got.double() - want).abs() <= bound).all()
+        reference = paged_ops.int4_mm_reference(x, packed, psz, group)
+        assert ((reference.double() - want).abs() <= bound).all()
+
+
+def exact_abs(q, sz, group):
+    scale, zero = sz.double().unbind(-1)
+    w = (q.double().view(q.shape[0], -1, group) - 8) * scale.T[..., None] + zero.T[..., None]
+    return w.abs().view(q.shape[0], -1)
+
+
+def test_a_batch_equals_each_row_alone_and_one_thread_bit_for_bit(kernel):
+    out, inn, group = 96, 128, 32
+    q, sz = weights(out, inn, group, seed=3)
+    packed, psz = paged_ops.int4_pack(q, sz)
+    x = torch.randn(70, inn, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    batch = torch.ops.amber.int4_mm(x, packed, psz, group)
+    for n in (1, 3, 8, 13):
+        assert torch.equal(torch.ops.amber.int4_mm(x[:n], packed, psz, group), batch[:n])
+    for row in range(0, 70, 7):
+        assert torch.equal(torch.ops.amber.int4_mm(x[row:row + 1], packed, psz, group)[0], batch[row])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(torch.ops.amber.int4_mm(x, packed, psz, group), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_layer_multiplies_by_exactly_its_bf16_copy(kernel):
+    """Int4Linear on the op: the identity's product is the layer's bf16 copy bit for bit (so a
+    dropped copy is recovered exactly, kernels.py), and a product agrees with the copy's GEMM."""
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(5)) * 0.05
+    layer = Int4Linear(w)
+    assert layer.kernel == "amber" and layer.has_fused_kernel()
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    assert torch.equal(layer.fused(eye).t(), layer.dense)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    torch.testing.assert_close(layer.fused(x).float(), (x.float() @ layer.dense.float().T), atol=2e-2, rtol=1e-2)
+    dropped = layer.dense.clone()
+    layer.dense = None
+    assert torch.equal(layer.dense_weights(), dropped)
+
+
+def test_callable_from_torchscript_and_checks_its_arguments(kernel):
+    @torch.jit.script
+    def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+        return torch.ops.amber.int4_mm(x, packed, sz, group)
+
+    q, sz = weights(48, 64, 32)
+    packed, psz = paged_ops.int4_pack(q, sz)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    assert torch.equal(mm(x, packed, psz, 32), torch.ops.amber.int4_mm(x, packed, psz, 32))
+    with pytest.raises(RuntimeError, match="packed holds 64 input columns, x has 32"):
+        torch.ops.amber.int4_mm(x[:, :32], packed, psz, 32)
+    with pytest.raises(RuntimeError, match="group must be a multiple of 4"):
+        torch.ops.amber.int4_mm(x, packed, psz, 6)
+    with pytest.raises(RuntimeError, match="sz must be"):
+        torch.ops.amber.int4_mm(x, packed, psz.float(), 32)
