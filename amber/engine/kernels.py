@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amber.engine.cpu import machine  # noqa: F401  (kernels.machine: what the timings depend on)
-from amber.engine.quantize import DENSE_DTYPES, Int4Linear, QuantizedLinear
+from amber.engine.quantize import DENSE_DTYPES, Int4Linear, Int8BlockLinear, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def shape_key(layer: QuantizedLinear, activation: torch.dtype) -> str:
     """Layers with the same key run the same kernels on the same bytes."""
     if isinstance(layer, Int4Linear):
         kind = f"int4/g{layer.group}" + ("/amber" if layer.kernel == "amber" else "")  # whose kernel
+    elif isinstance(layer, Int8BlockLinear):
+        kind = f"int8/b{layer.block}/amber"
     else:
         kind = f"int8/x{layer.weight.shape[0]}"  # scale groups: kernel calls per product
     return f"{kind} {layer.out_features}x{layer.in_features} in:{str(activation).removeprefix('torch.')}"
@@ -171,7 +173,7 @@ def measure(layers: list[QuantizedLinear], activation: torch.dtype, rows: tuple[
     input arrives in the activation dtype, so each path pays for its own cast."""
     dense_bf16 = [layer.dense_weights() for layer in layers]
     copies = {"bf16": dense_bf16, "fp32": [w.float() for w in dense_bf16]}
-    paths = {"fused": lambda i, x: layers[i].fused(x.to(torch.bfloat16)),
+    paths = {"fused": lambda i, x: layers[i].fused(layers[i].kernel_input(x)),
              "bf16": lambda i, x: F.linear(x.to(torch.bfloat16), copies["bf16"][i]),
              "fp32": lambda i, x: F.linear(x.float(), copies["fp32"][i])}
     generator = torch.Generator().manual_seed(0)

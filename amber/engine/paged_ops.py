@@ -46,7 +46,7 @@ from amber.engine.cpu import machine
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "lora_rows.cpp",
-                                                                  "int4_mm.cpp")]
+                                                                  "int4_mm.cpp", "int8_mm.cpp")]
 # AMBER_KERNEL_MARCH (default native) picks the target, e.g. x86-64-v3 to build and test the
 # portable (non-AVX-512) path on an AVX-512 machine; it is part of FLAGS, so of the library's name.
 MARCH = os.environ.get("AMBER_KERNEL_MARCH") or "native"
@@ -99,6 +99,7 @@ def _registered() -> bool:
         torch.ops.amber.paged_decode_attention
         torch.ops.amber.lora_rows
         torch.ops.amber.int4_mm
+        torch.ops.amber.int8_mm
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -142,6 +143,8 @@ def ensure() -> bool:
             library.impl("lora_rows", lora_rows_reference, "CompositeExplicitAutograd")
             library.define("int4_mm(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor")
             library.impl("int4_mm", int4_mm_reference, "CompositeExplicitAutograd")
+            library.define("int8_mm(Tensor x, Tensor q, Tensor scales, int block) -> Tensor")
+            library.impl("int8_mm", int8_mm_reference, "CompositeExplicitAutograd")
             _state["fallback"] = library  # kept alive: the registration lasts as long as the object
     return available()
 
@@ -220,13 +223,37 @@ def int4_unpack(packed: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def int4_mm_reference(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """The int4 op in plain torch: the weights q scale + (zero - 8 scale) in fp32, x widened to
-    fp32, one matmul, the product rounded to bf16. The fallback (for TorchScript to resolve the op
+    """The int4 op in plain torch: the weights q scale + (zero - 8 scale) in fp32, x rounded to
+    bf16 and widened to fp32, one matmul, the product rounded to bf16. The fallback (for TorchScript to resolve the op
     by; no layer packs for it without the library), and the tests' oracle."""
     q, scale, zero = int4_unpack(packed, sz)
     out = q.shape[0]
     w = q.view(out, -1, group).float() * scale[..., None] + (zero - 8 * scale)[..., None]
-    return (x.float() @ w.view(out, -1).T).to(torch.bfloat16)
+    return (x.to(torch.bfloat16).float() @ w.view(out, -1).T).to(torch.bfloat16)
+
+
+def int8_pack(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8_mm's layout of int8 weights with a scale per block of columns: q (out, in) int8 and
+    scales (out, in / block) fp32 -> q (out / 16, in, 16), byte j of column k of tile t holding
+    q[16t + j][k], and scales (out / 16, in / block, 16)."""
+    out = q.shape[0]
+    return (q.view(out // 16, 16, -1).transpose(1, 2).contiguous(),
+            scales.view(out // 16, 16, -1).transpose(1, 2).contiguous())
+
+
+def int8_rows(q: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `rows` (any shape of ids) of int8_pack's q and scales, as (*rows.shape, in) int8 and
+    (*rows.shape, in / block) fp32: an embedding lookup in the head's layout."""
+    tile, lane = torch.div(rows, 16, rounding_mode="floor"), rows % 16
+    return q[tile, :, lane], scales[tile, :, lane]
+
+
+def int8_mm_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """The int8 op in plain torch: the weights q scale in fp32, x widened to fp32, one matmul. The
+    fallback (for TorchScript to resolve the op by), and the tests' oracle."""
+    out, width = q.shape[0] * 16, q.shape[1]
+    w = q.transpose(1, 2).reshape(out, -1, block).float() * scales.transpose(1, 2).reshape(out, -1, 1)
+    return x.float() @ w.view(out, width).T
 
 
 def default_dir() -> Path:

@@ -78,8 +78,12 @@ class QuantizedLinear(nn.Module):
         if x.shape[0] > self.fused_max_rows:
             y = dense_product(x, self.dense)
         else:
-            y = self.fused(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16))
+            y = self.fused(self.kernel_input(x))
         return y if self.bias is None else y + self.bias
+
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as `fused` takes it: bf16 (torch's kernels, and the int4 kernel, which rounds as they do)."""
+        return x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
 
 
 def dense_product(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -161,6 +165,10 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("dense", dense.view(self.out_features, self.in_features).to(torch.bfloat16))
 
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Amber's kernel rounds an fp32 input to bf16 itself (one op less a projection)."""
+        return x if self.kernel == "amber" else super().kernel_input(x)
+
     def fused(self, rows: torch.Tensor) -> torch.Tensor:
         if self.kernel == "amber":
             return torch.ops.amber.int4_mm(rows, self.packed, self.scales_zeros, self.group)
@@ -185,31 +193,62 @@ def _own_kernels() -> bool:
     return paged_ops.ensure()
 
 
+class Int8BlockLinear(QuantizedLinear):
+    """int8 weights with one fp32 scale per `block` input columns of a row (GGUF's Q8_0 grid) on
+    Amber's kernel (paged_ops: csrc/int8_mm.cpp), in int8_pack's layout, which an Int8Embedding
+    shares: a tied LM head multiplies by exactly the checkpoint's values, from the very bytes the
+    embedding looks its rows up in (SmolLM2-135M: 30 MB for both, where a per-row int8 head held
+    28 MB of its own and moved logprobs). It takes its input as it comes (fp32 or bf16) and gives
+    fp32, which logits keep."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        tiles, width, _ = q.shape
+        super().__init__(torch.empty(tiles * 16, width, device="meta"), bias)
+        self.block = width // scales.shape[1]
+        self.register_buffer("weight", q)        # (out / 16, in, 16) int8
+        self.register_buffer("scales", scales)   # (out / 16, in / block, 16) fp32
+        self.register_buffer("dense", self.dense_weights())
+
+    def fused(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.amber.int8_mm(rows, self.weight, self.scales, self.block)
+
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def dense_weights(self) -> torch.Tensor:
+        """(out, in) bf16: the weights q scale, rounded to bf16."""
+        w = self.weight.transpose(1, 2).reshape(self.out_features, -1, self.block).float()
+        scales = self.scales.transpose(1, 2).reshape(self.out_features, -1, 1)
+        return (w * scales).view(self.out_features, self.in_features).to(torch.bfloat16)
+
+
 class Int8Embedding(nn.Module):
     """An embedding table as int8 with one fp32 scale per `block` columns of a row: GGUF's Q8_0
-    layout, in which GGUF files keep their token embeddings. Built only where that is lossless
-    (`compact_embedding`): each looked-up row is then bit for bit the table's row, at a quarter of
-    its memory (SmolLM2-135M: 113 MB in fp32, 30 MB here). `weight` is the int8 table, so the
-    device is found where an nn.Embedding's is; `dtype` is the rows' dtype."""
+    layout, in which GGUF files keep their token embeddings, tiled as the int8 kernel reads it
+    (paged_ops.int8_pack), so that a tied head (Int8BlockLinear) shares it. Built only where that
+    is lossless (`compact_embedding`): each looked-up row is then bit for bit the table's row, at a
+    quarter of its memory (SmolLM2-135M: 113 MB in fp32, 30 MB here). `weight` is the int8 table,
+    so the device is found where an nn.Embedding's is; `dtype` is the rows' dtype."""
 
     def __init__(self, table: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.block, self.dtype = table.shape[1] // scales.shape[1], dtype
-        self.register_buffer("weight", table)    # (vocab, dim) int8
-        self.register_buffer("scales", scales)   # (vocab, dim / block) fp32
+        self.register_buffer("weight", table)    # (vocab / 16, dim, 16) int8
+        self.register_buffer("scales", scales)   # (vocab / 16, dim / block, 16) fp32
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[ids].view(*ids.shape, -1, self.block).float()
-        return (rows * self.scales[ids].unsqueeze(-1)).view(*ids.shape, -1).to(self.dtype)
+        rows, scales = paged_ops.int8_rows(self.weight, self.scales, ids)
+        rows = rows.view(*ids.shape, -1, self.block).float() * scales.unsqueeze(-1)
+        return rows.view(*ids.shape, -1).to(self.dtype)
 
 
 def compact_embedding(embedding: nn.Embedding, block: int = 32) -> nn.Module:
     """The embedding as an Int8Embedding when its table lies exactly on a Q8_0 grid (each block of
     `block` values is an int8 times the block's largest magnitude / 127), else unchanged. The test
     is the round trip itself, so a table that was never 8-bit (or lost its grid to a bf16 cast)
-    keeps its own memory and values."""
+    keeps its own memory and values. The tiles need a vocabulary that is a multiple of 16."""
     weight = embedding.weight.detach()
-    if weight.shape[1] % block or not weight.is_floating_point():
+    if weight.shape[1] % block or weight.shape[0] % 16 or not weight.is_floating_point():
         return embedding
     blocks = weight.float().view(weight.shape[0], -1, block)
     scales = blocks.abs().amax(dim=2) / 127                                    # (vocab, blocks)
@@ -219,7 +258,7 @@ def compact_embedding(embedding: nn.Embedding, block: int = 32) -> nn.Module:
     q = q.to(torch.int8)
     if not torch.equal((q.float() * scales.unsqueeze(2)).to(weight.dtype), blocks.to(weight.dtype)):
         return embedding
-    return Int8Embedding(q.view(weight.shape).contiguous(), scales.contiguous(), weight.dtype)
+    return Int8Embedding(*paged_ops.int8_pack(q.view(weight.shape), scales), weight.dtype)
 
 
 def fits_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> bool:
@@ -232,28 +271,38 @@ def quantize(model: nn.Module, bits: int, head_groups: int = 4, keep: tuple[str,
     """Replace every nn.Linear in place by an Int8Linear (bits=8) or an Int4Linear (bits=4).
 
     The LM head stays int8 in both: it is the tied embedding, which GGUF files keep at 8 bits
-    (Q8_0), and int4 there moves logprobs far more (SmolLM2-135M: 0.17 nats). It gets
-    `head_groups` scale groups: with one scale per row int8 there moves logprobs most
+    (Q8_0), and int4 there moves logprobs far more (SmolLM2-135M: 0.17 nats). Where the table lies
+    exactly on the Q8_0 grid and Amber's kernels are built, head and embedding share it (an
+    Int8BlockLinear beside an Int8Embedding): the head multiplies by the checkpoint's own values.
+    Otherwise the head is an Int8Linear with `head_groups` scale groups: with one scale per row int8 there moves logprobs most
     (SmolLM2-135M with int8 layers, mean |logprob - fp32|: 0.051 with 1 group, 0.048 with 4,
     0.041 left in bf16; with int4 layers 0.032 with 1 group, 0.030 with 4), and each group is one
     more kernel call over the 49,152 x 576 matrix (4 groups cost ~0.4 ms more a decode step than
     1). An int4 layer whose shape the kernel cannot take falls back to int8. Biases are kept as
     they are; layers whose names end with one of `keep` stay unquantized (the family says which).
     The token embeddings, no longer tied to the head, become an Int8Embedding where that is exact."""
+    decoder = getattr(model, "model", None)
+    embedding = getattr(decoder, "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    tied = isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding) and head.weight is embedding.weight
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Linear) or full.endswith(keep):
                 continue
             if full == "lm_head":
-                setattr(module, child_name, Int8Linear(child.weight, head_groups, child.bias))
+                compact = (compact_embedding(embedding) if tied and child.weight.is_cpu and child.bias is None
+                           and _own_kernels() else None)
+                if isinstance(compact, Int8Embedding):  # one Q8_0 table for the lookup and the head
+                    decoder.embed_tokens = compact
+                    setattr(module, child_name, Int8BlockLinear(compact.weight, compact.scales))
+                else:
+                    setattr(module, child_name, Int8Linear(child.weight, head_groups, child.bias))
             elif bits == 4 and fits_int4(child.weight):
                 setattr(module, child_name, Int4Linear(child.weight, bias=child.bias))
             else:
                 setattr(module, child_name, Int8Linear(child.weight, bias=child.bias))
-    decoder = getattr(model, "model", None)
-    embedding = getattr(decoder, "embed_tokens", None)
-    head = getattr(model, "lm_head", None)
+    head, embedding = getattr(model, "lm_head", None), getattr(decoder, "embed_tokens", None)
     if isinstance(embedding, nn.Embedding) and not (isinstance(head, nn.Linear) and head.weight is embedding.weight):
         decoder.embed_tokens = compact_embedding(embedding)  # (not while a head left as it was is tied to it)
     return model

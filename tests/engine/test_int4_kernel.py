@@ -36,11 +36,19 @@ def weights(out: int, inn: int, group: int, seed: int = 0):
     return q, torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
 
 
-def exact(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """x W^T in fp64, W = (q - 8) scale + zero."""
+def exact_weights(q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """W = (q - 8) scale + zero in fp64."""
     scale, zero = sz.double().unbind(-1)
     w = (q.double().view(q.shape[0], -1, group) - 8) * scale.T[..., None] + zero.T[..., None]
-    return x.double() @ w.view(q.shape[0], -1).T
+    return w.view(q.shape[0], -1)
+
+
+def exact(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return x.double() @ exact_weights(q, sz, group).T
+
+
+def exact_abs(q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return exact_weights(q, sz, group).abs()
 
 
 def test_packing_round_trips():
@@ -62,18 +70,15 @@ def test_the_op_equals_the_exact_product_to_bf16_rounding(kernel, shape, dtype):
         x = torch.randn(rows, inn, generator=torch.Generator().manual_seed(rows)).to(dtype)
         got = torch.ops.amber.int4_mm(x, packed, psz, group)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
-        want = exact(x, q, sz, group)
+        xb = x.to(torch.bfloat16)  # what the op multiplies: an fp32 x is rounded to bf16 first
+        want = exact(xb, q, sz, group)
         # half a bf16 step of the value, plus fp32 rounding of sums of ~inn terms
-        bound = want.abs() * 2.0 ** -8 + 1e-5 * inn * (x.double().abs() @ exact_abs(q, sz, group).T)
+        bound = want.abs() * 2.0 ** -8 + 1e-5 * inn * (xb.double().abs() @ exact_abs(q, sz, group).T)
         assert ((got.double() - want).abs() <= bound).all()
         reference = paged_ops.int4_mm_reference(x, packed, psz, group)
         assert ((reference.double() - want).abs() <= bound).all()
-
-
-def exact_abs(q, sz, group):
-    scale, zero = sz.double().unbind(-1)
-    w = (q.double().view(q.shape[0], -1, group) - 8) * scale.T[..., None] + zero.T[..., None]
-    return w.abs().view(q.shape[0], -1)
+        if dtype == torch.float32:
+            assert torch.equal(got, torch.ops.amber.int4_mm(xb, packed, psz, group))
 
 
 def test_a_batch_equals_each_row_alone_and_one_thread_bit_for_bit(kernel):

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from amber.engine import paged_ops
 from amber.engine.engine import Engine
 from amber.engine.kv_cache import KVCache
 from amber.engine.loader import load_model
@@ -206,14 +207,16 @@ def q8_0_table(rows: int, dim: int) -> torch.Tensor:
 
 def test_a_q8_0_embedding_is_kept_as_int8_and_looks_up_the_same_rows_bit_for_bit():
     torch.manual_seed(0)
-    table = torch.nn.Embedding.from_pretrained(q8_0_table(300, 64))
+    table = torch.nn.Embedding.from_pretrained(q8_0_table(320, 64))
     compact = compact_embedding(table)
     assert isinstance(compact, Int8Embedding) and compact.weight.dtype == torch.int8
-    ids = torch.tensor([[0, 5, 299], [17, 17, 3]])
+    ids = torch.tensor([[0, 5, 319], [17, 17, 3]])
     assert torch.equal(compact(ids), table(ids)) and compact(ids).dtype == torch.float32
     assert torch.equal(compact(torch.tensor([42])), table.weight[42:43])
     # a table off the grid, or one that lost it to a bf16 cast, stays as it was
-    for other in (torch.randn(300, 64), q8_0_table(300, 64).bfloat16(), q8_0_table(300, 64)[:, :40].contiguous()):
+    # (or one whose vocabulary is no multiple of the kernel's 16-row tiles)
+    for other in (torch.randn(320, 64), q8_0_table(320, 64).bfloat16(), q8_0_table(320, 64)[:, :40].contiguous(),
+                  q8_0_table(300, 64)):
         embedding = torch.nn.Embedding.from_pretrained(other)
         assert compact_embedding(embedding) is embedding
 
@@ -256,6 +259,8 @@ def test_real_model_precision_modes_stay_close_to_fp32(request, which):
             embedding, rows = model.model.embed_tokens, torch.randint(0, model.config.vocab_size, (4, 256))
             assert isinstance(embedding, Int8Embedding) and model.activation_dtype == torch.float32
             assert torch.equal(embedding(rows), fp32_model.model.embed_tokens(rows))
+            if paged_ops.available():  # and the tied head multiplies by that very table
+                assert model.lm_head.weight is embedding.weight
         layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.has_fused_kernel()]
         for copy in ("bf16", "fp32") if layers else ("bf16",):  # bfloat16 has no quantized layers
             for layer in layers:

@@ -10,7 +10,7 @@
 // Layout (paged_ops.int4_pack makes it from Int4Linear's q, scales and zeros):
 //   packed  (out / 16, in / 2, 16) uint8: tile t, pair p, byte j = q[16t + j][2p] | q[16t + j][2p + 1] << 4
 //   sz      (out / 16, in / group, 2, 16) bf16: per tile and group, 16 scales then 16 zeros
-//   x       (rows, in) fp32 or bf16          ->  y (rows, out) bf16
+//   x       (rows, in) bf16, or fp32, which is rounded to bf16 first  ->  y (rows, out) bf16
 // Numerics, per row and output: per group, S1 = sum_k x_k q_k in four fp32 chains of fused
 // multiply-adds (chain (p % 2, low or high nibble) of pair p, each in ascending k), S1 = (c0 + c1) +
 // (c2 + c3), and S0 = sum_k x_k in ascending k; then acc = fma(S1, scale, acc) and acc = fma(S0,
@@ -223,9 +223,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   sbuf.resize(rows * groups);
   float* xp = xbuf.data();
   float* sp = sbuf.data();
-  if (x.scalar_type() == at::kFloat) {
+  if (x.scalar_type() == at::kFloat) {  // rounded to bf16 here, as torch's kernel takes it, not by a cast op before
     at::Tensor xc = x.contiguous();
-    std::memcpy(xp, xc.data_ptr<float>(), rows * in * sizeof(float));
+    const float* src = xc.data_ptr<float>();
+    for (int64_t i = 0; i < rows * in; ++i) xp[i] = bf16_to_float(c10::BFloat16(src[i]).x);
   } else {
     at::Tensor xc = x.contiguous();
     const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());

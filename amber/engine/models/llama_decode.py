@@ -65,10 +65,10 @@ def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
         return F.linear(x, weight)
     if kind == 1 or x.shape[0] > max_rows:
         return dense_product(x, dense)
+    if kind == 5:  # INT4_AMBER, which rounds an fp32 x to bf16 itself
+        return torch.ops.amber.int4_mm(x, weight, scales, group)
     if x.dtype != torch.bfloat16:
         x = x.to(torch.bfloat16)
-    if kind == 5:  # INT4_AMBER
-        return torch.ops.amber.int4_mm(x, weight, scales, group)
     if kind == 4:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scales)
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)

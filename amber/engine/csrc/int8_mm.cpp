@@ -1,0 +1,142 @@
+// 8-bit weight matmul on the CPU with one fp32 scale per `block` input columns of a row: GGUF's
+// Q8_0 grid (block 32), in which SmolLM2's token embeddings, and so its tied LM head, are stored.
+// y = x W^T, w = q * scale, q in [-127, 127].
+//
+// Why a kernel: the LM head is the largest matrix of a small model (49,152 x 576 for SmolLM2-135M)
+// and a decode step reads all of it. torch's int8 kernel takes one scale per row, which is not the
+// checkpoint's grid (a per-row requantization moves logprobs), and streamed ~9 GB/s; this one
+// multiplies by exactly the checkpoint's values, from the same int8 table the embedding lookup
+// reads (one copy for both), and returns fp32 logits.
+//
+// Layout (paged_ops.int8_pack): q (out / 16, in, 16) int8: tile t, column k, byte j = q[16t + j][k];
+// scales (out / 16, in / block, 16) fp32; x (rows, in) fp32 or bf16; y (rows, out) fp32.
+// block is a multiple of 4.
+// Numerics, per row and output: per block, s = sum of x_k q_k in four fp32 chains of fused
+// multiply-adds (chain k % 4, ascending k), s = (c0 + c1) + (c2 + c3); acc = fma(s, scale, acc),
+// block after block. The order depends on the row alone: a row's result is the same at any batch
+// size and thread count, and the AVX-512 and plain paths compute the same sums in the same order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t TILE = 16;  // outputs per tile
+
+// Rows [0, rows) of one tile: x (rows, in) fp32, out (rows, 16). The reference order.
+void tile_plain(const int8_t* q, const float* scales, const float* x, int64_t rows, int64_t in, int64_t block,
+                float* out) {
+  const int64_t blocks = in / block;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < TILE; ++j) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t k = b * block; k < (b + 1) * block; ++k)
+          c[k % 4] = std::fmaf(static_cast<float>(q[k * TILE + j]), x[r * in + k], c[k % 4]);
+        acc = std::fmaf((c[0] + c[1]) + (c[2] + c[3]), scales[b * TILE + j], acc);
+      }
+      out[r * TILE + j] = acc;
+    }
+}
+
+#if defined(__AVX512F__)
+#define AMBER_INT8_R 4
+constexpr int64_t R = AMBER_INT8_R;  // rows per pass over a tile: 5R accumulators + temporaries
+
+template <int N>
+void tile_rows(const int8_t* q, const float* scales, const float* x, int64_t in, int64_t block, float* out) {
+  const int64_t blocks = in / block;
+  const float* xr[N];
+  for (int r = 0; r < N; ++r) xr[r] = x + r * in;
+  __m512 acc[N];
+  for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + (b + 1) * block * TILE) + 2048, _MM_HINT_T0);
+    __m512 c[N][4];
+    for (int r = 0; r < N; ++r) c[r][0] = c[r][1] = c[r][2] = c[r][3] = _mm512_setzero_ps();
+    for (int64_t k = b * block; k < (b + 1) * block; k += 4) {
+#pragma GCC unroll 4
+      for (int e = 0; e < 4; ++e) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (k + e) * TILE))));
+#pragma GCC unroll 8
+        for (int r = 0; r < N; ++r) c[r][e] = _mm512_fmadd_ps(w, _mm512_set1_ps(xr[r][k + e]), c[r][e]);
+      }
+    }
+    const __m512 scale = _mm512_loadu_ps(scales + b * TILE);
+#pragma GCC unroll 8
+    for (int r = 0; r < N; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(c[r][0], c[r][1]), _mm512_add_ps(c[r][2], c[r][3])),
+                               scale, acc[r]);
+  }
+  for (int r = 0; r < N; ++r) _mm512_storeu_ps(out + r * TILE, acc[r]);
+}
+#endif
+
+void tile(const int8_t* q, const float* scales, const float* x, int64_t rows, int64_t in, int64_t block, float* out) {
+#if defined(__AVX512F__)
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) tile_rows<R>(q, scales, x + r * in, in, block, out + r * TILE);
+  switch (rows - r) {
+    case 1: return tile_rows<1>(q, scales, x + r * in, in, block, out + r * TILE);
+    case 2: return tile_rows<2>(q, scales, x + r * in, in, block, out + r * TILE);
+    case 3: return tile_rows<3>(q, scales, x + r * in, in, block, out + r * TILE);
+    default: return;
+  }
+#else
+  tile_plain(q, scales, x, rows, in, block, out);
+#endif
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t block) {
+  TORCH_CHECK(x.dim() == 2, "x must be (rows, in)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(2) == TILE,
+              "q must be contiguous (out / 16, in, 16) int8");
+  const int64_t rows = x.size(0), in = x.size(1), tiles = q.size(0);
+  TORCH_CHECK(q.size(1) == in, "q has ", q.size(1), " input columns, x has ", in);
+  TORCH_CHECK(block > 0 && block % 4 == 0 && in % block == 0, "block must be a multiple of 4 and divide in");
+  TORCH_CHECK(scales.dim() == 3 && scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+              scales.size(0) == tiles && scales.size(1) == in / block && scales.size(2) == TILE,
+              "scales must be contiguous (out / 16, in / block, 16) fp32");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t width = tiles * TILE;
+  at::Tensor y = at::empty({rows, width}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = in / block;
+  at::parallel_for(0, tiles, 16, [&](int64_t first, int64_t last) {
+    constexpr int64_t CHUNK = 64;  // rows per call of `tile`: its output stays on the stack
+    float out[CHUNK * TILE];
+    for (int64_t t = first; t < last; ++t)
+      for (int64_t r0 = 0; r0 < rows; r0 += CHUNK) {
+        const int64_t n = std::min(CHUNK, rows - r0);
+        tile(qp + t * in * TILE, sp + t * blocks * TILE, xp + r0 * in, n, in, block, out);
+        for (int64_t r = 0; r < n; ++r) std::memcpy(yp + (r0 + r) * width + t * TILE, out + r * TILE, TILE * sizeof(float));
+      }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(amber, m) {
+  m.def("int8_mm(Tensor x, Tensor q, Tensor scales, int block) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(amber, CPU, m) {
+  m.impl("int8_mm", &int8_mm);
+}
