@@ -16,6 +16,13 @@ beyond the floor it lives in memory that running sequences once used, so a serve
 follows its peak load (plus the floor), not the load plus every prompt it has seen.
 Few-shot prompts, chat histories and repeated scoring all start with the same blocks.
 
+A prompt's last, partial block is kept too (a tail), under the tokens before it: a later prompt
+that starts with the same full blocks takes the tail's positions as far as it agrees with them (one
+less when it is scored: a position's score is about the token after it; never its own last token). The tail is shared like a full block until the new request writes into
+it: KVCache.prepare copies a shared block before any write (copy-on-write), so the kept tail never
+changes. A repeated prompt then computes one token, not the part past its last full block (a
+30-token prompt: 1 instead of 15), as llama.cpp's server, which keeps each slot's last prompt.
+
 Off for families with recurrent layers (Jamba's Mamba mixers; the engine gives it no blocks): their
 state after a block is one fixed-size tensor per layer that depends on every token before it, not
 keys and values per position, so a hit would need the state saved at each block boundary, which a
@@ -35,6 +42,7 @@ class Block:
     block: int                             # the pool block
     scores: list[TokenLogprob] | None      # None when the prompt was not scored
     top_k: int                             # alternatives stored per score
+    tokens: tuple[int, ...] = ()           # a tail's: the prompt's tokens at its positions (a full block: ())
 
 
 class PrefixCache:
@@ -57,17 +65,34 @@ class PrefixCache:
         """Attach the longest cached prefix of `ids` to the empty `slot`. Returns how many
         positions are now filled and the scores of ids[1 : that + 1]."""
         blocks, scores, keys = [], [], []
+        usable = lambda block: not need_scores or (block.scores is not None and block.top_k >= top_k)
         for _, key in self._keys(ids, namespace):
             block = self._blocks.get(key)
-            if block is None or (need_scores and (block.scores is None or block.top_k < top_k)):
+            if block is None or not usable(block):
                 break
             keys.append(key)
             blocks.append(block.block)
             if need_scores:
                 scores += [TokenLogprob(t.token_id, t.logprob, t.raw_logprob, t.top[:top_k]) for t in block.scores]
+        filled = len(blocks) * self.block_size
+        key = self._tail_key(ids, len(blocks), namespace)
+        tail = self._blocks.get(key)
+        if tail is not None and usable(tail):
+            rest = ids[filled:]
+            same = next((i for i, (a, b) in enumerate(zip(tail.tokens, rest)) if a != b), min(len(tail.tokens), len(rest)))
+            if need_scores:  # a position's score is about the token after it: that one must agree too
+                same -= 1
+            same = min(same, len(rest) - 1)  # never the prompt's last position: its logits start the answer
+            if same > 0:
+                keys.append(key)
+                blocks.append(tail.block)
+                if need_scores:
+                    scores += [TokenLogprob(t.token_id, t.logprob, t.raw_logprob, t.top[:top_k])
+                               for t in tail.scores[:same]]
+                filled += same
         self._touch(keys)
         self.cache.attach(slot, blocks)
-        return len(blocks) * self.block_size, scores
+        return filled, scores
 
     def store(self, ids: list[int], slot: int, scores: list[TokenLogprob] | None, top_k: int,
               namespace: str | None = None) -> None:
@@ -85,9 +110,37 @@ class PrefixCache:
             self.cache.hold(blocks[b])
             block_scores = scores[b * bs:(b + 1) * bs] if scores is not None else None
             self._blocks[key] = Block(blocks[b], block_scores, top_k)
+        self._store_tail(ids, blocks, scores, top_k, namespace, keys)
         self._touch(keys)
         while len(self._blocks) > self.max_blocks:
             self.cache.drop(self._blocks.popitem(last=False)[1].block)
+
+    def _tail_key(self, ids: list[int], full: int, namespace: str | None) -> tuple:
+        """The key of the tail that follows `full` blocks of `ids`: the tokens before it."""
+        return ("tail", namespace, tuple(ids[:full * self.block_size]))
+
+    def _store_tail(self, ids: list[int], blocks: list[int], scores: list[TokenLogprob] | None, top_k: int,
+                    namespace: str | None, keys: list[tuple]) -> None:
+        """Keep the prompt's positions past its last kept full block, unless a kept tail covers
+        them already. Its scores are those of all but the last position (whose score would be
+        about the token after the prompt)."""
+        bs = self.block_size
+        full = (len(ids) - 1) // bs
+        tokens = tuple(ids[full * bs:])
+        if len(tokens) < 2 or full >= len(blocks):
+            return
+        key = self._tail_key(ids, full, namespace)
+        kept = self._blocks.get(key)
+        if kept is not None and kept.tokens[:len(tokens)] == tokens and (
+                scores is None or (kept.scores is not None and kept.top_k >= top_k)):
+            keys.append(key)
+            return
+        if kept is not None:
+            self.cache.drop(kept.block)
+        self.cache.hold(blocks[full])
+        tail_scores = scores[full * bs:len(ids) - 1] if scores is not None else None
+        self._blocks[key] = Block(blocks[full], tail_scores, top_k, tokens)
+        keys.append(key)
 
     def _touch(self, keys: list[tuple]) -> None:
         """Mark a prompt's blocks used now, its last block least recent of them: eviction takes a

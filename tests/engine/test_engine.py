@@ -214,6 +214,31 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(tiny):
     assert [t.token_id for t in b.completions[0].tokens] == [e[0] for e in expected]
 
 
+@pytest.mark.supports("llama", "prefix cache")
+def test_a_repeated_prompt_computes_only_its_last_token_and_answers_the_same(tiny):
+    """The prompt's last, partial block is kept too (prefix_cache's tails): asked again, a short
+    prompt runs one position through the model, as llama.cpp's server does with its slots' cache."""
+    engine, tok, _ = tiny
+    prompt = tok.encode("The same short question, asked twice in a row, with a few more words to it?")
+    assert len(prompt) + 1 > engine.prefixes.block_size  # a full block and a tail
+    runner, computed = engine.runner, []  # positions run through the model, per prefill call
+    rows, chunk = runner.prefill_rows, runner.prefill_chunk
+    runner.prefill_rows = lambda jobs: (computed.append(sum(len(j[0]) - j[1] for j in jobs)), rows(jobs))[1]
+    runner.prefill_chunk = lambda ids, start, *rest: (computed.append(min(runner.chunk_size, len(ids) - start)),
+                                                      chunk(ids, start, *rest))[1]
+    try:
+        (a,) = run(engine, [req("again-1", prompt, max_tokens=6, top_k_return=2)])
+        first = sum(computed)
+        (b,) = run(engine, [req("again-2", prompt, max_tokens=6, top_k_return=2)])
+    finally:
+        runner.prefill_rows, runner.prefill_chunk = rows, chunk
+    assert first == len(prompt) + 1 and sum(computed) - first == 1
+    assert b.prompt == a.prompt  # the scores come from the cache
+    assert [t.token_id for t in b.completions[0].tokens] == [t.token_id for t in a.completions[0].tokens]
+    for x, y in zip(b.completions[0].tokens, a.completions[0].tokens):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
 def test_prefix_blocks_scored_with_fewer_alternatives_are_not_reused_for_more(tiny):
     engine, tok, ref = tiny
     prompt = tok.encode("Top alternatives must be complete even when a prefix is cached. " * 5)

@@ -50,3 +50,43 @@ def test_a_full_pool_still_takes_every_block_the_cache_alone_holds():
     assert len(prefixes) == 1 and cache.free_blocks() == 0
     with pytest.raises(PoolExhausted):
         prefill(cache, 2, [3] + list(range(500, 540)))
+
+
+def test_a_prompts_last_partial_block_is_kept_and_shared_until_written():
+    """The tail: a repeated 31-position prompt takes 30 positions from the cache (all but its last
+    token), a prompt that parts ways inside the tail takes the positions before it parts, and the
+    kept block is copied before a hit writes into it, never changed."""
+    cache, prefixes = pool()
+    first = [1] + list(range(100, 130))                 # 31 positions: 1 full block, a tail of 14 (+ the last)
+    prefill(cache, 0, first)
+    prefixes.store(first, 0, None, 0)
+    kept = cache.blocks_of(0)[1]
+    cache.free(0)
+    assert len(prefixes) == 2 and cache.refs[kept] == 1
+    filled, _ = prefixes.load(first, 1, need_scores=False, top_k=0)
+    assert filled == 30 and cache.blocks_of(1)[1] == kept
+    cache.prepare(1, filled, len(first))                # the hit computes its last token: a copy first
+    assert cache.blocks_of(1)[1] != kept and cache.refs[kept] == 1
+    cache.free(1)
+    parted = first[:20] + [999] * 15                    # agrees with the tail on 4 of its positions
+    filled, _ = prefixes.load(parted, 2, need_scores=False, top_k=0)
+    assert filled == 20
+    cache.free(2)
+    assert prefixes.load([5, 6, 7], 3, need_scores=False, top_k=0)[0] == 0   # another prompt: nothing
+    cache.free(3)
+
+
+def test_a_tail_serves_scores_only_as_complete_as_asked():
+    from amber.engine.types import TokenLogprob
+    cache, prefixes = pool()
+    ids = [1] + list(range(100, 125))                   # 26 positions: a tail of 9 scored positions
+    scores = [TokenLogprob(t, -0.5, -0.5, ((t, -0.5),)) for t in ids[1:]]
+    prefill(cache, 0, ids)
+    prefixes.store(ids, 0, scores, 1)
+    cache.free(0)
+    filled, got = prefixes.load(ids, 1, need_scores=True, top_k=1)
+    assert filled == 25 and [t.token_id for t in got] == ids[1:26]
+    cache.free(1)
+    filled, _ = prefixes.load(ids, 2, need_scores=True, top_k=3)     # more alternatives than kept: no hit
+    assert filled == 0
+    cache.free(2)
