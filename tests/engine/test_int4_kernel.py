@@ -99,19 +99,18 @@ def test_a_batch_equals_each_row_alone_and_one_thread_bit_for_bit(kernel):
         torch.set_num_threads(threads)
 
 
-def test_the_layer_multiplies_by_exactly_its_bf16_copy(kernel):
-    """Int4Linear on the op: the identity's product is the layer's bf16 copy bit for bit (so a
-    dropped copy is recovered exactly, kernels.py), and a product agrees with the copy's GEMM."""
+def test_the_layer_multiplies_by_exactly_its_bf16_weights(kernel):
+    """Int4Linear on the op: the kernel's product by the identity is the layer's bf16 weights bit
+    for bit (those a kept copy holds and the made-per-product path widens), and a product agrees
+    with their GEMM."""
     w = torch.randn(96, 128, generator=torch.Generator().manual_seed(5)) * 0.05
     layer = Int4Linear(w)
     assert layer.kernel == "amber" and layer.has_fused_kernel()
     eye = torch.eye(128, dtype=torch.bfloat16)
-    assert torch.equal(layer.fused(eye).t(), layer.dense)
+    dense = layer.dense_weights()
+    assert torch.equal(layer.fused(eye).t(), dense)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
-    torch.testing.assert_close(layer.fused(x).float(), (x.float() @ layer.dense.float().T), atol=2e-2, rtol=1e-2)
-    dropped = layer.dense.clone()
-    layer.dense = None
-    assert torch.equal(layer.dense_weights(), dropped)
+    torch.testing.assert_close(layer.fused(x).float(), (x.float() @ dense.float().T), atol=2e-2, rtol=1e-2)
 
 
 def test_callable_from_torchscript_and_checks_its_arguments(kernel):
@@ -129,3 +128,24 @@ def test_callable_from_torchscript_and_checks_its_arguments(kernel):
         torch.ops.amber.int4_mm(x, packed, psz, 6)
     with pytest.raises(RuntimeError, match="sz must be"):
         torch.ops.amber.int4_mm(x, packed, psz.float(), 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_multiply_weights_made_per_product_as_a_kept_copy_would(kernel, dtype):
+    """A big batch widens the packed weights per product (csrc/dense.h): in bf16 exactly the kept
+    bf16 copy's GEMM, in fp32 the exact weights' GEMM; the layer holds no copy at all."""
+    w = torch.randn(3072, 576, generator=torch.Generator().manual_seed(7)) * 0.05
+    layer = Int4Linear(w)
+    assert layer.dense is None and layer.made == "bf16" and layer.makes_dense
+    copy = layer.dense_weights()
+    assert torch.equal(copy, paged_ops.int4_mm_dense_reference(torch.eye(576), layer.packed, layer.scales_zeros, 32,
+                                                               False).t())
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(8)).to(dtype)
+    made = layer.dense_made(x, "bf16")
+    assert made.dtype == torch.bfloat16 and torch.equal(made, torch.nn.functional.linear(x.bfloat16(), copy))
+    assert torch.equal(layer(x), made)  # 40 rows: past the kernel's rows, the made path
+    exact = paged_ops.int4_mm_dense_reference(x, layer.packed, layer.scales_zeros, 32, True)
+    got = layer.dense_made(x, "fp32")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), exact.float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                               atol=1e-4 if dtype == torch.float32 else 1e-2)

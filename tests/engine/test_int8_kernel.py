@@ -110,3 +110,16 @@ def test_a_tied_head_on_the_q8_0_grid_shares_the_embeddings_int8_table_and_multi
     # off the grid: the per-row int8 head of before, and an embedding of its own
     model = quantize(Tied(torch.randn(320, 64)), 4)
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_the_dense_product_made_per_call_equals_its_reference(kernel, fp32):
+    """int8_mm_dense: the weights widened per call, in slices when they exceed the scratch (the
+    head of a real vocabulary does), then a GEMM."""
+    q, scales = weights(16 * 600, 576, 32, seed=9)   # 9,600 x 576: bf16 11 MB, two slices
+    qt, st = paged_ops.int8_pack(q, scales)
+    x = torch.randn(21, 576, generator=torch.Generator().manual_seed(10))
+    got = torch.ops.amber.int8_mm_dense(x, qt, st, 32, fp32)
+    want = paged_ops.int8_mm_dense_reference(x, qt, st, 32, fp32)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if fp32 else 1e-2, atol=1e-5 if fp32 else 1e-2)

@@ -171,17 +171,17 @@ def test_int4_linear_keeps_q4_1_weights_and_both_paths_agree():
     step = (groups.amax(-1) - groups.amin(-1)) / 15
     zero = groups.amin(-1) + 8 * step
     bound = 2 ** -8 * (8 * step + zero.abs() + groups.abs().amax(-1))
-    error = (q.dense.float() - weight).abs().view(96, 4, 32).amax(-1)
+    error = (q.dense_weights().float() - weight).abs().view(96, 4, 32).amax(-1)
     assert torch.all(error <= bound) and bound.max() < step.min() / 2
     # on weights that were never 4-bit it is a plain round-to-nearest on each group's grid
     other = torch.randn(96, 128)
     lossy = Int4Linear(other)
     grid_step = (other.view(96, 4, 32).amax(-1) - other.view(96, 4, 32).amin(-1)) / 15
-    assert torch.all((lossy.dense.float() - other).abs().view(96, 4, 32).amax(-1) <= grid_step * 0.55 + 0.02)
+    assert torch.all((lossy.dense_weights().float() - other).abs().view(96, 4, 32).amax(-1) <= grid_step * 0.55 + 0.02)
     with torch.inference_mode():
         x = torch.randn(q.fused_max_rows * 2, 128)
         fused = torch.cat([q(x[i:i + 1]) for i in range(len(x))])   # one row: the int4 kernel
-        dense = q(x)                                                # many rows: the bf16 copy
+        dense = q(x)                                                # many rows: the bf16 weights (kept, or made per product)
         assert fused.dtype == dense.dtype == torch.bfloat16
         reference = x.float() @ weight.T
         torch.testing.assert_close(fused.float(), reference, atol=0.03, rtol=0.02)

@@ -22,6 +22,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "dense.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -34,14 +36,8 @@
 
 namespace {
 
-constexpr int64_t TILE = 16;  // outputs per tile
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using amber::bf16_to_float;
+using amber::TILE;  // outputs per tile
 
 // Four partial sums per row and output within a group (a chain of dependent fused multiply-adds
 // waits ~4 cycles a link: one chain would leave the core idle): chain (p % 2, low or high nibble)
@@ -258,12 +254,71 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+// W^T rows for the outputs of tiles [first, last) into out (in, width): each weight q scale +
+// (zero - 8 scale) in fp32 (a product, then a sum: two roundings, as Int4Linear's bf16 copy and
+// this kernel's product by the identity), stored as T (fp32, or bf16 rounded to nearest even).
+// Row after row of W^T (a pair of input columns at a time, every tile of the slice), so that each
+// row is written in one sweep: tile after tile would write 32-byte strips a row apart.
+template <typename T>
+void widen(const uint8_t* wp, const uint16_t* zp, int64_t in, int64_t group, int64_t first, int64_t last, T* out,
+           int64_t width) {
+  const int64_t groups = in / group;
+  at::parallel_for(0, in / 2, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t g = 2 * p / group;
+      T* lo = out + (2 * p) * width;
+      T* hi = out + (2 * p + 1) * width;
+      for (int64_t t = first; t < last; ++t) {
+        const uint8_t* w = wp + (t * (in / 2) + p) * TILE;
+        const uint16_t* s = zp + (t * groups + g) * 2 * TILE;
+        const int64_t o = (t - first) * TILE;
+#if defined(__AVX512F__)
+        const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 scale = widen16(s);
+        const __m512 shift = _mm512_sub_ps(widen16(s + TILE), _mm512_mul_ps(_mm512_set1_ps(8.0f), scale));
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        amber::put16(lo + o, _mm512_add_ps(_mm512_mul_ps(_mm512_permutexvar_ps(b, values), scale), shift));
+        amber::put16(hi + o, _mm512_add_ps(_mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), values), scale),
+                                           shift));
+#else
+        for (int64_t j = 0; j < TILE; ++j) {
+          const float scale = bf16_to_float(s[j]);
+          const float shift = bf16_to_float(s[TILE + j]) - 8.0f * scale;
+          amber::put(lo + o + j, static_cast<float>(w[j] & 15) * scale + shift);
+          amber::put(hi + o + j, static_cast<float>(w[j] >> 4) * scale + shift);
+        }
+#endif
+      }
+    }
+  });
+}
+
+// x (rows, in) -> (rows, out) by GEMMs on the weights widened per call (dense.h), in fp32 or bf16
+at::Tensor int4_mm_dense(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t group,
+                         bool fp32) {
+  const int64_t tiles = packed.size(0), in = packed.size(1) * 2;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "packed holds ", in, " input columns, x has ", x.size(-1));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(group > 0 && group % 4 == 0 && in % group == 0, "group must be a multiple of 4 and divide in");
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  if (fp32)
+    return amber::slices<float>(x, tiles, [&](int64_t a, int64_t b, float* out, int64_t width) {
+      widen(wp, zp, in, group, a, b, out, width);
+    });
+  return amber::slices<uint16_t>(x, tiles, [&](int64_t a, int64_t b, uint16_t* out, int64_t width) {
+    widen(wp, zp, in, group, a, b, out, width);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(amber, m) {
   m.def("int4_mm(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor");
+  m.def("int4_mm_dense(Tensor x, Tensor packed, Tensor sz, int group, bool fp32) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(amber, CPU, m) {
   m.impl("int4_mm", &int4_mm);
+  m.impl("int4_mm_dense", &int4_mm_dense);
 }

@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "dense.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,7 +33,7 @@
 
 namespace {
 
-constexpr int64_t TILE = 16;  // outputs per tile
+using amber::TILE;  // outputs per tile
 
 // Rows [0, rows) of one tile: x (rows, in) fp32, out (rows, 16). The reference order.
 void tile_plain(const int8_t* q, const float* scales, const float* x, int64_t rows, int64_t in, int64_t block,
@@ -131,12 +133,56 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
+// W^T rows for the outputs of tiles [first, last) into out (in, width): each weight q scale in fp32,
+// stored as T (fp32, or bf16 rounded to nearest even)
+// Row after row of W^T (every tile of the slice), so that each row is written in one sweep
+template <typename T>
+void widen(const int8_t* qp, const float* sp, int64_t in, int64_t block, int64_t first, int64_t last, T* out,
+           int64_t width) {
+  const int64_t blocks = in / block;
+  at::parallel_for(0, in, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      T* row = out + k * width;
+      for (int64_t t = first; t < last; ++t) {
+        const int8_t* q = qp + (t * in + k) * TILE;
+        const float* s = sp + (t * blocks + k / block) * TILE;
+        const int64_t o = (t - first) * TILE;
+#if defined(__AVX512F__)
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+        amber::put16(row + o, _mm512_mul_ps(w, _mm512_loadu_ps(s)));
+#else
+        for (int64_t j = 0; j < TILE; ++j) amber::put(row + o + j, static_cast<float>(q[j]) * s[j]);
+#endif
+      }
+    }
+  });
+}
+
+// x (rows, in) -> (rows, out) by GEMMs on the weights widened per call (dense.h), in fp32 or bf16
+at::Tensor int8_mm_dense(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t block, bool fp32) {
+  const int64_t tiles = q.size(0), in = q.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "q has ", in, " input columns, x has ", x.size(-1));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(block > 0 && block % 4 == 0 && in % block == 0, "block must be a multiple of 4 and divide in");
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  if (fp32)
+    return amber::slices<float>(x, tiles, [&](int64_t a, int64_t b, float* out, int64_t width) {
+      widen(qp, sp, in, block, a, b, out, width);
+    });
+  return amber::slices<uint16_t>(x, tiles, [&](int64_t a, int64_t b, uint16_t* out, int64_t width) {
+    widen(qp, sp, in, block, a, b, out, width);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(amber, m) {
   m.def("int8_mm(Tensor x, Tensor q, Tensor scales, int block) -> Tensor");
+  m.def("int8_mm_dense(Tensor x, Tensor q, Tensor scales, int block, bool fp32) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(amber, CPU, m) {
   m.impl("int8_mm", &int8_mm);
+  m.impl("int8_mm_dense", &int8_mm_dense);
 }

@@ -30,7 +30,7 @@ from torch import nn
 
 from amber.engine import paged_ops
 from amber.engine.models.layers import lora_add, paged_attend
-from amber.engine.quantize import Int4Linear, Int8Linear, dense_product
+from amber.engine.quantize import DENSE_DTYPES, Int4Linear, Int8Linear, dense_product
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     chose)."""
     if kind == 0:  # PLAIN
         return F.linear(x, weight)
+    if kind == 5 and x.shape[0] > max_rows and dense.numel() == 0:  # dense weights made per product, in dense's dtype
+        return torch.ops.amber.int4_mm_dense(x, weight, scales, group, dense.dtype == torch.float32)
     if kind == 1 or x.shape[0] > max_rows:
         return dense_product(x, dense)
     if kind == 5:  # INT4_AMBER, which rounds an fp32 x to bf16 itself
@@ -195,6 +197,8 @@ def _projection(linear: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, tor
         if linear.kernel is None:  # off CPU: the bf16 copy
             return DENSE_BF16, linear.dense, none, linear.dense, 0, 0
         dense = linear.dense if linear.dense is not None else none  # none: the kernel takes every row count
+        if linear.made:  # made per product: an empty tensor of the dtype to make them in
+            dense = torch.empty(0, dtype=DENSE_DTYPES[linear.made])
         kind = INT4_AMBER if linear.kernel == "amber" else INT4
         return kind, linear.packed, linear.scales_zeros, dense, linear.fused_max_rows, linear.group
     if isinstance(linear, Int8Linear):
