@@ -51,8 +51,8 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
     return replace(home_config(), host=host, port=port, engine=engine, rate_limits=rate_limits)
 
 
-def _fewer_malloc_arenas() -> None:
-    """At most two glibc malloc arenas in the server: by default each of the HTTP threadpool's
+def _bounded_allocations() -> None:
+    """At most two glibc malloc arenas in the server, and a bounded cache of oneDNN's GEMMs: by default each of the HTTP threadpool's
     threads gets its own, and their retained pages measured ~95 MB of RSS under 16 concurrent
     requests (MALLOC_ARENA_MAX=2, set before any thread starts). Elsewhere than glibc, nothing.
 
@@ -64,6 +64,10 @@ def _fewer_malloc_arenas() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
+    # oneDNN keeps up to 1,024 GEMM primitives by default, one per shape it met (every batch size
+    # and prefill width), each with its own buffers: 16 of them measured 70 MB lower at 16
+    # concurrent requests and 180 MB lower at 64, at the same tokens/s (read at oneDNN's first GEMM)
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 
 
 @app.command()
@@ -108,7 +112,7 @@ def serve(host: Annotated[str, typer.Option(help="interface to listen on")] = "1
     from amber.worker import WorkerProcess
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _fewer_malloc_arenas()
+    _bounded_allocations()
     config = build_config(host, port, device, max_batch, max_queue, prefix_cache_blocks, RateLimits(rpm, tpm),
                           kv_memory_mb, threads)
     registry = load_registry(config.registry_path)
