@@ -309,16 +309,23 @@ class Engine:
         slots = self.scheduler.first_slots(group)
         for state, slot in zip(group, slots):
             self._begin_prefill(state, slot)
-        width = max(len(s.ids) - s.filled for s in group)
+        computed = [s for s in group if s.cached_logits is None]  # the others were kept whole (prefix cache)
+        width = max((len(s.ids) - s.filled for s in computed), default=0)
         for state, slot in zip(group, slots):  # the padded width: rows are right-padded to the longest
-            self._reserve(state, slot, state.filled, state.filled + width)
-        group = [state for state in group if state.prefill_slot >= 0]  # not failed for want of memory
+            if state.cached_logits is None:
+                self._reserve(state, slot, state.filled, state.filled + width)
+        computed = [state for state in computed if state.prefill_slot >= 0]  # not failed for want of memory
         jobs = [(s.ids, s.filled, s.prefill_slot, s.request.score_prompt, s.request.params.top_k_return,
-                 s.adapter_slot) for s in group]
-        if not jobs:
-            return
-        for state, (scores, logits) in zip(group, self.runner.prefill_rows(jobs)):
-            state.prompt += scores
+                 s.adapter_slot) for s in computed]
+        results = dict(zip(map(id, computed), self.runner.prefill_rows(jobs))) if jobs else {}
+        for state in group:  # in the group's order: each takes the slots first_slots planned
+            if state.cached_logits is not None:
+                logits, state.cached_logits = state.cached_logits, None
+            elif id(state) in results:
+                scores, logits = results[id(state)]
+                state.prompt += scores
+            else:
+                continue
             self._end_prefill(state, state.prefill_slot, logits)
 
     def _prefill_step(self, state: RequestState) -> None:
@@ -330,6 +337,10 @@ class Engine:
             if not self._use_adapter(state):
                 return
             self._begin_prefill(state, staging)
+            if state.cached_logits is not None:  # kept whole by the prefix cache: nothing to compute
+                logits, state.cached_logits = state.cached_logits, None
+                self.scheduler.prefill_done()
+                return self._end_prefill(state, staging, logits)
         stop = min(len(state.ids), state.filled + self.runner.chunk_size)
         if not self._reserve(state, staging, state.filled, stop):
             return
@@ -349,12 +360,13 @@ class Engine:
         if state.resume_ids is None:
             state.resume_ids = [*state.ids, *(t.token_id for t in sample.tokens[:-1])]
             state.prefill_slot = staging
-            state.filled, _ = self.prefixes.load(state.resume_ids, staging, False, 0, _adapter_key(req))
+            state.filled, _, _ = self.prefixes.load(state.resume_ids, staging, False, 0, _adapter_key(req))
         ids, stop = state.resume_ids, min(len(state.resume_ids), state.filled + self.runner.chunk_size)
-        if not self._reserve(state, staging, state.filled, stop):
-            return
-        self.runner.prefill_chunk(ids, state.filled, staging, False, 0, state.adapter_slot)
-        state.filled = stop
+        if state.filled < stop:  # (a prefix-cache hit may have filled every position)
+            if not self._reserve(state, staging, state.filled, stop):
+                return
+            self.runner.prefill_chunk(ids, state.filled, staging, False, 0, state.adapter_slot)
+            state.filled = stop
         if state.filled < len(ids):
             return
         state.resuming.pop(0)
@@ -426,14 +438,14 @@ class Engine:
         """BOS + prompt, with whatever the prefix cache already has attached to the empty `slot`."""
         req = state.request
         state.ids, state.prefill_slot = [self.bos_id, *req.prompt_ids], slot
-        state.filled, state.prompt = self.prefixes.load(state.ids, slot, req.score_prompt,
-                                                        req.params.top_k_return, _adapter_key(req))
+        state.filled, state.prompt, state.cached_logits = self.prefixes.load(
+            state.ids, slot, req.score_prompt, req.params.top_k_return, _adapter_key(req))
 
     def _end_prefill(self, state: RequestState, slot: int, logits: torch.Tensor) -> None:
         """Keep the prompt's blocks for later requests, then start its samples from `slot`."""
         req = state.request
         self.prefixes.store(state.ids, slot, state.prompt if req.score_prompt else None,
-                            req.params.top_k_return, _adapter_key(req))
+                            req.params.top_k_return, _adapter_key(req), logits)
         self._start_samples(state, logits, slot)
 
     def _start_samples(self, state: RequestState, logits: torch.Tensor, source: int) -> None:

@@ -20,8 +20,10 @@ A prompt's last, partial block is kept too (a tail), under the tokens before it:
 that starts with the same full blocks takes the tail's positions as far as it agrees with them (one
 less when it is scored: a position's score is about the token after it; never its own last token). The tail is shared like a full block until the new request writes into
 it: KVCache.prepare copies a shared block before any write (copy-on-write), so the kept tail never
-changes. A repeated prompt then computes one token, not the part past its last full block (a
-30-token prompt: 1 instead of 15), as llama.cpp's server, which keeps each slot's last prompt.
+changes. A tail also keeps the logits that followed its prompt (fp32, a vocabulary's worth: 192 KB
+for SmolLM2): the same prompt again computes nothing at all and gets those very logits, so the same
+request answers the same, bit for bit (computing its last position alone would round differently
+than inside the whole prompt's forward). A prompt that parts ways inside a tail computes the rest.
 
 Off for families with recurrent layers (Jamba's Mamba mixers; the engine gives it no blocks): their
 state after a block is one fixed-size tensor per layer that depends on every token before it, not
@@ -33,6 +35,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from amber.engine.kv_cache import KVCache
 from amber.engine.types import TokenLogprob
 
@@ -43,6 +47,7 @@ class Block:
     scores: list[TokenLogprob] | None      # None when the prompt was not scored
     top_k: int                             # alternatives stored per score
     tokens: tuple[int, ...] = ()           # a tail's: the prompt's tokens at its positions (a full block: ())
+    logits: torch.Tensor | None = None     # a tail's: the logits after the prompt's last token (fp32, vocab)
 
 
 class PrefixCache:
@@ -61,9 +66,10 @@ class PrefixCache:
             yield b, (namespace, tuple(ids[:(b + 1) * bs + 1]))
 
     def load(self, ids: list[int], slot: int, need_scores: bool, top_k: int,
-             namespace: str | None = None) -> tuple[int, list[TokenLogprob]]:
+             namespace: str | None = None) -> tuple[int, list[TokenLogprob], torch.Tensor | None]:
         """Attach the longest cached prefix of `ids` to the empty `slot`. Returns how many
-        positions are now filled and the scores of ids[1 : that + 1]."""
+        positions are now filled, the scores of ids[1 : that + 1], and, when `ids` is a prompt
+        kept whole (every position filled), the logits that followed it then (a copy)."""
         blocks, scores, keys = [], [], []
         usable = lambda block: not need_scores or (block.scores is not None and block.top_k >= top_k)
         for _, key in self._keys(ids, namespace):
@@ -77,6 +83,16 @@ class PrefixCache:
         filled = len(blocks) * self.block_size
         key = self._tail_key(ids, len(blocks), namespace)
         tail = self._blocks.get(key)
+        if tail is not None and usable(tail) and tail.logits is not None and tail.tokens == tuple(ids[filled:]):
+            # the same prompt again: nothing to compute, and the very logits it got then, so that
+            # the same request answers the same, bit for bit
+            keys.append(key)
+            blocks.append(tail.block)
+            if need_scores:
+                scores += [TokenLogprob(t.token_id, t.logprob, t.raw_logprob, t.top[:top_k]) for t in tail.scores]
+            self._touch(keys)
+            self.cache.attach(slot, blocks)
+            return len(ids), scores, tail.logits.clone()
         if tail is not None and usable(tail):
             rest = ids[filled:]
             same = next((i for i, (a, b) in enumerate(zip(tail.tokens, rest)) if a != b), min(len(tail.tokens), len(rest)))
@@ -92,11 +108,12 @@ class PrefixCache:
                 filled += same
         self._touch(keys)
         self.cache.attach(slot, blocks)
-        return filled, scores
+        return filled, scores, None
 
     def store(self, ids: list[int], slot: int, scores: list[TokenLogprob] | None, top_k: int,
-              namespace: str | None = None) -> None:
-        """Keep the full blocks of a prefilled prompt in `slot`. scores[i] belongs to ids[i + 1]."""
+              namespace: str | None = None, logits: torch.Tensor | None = None) -> None:
+        """Keep the blocks of a prefilled prompt in `slot`. scores[i] belongs to ids[i + 1];
+        `logits`: what followed the prompt's last token (kept with its tail, copied)."""
         if self.max_blocks == 0:  # turned off
             return
         bs, blocks, keys = self.block_size, self.cache.blocks_of(slot), []
@@ -110,7 +127,7 @@ class PrefixCache:
             self.cache.hold(blocks[b])
             block_scores = scores[b * bs:(b + 1) * bs] if scores is not None else None
             self._blocks[key] = Block(blocks[b], block_scores, top_k)
-        self._store_tail(ids, blocks, scores, top_k, namespace, keys)
+        self._store_tail(ids, blocks, scores, top_k, namespace, keys, logits)
         self._touch(keys)
         while len(self._blocks) > self.max_blocks:
             self.cache.drop(self._blocks.popitem(last=False)[1].block)
@@ -120,7 +137,7 @@ class PrefixCache:
         return ("tail", namespace, tuple(ids[:full * self.block_size]))
 
     def _store_tail(self, ids: list[int], blocks: list[int], scores: list[TokenLogprob] | None, top_k: int,
-                    namespace: str | None, keys: list[tuple]) -> None:
+                    namespace: str | None, keys: list[tuple], logits: torch.Tensor | None) -> None:
         """Keep the prompt's positions past its last kept full block, unless a kept tail covers
         them already. Its scores are those of all but the last position (whose score would be
         about the token after the prompt)."""
@@ -133,13 +150,16 @@ class PrefixCache:
         kept = self._blocks.get(key)
         if kept is not None and kept.tokens[:len(tokens)] == tokens and (
                 scores is None or (kept.scores is not None and kept.top_k >= top_k)):
+            if kept.logits is None and kept.tokens == tokens and logits is not None:
+                kept.logits = logits.detach().clone()
             keys.append(key)
             return
         if kept is not None:
             self.cache.drop(kept.block)
         self.cache.hold(blocks[full])
         tail_scores = scores[full * bs:len(ids) - 1] if scores is not None else None
-        self._blocks[key] = Block(blocks[full], tail_scores, top_k, tokens)
+        self._blocks[key] = Block(blocks[full], tail_scores, top_k, tokens,
+                                  None if logits is None else logits.detach().clone())
         keys.append(key)
 
     def _touch(self, keys: list[tuple]) -> None:

@@ -48,6 +48,7 @@ class Scheduler:
         self.waiting: collections.deque[RequestState] = collections.deque()
         self.prefilling: RequestState | None = None  # the long prompt prefilled a chunk per step
         self.running: list[RequestState] = []         # requests whose samples have started
+        self.grouped: list[RequestState] = []         # this step's short prompts, being prefilled together
         self.rows: list[Sample] = []                  # running samples; rows[i] holds cache slot i
         self.finished_at: collections.deque[float] = collections.deque(maxlen=64)  # recent finishes
 
@@ -61,7 +62,9 @@ class Scheduler:
         self.waiting.append(state)
 
     def abort(self, request_id: str) -> None:
-        for state in [*self.waiting, *self.running, *filter(None, [self.prefilling])]:
+        # `grouped`: this step's short prompts, out of the queue and not yet running: marked
+        # too, they leave at the next step like any running request
+        for state in [*self.waiting, *self.running, *filter(None, [self.prefilling]), *self.grouped]:
             if state.request.request_id == request_id:
                 state.aborted = True
 
@@ -76,7 +79,7 @@ class Scheduler:
     def schedule(self) -> list[RequestState]:
         """This step's short prompts, taken from the queue to be prefilled together; when there are
         none and nothing is prefilling, the next waiting request becomes `prefilling` if it fits."""
-        group = self._take_short_prompts()
+        group = self.grouped = self._take_short_prompts()
         if not group and self.prefilling is None:
             head = next((s for s in self.waiting if self.ready(s)), None)
             if head is not None and self._fits(head):

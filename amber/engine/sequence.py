@@ -41,6 +41,7 @@ class RequestState:
     aborted: bool = False
     ids: list[int] | None = None                # BOS + prompt, set when prefill starts
     filled: int = 0                             # prompt positions already in the staging slot
+    cached_logits: torch.Tensor | None = None   # the prompt was kept whole: the logits after it
     adapter_slot: int = 0                       # its adapter's lane in AdapterSlots, 0 for none
     adapter_error: Exception | None = None      # its adapter could not be read
     prefill_slot: int = -1                      # the slot its prompt is prefilled in, until its samples sit

@@ -35,7 +35,7 @@ def test_past_its_floor_the_cache_reuses_its_own_blocks_before_the_pool_backs_ne
     # floor of 4), and only then did the pool back new blocks
     assert len(prefixes) == 4 and cache.backed == 7 + 7 - 1 - 2
     # it gave them back from the prompt's end: the first four blocks still serve the first prompt
-    filled, _ = prefixes.load(first, 2, need_scores=False, top_k=0)
+    filled, _, _ = prefixes.load(first, 2, need_scores=False, top_k=0)
     assert filled == 4 * BS
     assert all(cache.keys[0, b * BS, 0, 0] == 1 for b in cache.blocks_of(2))
 
@@ -63,16 +63,37 @@ def test_a_prompts_last_partial_block_is_kept_and_shared_until_written():
     kept = cache.blocks_of(0)[1]
     cache.free(0)
     assert len(prefixes) == 2 and cache.refs[kept] == 1
-    filled, _ = prefixes.load(first, 1, need_scores=False, top_k=0)
+    filled, _, _ = prefixes.load(first, 1, need_scores=False, top_k=0)
     assert filled == 30 and cache.blocks_of(1)[1] == kept
     cache.prepare(1, filled, len(first))                # the hit computes its last token: a copy first
     assert cache.blocks_of(1)[1] != kept and cache.refs[kept] == 1
     cache.free(1)
     parted = first[:20] + [999] * 15                    # agrees with the tail on 4 of its positions
-    filled, _ = prefixes.load(parted, 2, need_scores=False, top_k=0)
+    filled, _, _ = prefixes.load(parted, 2, need_scores=False, top_k=0)
     assert filled == 20
     cache.free(2)
     assert prefixes.load([5, 6, 7], 3, need_scores=False, top_k=0)[0] == 0   # another prompt: nothing
+    cache.free(3)
+
+
+def test_the_same_prompt_again_fills_every_position_and_gets_the_logits_it_got_then():
+    cache, prefixes = pool()
+    ids = [1] + list(range(100, 130))
+    prefill(cache, 0, ids)
+    logits = torch.randn(50)
+    kept = logits.clone()
+    prefixes.store(ids, 0, None, 0, logits=logits)
+    logits += 1  # the caller's tensor is the sampler's: the cache keeps its own copy
+    cache.free(0)
+    filled, _, got = prefixes.load(ids, 1, need_scores=False, top_k=0)
+    assert filled == len(ids) and torch.equal(got, kept)
+    got += 5  # ... and hands out copies
+    cache.free(1)
+    assert torch.equal(prefixes.load(ids, 2, need_scores=False, top_k=0)[2], kept)
+    cache.free(2)
+    # a longer prompt through the same tail: positions, never the logits
+    filled, _, got = prefixes.load(ids + [7, 8], 3, need_scores=False, top_k=0)
+    assert filled == len(ids) and got is None
     cache.free(3)
 
 
@@ -84,9 +105,9 @@ def test_a_tail_serves_scores_only_as_complete_as_asked():
     prefill(cache, 0, ids)
     prefixes.store(ids, 0, scores, 1)
     cache.free(0)
-    filled, got = prefixes.load(ids, 1, need_scores=True, top_k=1)
+    filled, got, _ = prefixes.load(ids, 1, need_scores=True, top_k=1)
     assert filled == 25 and [t.token_id for t in got] == ids[1:26]
     cache.free(1)
-    filled, _ = prefixes.load(ids, 2, need_scores=True, top_k=3)     # more alternatives than kept: no hit
+    filled, _, _ = prefixes.load(ids, 2, need_scores=True, top_k=3)     # more alternatives than kept: no hit
     assert filled == 0
     cache.free(2)

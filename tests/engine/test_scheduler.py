@@ -132,3 +132,18 @@ def test_a_full_queue_refuses_with_its_drain_time():
     assert refused.value.drain_seconds == 1.0
     sched.finished_at.extend([10.0, 12.5, 15.0])
     assert sched.drain_seconds() == pytest.approx(5.0)
+
+
+def test_an_abort_reaches_a_request_while_its_group_is_being_prefilled():
+    """Between schedule() taking a group out of the queue and the engine starting it, the request
+    is neither waiting nor running: an abort then still marks it, so it leaves at the next step
+    (it was lost before, and the request decoded on with no one to read it)."""
+    sched = Scheduler(max_batch=4, max_context=256, max_queue=8, chunk_size=16)
+    a, b = state("a", 3), state("b", 3)
+    sched.add(a)
+    sched.add(b)
+    assert names(sched.schedule()) == ["a", "b"]
+    sched.abort("b")
+    assert b.aborted and not a.aborted
+    sched.start(b)
+    assert names(sched.take_aborted()) == ["b"]

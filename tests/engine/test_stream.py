@@ -44,13 +44,8 @@ def test_a_stream_gives_every_steps_tokens_then_the_output(tiny):
     for c in out.completions:
         streamed = [t for step in steps for index, t in step if index == c.index]
         assert streamed == c.tokens
-    # the same request again: the same tokens (its prompt now comes from the prefix cache, whose
-    # last position is computed alone, so logprobs agree to fp32 rounding)
     (again,) = run(engine, [req("g", request.prompt_ids, max_tokens=6, num_results=2, temperature=0.9, seed=5)])
-    assert [[t.token_id for t in c.tokens] for c in again.completions] == \
-        [[t.token_id for t in c.tokens] for c in out.completions]
-    for c, d in zip(again.completions, out.completions):
-        assert [t.logprob for t in c.tokens] == pytest.approx([t.logprob for t in d.tokens], abs=1e-4)
+    assert [c.tokens for c in again.completions] == [c.tokens for c in out.completions]
 
 
 def test_leaving_a_stream_aborts_its_request(tiny):
