@@ -6,7 +6,6 @@ a bf16 y (rounded to bf16 by both) gets a bf16-sized tolerance. Rows without an 
 touched, and a row's result never depends on the other rows: bit for bit."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from tests.engine.test_engine import BOS, run
 
 R, LANES, LAYERS = 16, 6, 3
 SHAPES = [(64, [64, 32, 32]), (40, [72]), (96, [48, 48])]  # (in, out per part): fused, plain, odd widths
-
-
-@pytest.fixture(scope="session")
-def kernel():
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not found: the LoRA kernel is optional and cannot be built here")
-    directory = paged_ops.default_dir()
-    paged_ops.build(directory)
-    assert paged_ops.load(directory), "built but not loadable"
 
 
 def lanes_of(inn: int, sizes: list[int], dtype: torch.dtype, seed: int = 0):
