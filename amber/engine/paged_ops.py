@@ -238,14 +238,18 @@ def int4_unpack(packed: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, t
     return q, scale, zero
 
 
+def int4_weights(packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """int4_pack's weights as (out, in) fp32: q scale + (zero - 8 scale), a product then a sum."""
+    q, scale, zero = int4_unpack(packed, sz)
+    out = q.shape[0]
+    return (q.view(out, -1, group).float() * scale[..., None] + (zero - 8 * scale)[..., None]).view(out, -1)
+
+
 def int4_mm_reference(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
     """The int4 op in plain torch: the weights q scale + (zero - 8 scale) in fp32, x rounded to
     bf16 and widened to fp32, one matmul, the product rounded to bf16. The fallback (for TorchScript to resolve the op
     by; no layer packs for it without the library), and the tests' oracle."""
-    q, scale, zero = int4_unpack(packed, sz)
-    out = q.shape[0]
-    w = q.view(out, -1, group).float() * scale[..., None] + (zero - 8 * scale)[..., None]
-    return (x.to(torch.bfloat16).float() @ w.view(out, -1).T).to(torch.bfloat16)
+    return (x.to(torch.bfloat16).float() @ int4_weights(packed, sz, group).T).to(torch.bfloat16)
 
 
 def int8_pack(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,12 +268,17 @@ def int8_rows(q: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> tupl
     return q[tile, :, lane], scales[tile, :, lane]
 
 
+def int8_weights(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """int8_pack's weights as (out, in) fp32: q scale."""
+    out, width = q.shape[0] * 16, q.shape[1]
+    w = q.transpose(1, 2).reshape(out, -1, block).float() * scales.transpose(1, 2).reshape(out, -1, 1)
+    return w.view(out, width)
+
+
 def int8_mm_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
     """The int8 op in plain torch: the weights q scale in fp32, x widened to fp32, one matmul. The
     fallback (for TorchScript to resolve the op by), and the tests' oracle."""
-    out, width = q.shape[0] * 16, q.shape[1]
-    w = q.transpose(1, 2).reshape(out, -1, block).float() * scales.transpose(1, 2).reshape(out, -1, 1)
-    return x.float() @ w.view(out, width).T
+    return x.float() @ int8_weights(q, scales, block).T
 
 
 def _dense_reference(x: torch.Tensor, w: torch.Tensor, fp32: bool) -> torch.Tensor:
@@ -282,17 +291,13 @@ def _dense_reference(x: torch.Tensor, w: torch.Tensor, fp32: bool) -> torch.Tens
 def int4_mm_dense_reference(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
                             fp32: bool) -> torch.Tensor:
     """int4_mm_dense in plain torch: the weights q scale + (zero - 8 scale) widened, one GEMM."""
-    q, scale, zero = int4_unpack(packed, sz)
-    w = q.view(q.shape[0], -1, group).float() * scale[..., None] + (zero - 8 * scale)[..., None]
-    return _dense_reference(x, w.view(q.shape[0], -1), fp32)
+    return _dense_reference(x, int4_weights(packed, sz, group), fp32)
 
 
 def int8_mm_dense_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int,
                             fp32: bool) -> torch.Tensor:
     """int8_mm_dense in plain torch: the weights q scale widened, one GEMM."""
-    out, width = q.shape[0] * 16, q.shape[1]
-    w = q.transpose(1, 2).reshape(out, -1, block).float() * scales.transpose(1, 2).reshape(out, -1, 1)
-    return _dense_reference(x, w.view(out, width), fp32)
+    return _dense_reference(x, int8_weights(q, scales, block), fp32)
 
 
 def default_dir() -> Path:

@@ -83,32 +83,29 @@ class PrefixCache:
         filled = len(blocks) * self.block_size
         key = self._tail_key(ids, len(blocks), namespace)
         tail = self._blocks.get(key)
-        if tail is not None and usable(tail) and tail.logits is not None and tail.tokens == tuple(ids[filled:]):
-            # the same prompt again: nothing to compute, and the very logits it got then, so that
-            # the same request answers the same, bit for bit
-            keys.append(key)
-            blocks.append(tail.block)
-            if need_scores:
-                scores += [TokenLogprob(t.token_id, t.logprob, t.raw_logprob, t.top[:top_k]) for t in tail.scores]
-            self._touch(keys)
-            self.cache.attach(slot, blocks)
-            return len(ids), scores, tail.logits.clone()
+        logits = None
         if tail is not None and usable(tail):
             rest = ids[filled:]
-            same = next((i for i, (a, b) in enumerate(zip(tail.tokens, rest)) if a != b), min(len(tail.tokens), len(rest)))
-            if need_scores:  # a position's score is about the token after it: that one must agree too
-                same -= 1
-            same = min(same, len(rest) - 1)  # never the prompt's last position: its logits start the answer
+            if tail.logits is not None and tail.tokens == tuple(rest):
+                # the same prompt again: nothing to compute, and the very logits it got then, so
+                # that the same request answers the same, bit for bit
+                same, logits = len(rest), tail.logits.clone()
+            else:
+                same = next((i for i, (a, b) in enumerate(zip(tail.tokens, rest)) if a != b),
+                            min(len(tail.tokens), len(rest)))
+                if need_scores:  # a position's score is about the token after it: that one must agree too
+                    same -= 1
+                same = min(same, len(rest) - 1)  # never the prompt's last position: its logits start the answer
             if same > 0:
                 keys.append(key)
                 blocks.append(tail.block)
-                if need_scores:
+                if need_scores:  # (a tail scores all its positions but the last: the prompt's own)
                     scores += [TokenLogprob(t.token_id, t.logprob, t.raw_logprob, t.top[:top_k])
                                for t in tail.scores[:same]]
                 filled += same
         self._touch(keys)
         self.cache.attach(slot, blocks)
-        return filled, scores, None
+        return filled, scores, logits
 
     def store(self, ids: list[int], slot: int, scores: list[TokenLogprob] | None, top_k: int,
               namespace: str | None = None, logits: torch.Tensor | None = None) -> None:

@@ -238,9 +238,7 @@ class Int8BlockLinear(QuantizedLinear):
 
     def dense_weights(self) -> torch.Tensor:
         """(out, in) bf16: the weights q scale, rounded to bf16."""
-        w = self.weight.transpose(1, 2).reshape(self.out_features, -1, self.block).float()
-        scales = self.scales.transpose(1, 2).reshape(self.out_features, -1, 1)
-        return (w * scales).view(self.out_features, self.in_features).to(torch.bfloat16)
+        return paged_ops.int8_weights(self.weight, self.scales, self.block).to(torch.bfloat16)
 
 
 class Int8Embedding(nn.Module):
