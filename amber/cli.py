@@ -52,22 +52,20 @@ def build_config(host: str = "127.0.0.1", port: int = 8000, device: str | None =
 
 
 def _bounded_allocations() -> None:
-    """At most two glibc malloc arenas in the server, and a bounded cache of oneDNN's GEMMs: by default each of the HTTP threadpool's
-    threads gets its own, and their retained pages measured ~95 MB of RSS under 16 concurrent
-    requests (MALLOC_ARENA_MAX=2, set before any thread starts). Elsewhere than glibc, nothing.
+    """cpu.SERVING_ENV in this process: at most two glibc malloc arenas (mallopt, as the threads'
+    arenas are not made yet; elsewhere than glibc, nothing) and a bounded cache of oneDNN's GEMMs.
 
     A fixed M_MMAP_THRESHOLD of 256 KB (every freed tensor back to the OS) was measured and left
     out: 16 concurrent 500-token requests peaked ~140 MB lower in process, but ran 1.7x slower
     (20 against 34 s), page faults on every activation of every prefill."""
+    from amber.engine.cpu import serving_env
+    env = serving_env()
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-8, int(env["MALLOC_ARENA_MAX"]))  # M_ARENA_MAX
+    except (OSError, AttributeError, ValueError):
         pass
-    # oneDNN keeps up to 1,024 GEMM primitives by default, one per shape it met (every batch size
-    # and prefill width), each with its own buffers: 16 of them measured 70 MB lower at 16
-    # concurrent requests and 180 MB lower at 64, at the same tokens/s (read at oneDNN's first GEMM)
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+    os.environ.update(env)
 
 
 @app.command()

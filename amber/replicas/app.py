@@ -46,12 +46,20 @@ def application(config: Config, registry: Registry, replicas: int, cpus: int, ad
         EngineReplica, name="engine", num_replicas=replicas,
         # past this Ray would queue requests itself; below it the engine's own queue answers 429
         max_ongoing_requests=config.engine.max_queue + config.engine.max_batch,
-        ray_actor_options={"num_cpus": cpus}, health_check_period_s=2, health_check_timeout_s=60,
+        ray_actor_options=replica_options(cpus), health_check_period_s=2, health_check_timeout_s=60,
         graceful_shutdown_timeout_s=5,
     ).bind(engine_config, registry, adapter_slots)
     ingress = serve.deployment(serve.ingress()(Ingress), name="api", num_replicas=1, max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0})
     return ingress.bind(config, registry, engines)
+
+
+def replica_options(cpus: int) -> dict:
+    """An engine replica's Ray actor options: its cores, and `amber serve`'s caps (oneDNN's primitive
+    cache, malloc arenas) set before its process starts, also where it joins a cluster that
+    `ray start` began elsewhere (its workers would not inherit them from this process)."""
+    from amber.engine.cpu import serving_env
+    return {"num_cpus": cpus, "runtime_env": {"env_vars": serving_env()}}
 
 
 def ray_missing() -> str | None:
