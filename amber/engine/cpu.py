@@ -1,6 +1,7 @@
 """Which CPU this is, as far as the speed of a kernel depends on it: the model and flags, torch and
 its thread count, and the caps that make the same CPU run other kernels. kernels.py keys its
-timings by it, paged_ops.py names its compiled library after it."""
+timings by it, paged_ops.py names its compiled library after it. Also the caps a serving process
+sets on the CPU libraries' memory (SERVING_ENV)."""
 from __future__ import annotations
 
 import os
