@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amber.engine import paged_ops
 from amber.engine.cpu import machine  # noqa: F401  (kernels.machine: what the timings depend on)
 from amber.engine.quantize import DENSE_DTYPES, Int4Linear, Int8BlockLinear, QuantizedLinear
 
@@ -82,7 +83,11 @@ class Choice:
 
 
 def cache_key(info: dict) -> str:
-    text = json.dumps({k: info.get(k) for k in ("cpu", "flags", "torch", "threads", "isa_limits")}, sort_keys=True)
+    """The machine's, and the compiled ops' (their sources, build flags, CPU and torch: timings
+    taken with an older kernel say nothing of a newer one)."""
+    fields = {k: info.get(k) for k in ("cpu", "flags", "torch", "threads", "isa_limits")}
+    fields["ops"] = paged_ops.library_path(Path(".")).stem
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(f"{CACHE_VERSION}:{text}".encode()).hexdigest()[:16]
 
 

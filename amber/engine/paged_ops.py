@@ -23,8 +23,9 @@ Layout and argument order (both paths):
     int32, -1 for a row without adapter (left untouched). Row i adds, per part p, its lane's
     (A_p x_i) B^T_p in fp32 (lora_rows_reference; csrc/lora_rows.cpp says more).
 
-    int4_mm(x, packed, sz, group) -> (rows, out) bf16; int4_mm_dense(..., fp32) the same product
-    by a GEMM on the weights widened for the call: int4_pack's layout (csrc/int4_mm.cpp).
+    int4_mm(x, packed, sz, group, wide=False) -> (rows, out) bf16 (wide: those values in fp32);
+    int4_mm_dense(..., fp32) the same product by a GEMM on the weights widened for the call:
+    int4_pack's layout (csrc/int4_mm.cpp).
     int8_mm(x, q, scales, block) -> (rows, out) fp32; int8_mm_dense(..., fp32): int8_pack's layout,
     Q8_0's grid (csrc/int8_mm.cpp).
 
@@ -153,7 +154,7 @@ def ensure() -> bool:
             library.impl("paged_decode_attention", paged_decode_attention_reference, "CompositeExplicitAutograd")
             library.define("lora_rows(Tensor(a!) y, Tensor x, Tensor a, Tensor[] bts, int layer, Tensor lanes) -> ()")
             library.impl("lora_rows", lora_rows_reference, "CompositeExplicitAutograd")
-            library.define("int4_mm(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor")
+            library.define("int4_mm(Tensor x, Tensor packed, Tensor sz, int group, bool wide=False) -> Tensor")
             library.impl("int4_mm", int4_mm_reference, "CompositeExplicitAutograd")
             library.define("int8_mm(Tensor x, Tensor q, Tensor scales, int block) -> Tensor")
             library.impl("int8_mm", int8_mm_reference, "CompositeExplicitAutograd")
@@ -245,11 +246,14 @@ def int4_weights(packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Te
     return (q.view(out, -1, group).float() * scale[..., None] + (zero - 8 * scale)[..., None]).view(out, -1)
 
 
-def int4_mm_reference(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+def int4_mm_reference(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group: int,
+                      wide: bool = False) -> torch.Tensor:
     """The int4 op in plain torch: the weights q scale + (zero - 8 scale) in fp32, x rounded to
-    bf16 and widened to fp32, one matmul, the product rounded to bf16. The fallback (for TorchScript to resolve the op
-    by; no layer packs for it without the library), and the tests' oracle."""
-    return (x.to(torch.bfloat16).float() @ int4_weights(packed, sz, group).T).to(torch.bfloat16)
+    bf16 and widened to fp32, one matmul, the product rounded to bf16 (with `wide`, widened back to
+    fp32). The fallback (for TorchScript to resolve the op by; no layer packs for it without the
+    library), and the tests' oracle."""
+    y = (x.to(torch.bfloat16).float() @ int4_weights(packed, sz, group).T).to(torch.bfloat16)
+    return y.float() if wide else y
 
 
 def int8_pack(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,9 +280,9 @@ def int8_weights(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Ten
 
 
 def int8_mm_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
-    """The int8 op in plain torch: the weights q scale in fp32, x widened to fp32, one matmul. The
-    fallback (for TorchScript to resolve the op by), and the tests' oracle."""
-    return x.float() @ int8_weights(q, scales, block).T
+    """The int8 op in plain torch: the weights q scale in fp32, x rounded to bf16 and widened to
+    fp32, one matmul. The fallback (for TorchScript to resolve the op by), and the tests' oracle."""
+    return x.to(torch.bfloat16).float() @ int8_weights(q, scales, block).T
 
 
 def _dense_reference(x: torch.Tensor, w: torch.Tensor, fp32: bool) -> torch.Tensor:

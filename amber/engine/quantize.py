@@ -219,8 +219,8 @@ class Int8BlockLinear(QuantizedLinear):
     Amber's kernel (paged_ops: csrc/int8_mm.cpp), in int8_pack's layout, which an Int8Embedding
     shares: a tied LM head multiplies by exactly the checkpoint's values, from the very bytes the
     embedding looks its rows up in (SmolLM2-135M: 30 MB for both, where a per-row int8 head held
-    28 MB of its own and moved logprobs). It takes its input as it comes (fp32 or bf16) and gives
-    fp32, which logits keep."""
+    28 MB of its own and moved logprobs). It takes its input fp32 or bf16, multiplies it rounded
+    to bf16 (the kernel's dot-product instructions take bf16), and gives fp32, which logits keep."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         tiles, width, _ = q.shape

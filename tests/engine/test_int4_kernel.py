@@ -69,6 +69,10 @@ def test_the_op_equals_the_exact_product_to_bf16_rounding(kernel, shape, dtype):
         assert ((reference.double() - want).abs() <= bound).all()
         if dtype == torch.float32:
             assert torch.equal(got, torch.ops.amber.int4_mm(xb, packed, psz, group))
+        # wide: the same bf16 values, widened to fp32
+        wide = torch.ops.amber.int4_mm(x, packed, psz, group, True)
+        assert wide.dtype == torch.float32 and torch.equal(wide, got.float())
+        assert torch.equal(paged_ops.int4_mm_reference(x, packed, psz, group, True), reference.float())
 
 
 def test_a_batch_equals_each_row_alone_and_one_thread_bit_for_bit(kernel):

@@ -2,8 +2,9 @@
 against an fp64 oracle and its pure-torch reference, and the tied head built on it, which shares
 its bytes with the token embeddings (quantize.Int8BlockLinear, Int8Embedding).
 
-The op sums in fp32 and returns fp32: it agrees with the exact product to fp32 rounding of sums of
-`in` terms. A row's result never depends on the other rows or the thread count: bit for bit."""
+The op multiplies x rounded to bf16, sums in fp32 and returns fp32: it agrees with the exact
+product of that x to fp32 rounding of sums of `in` terms. A row's result never depends on the
+other rows or the thread count: bit for bit."""
 from __future__ import annotations
 
 
@@ -45,8 +46,9 @@ def test_the_op_equals_the_exact_product_to_fp32_rounding(kernel, shape, dtype):
         x = torch.randn(rows, inn, generator=torch.Generator().manual_seed(rows)).to(dtype)
         got = torch.ops.amber.int8_mm(x, qt, st, block)
         assert got.dtype == torch.float32 and got.shape == (rows, out)
-        want = x.double() @ w.T
-        bound = 1e-6 * inn * (x.double().abs() @ w.abs().T) + 1e-30
+        xb = x.to(torch.bfloat16).double()  # what the op multiplies: x rounded to bf16
+        want = xb @ w.T
+        bound = 1e-6 * inn * (xb.abs() @ w.abs().T) + 1e-30
         assert ((got.double() - want).abs() <= bound).all()
         reference = paged_ops.int8_mm_reference(x, qt, st, block)
         assert ((reference.double() - want).abs() <= bound).all()
@@ -95,7 +97,8 @@ def test_a_tied_head_on_the_q8_0_grid_shares_the_embeddings_int8_table_and_multi
     x = torch.randn(3, 64, dtype=torch.float64)
     logits = head(x.float())
     assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits.double(), x @ table.double().T, rtol=1e-5, atol=1e-5)
+    xb = x.float().bfloat16().double()  # the head multiplies x rounded to bf16 (csrc/int8_mm.cpp)
+    torch.testing.assert_close(logits.double(), xb @ table.double().T, rtol=1e-5, atol=1e-5)
     assert torch.equal(head.dense_weights(), table.bfloat16())
     # off the grid: the per-row int8 head of before, and an embedding of its own
     model = quantize(Tied(torch.randn(320, 64)), 4)

@@ -10,13 +10,22 @@
 // Layout (paged_ops.int4_pack makes it from Int4Linear's q, scales and zeros):
 //   packed  (out / 16, in / 2, 16) uint8: tile t, pair p, byte j = q[16t + j][2p] | q[16t + j][2p + 1] << 4
 //   sz      (out / 16, in / group, 2, 16) bf16: per tile and group, 16 scales then 16 zeros
-//   x       (rows, in) bf16, or fp32, which is rounded to bf16 first  ->  y (rows, out) bf16
+//   x       (rows, in) bf16, or fp32, which is rounded to bf16 first  ->  y (rows, out) bf16, or with
+//           `wide` the same bf16 values widened to fp32 (for a caller that adds them to fp32 at once:
+//           a decode step's residual stream and RoPE, where a cast per projection cost ~0.3 ms a step)
 // Numerics, per row and output: per group, S1 = sum_k x_k q_k in four fp32 chains of fused
 // multiply-adds (chain (p % 2, low or high nibble) of pair p, each in ascending k), S1 = (c0 + c1) +
 // (c2 + c3), and S0 = sum_k x_k in ascending k; then acc = fma(S1, scale, acc) and acc = fma(S0,
 // zero - 8 scale, acc), group after group; y = bf16(acc), rounded to nearest even. The order
 // depends on nothing but the row, so a row's result is the same at any batch size and thread
 // count, and AVX-512, AVX2 and the plain loops compute the same sums in the same order.
+// Where the CPU has AVX-512 BF16 (Zen 4, Sapphire Rapids and later), S1 is summed by vdpbf16ps
+// instead, a pair (2p, 2p + 1) at a time, in two chains (p % 2) of ascending p, S1 = c0 + c1:
+// every product x_k q_k is exact in fp32 either way (8 + 4 significant bits), only the order of
+// the fp32 additions differs, so results agree with the other paths to fp32 rounding of the sums
+// (within the tests' bound), not bit for bit; the rest (S0, the scale and zero, bf16 rounding) is
+// as above. Still a row's result depends on the row alone. Twice the multiply-adds per
+// instruction: numResults 8 on a 2-core Zen 4 went from 2.85x to 2.47x the cost of 1.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,6 +38,7 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -80,13 +90,63 @@ inline void prefetch_group(const uint8_t* w, int64_t bytes) {
 }
 
 #if defined(__AVX512F__)
-#define AMBER_INT4_R 4
-constexpr int64_t R = AMBER_INT4_R;  // rows per pass over a tile: 5R accumulators + temporaries in 32 registers
-
 inline __m512 widen16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
       reinterpret_cast<const __m256i*>(p))), 16));
 }
+#endif
+
+#if defined(__AVX512BF16__)
+// AVX-512 BF16: vdpbf16ps multiplies 16 pairs of bf16 and adds both products to 16 fp32 sums, twice
+// the multiply-adds of an fp32 FMA per instruction, which is what bounds a step of several rows
+// (numResults, a batch). A pair is one byte of the layout: a weight's two nibbles, widened to the
+// bf16 of the integers 0-15 (exact) and multiplied by x's two bf16 values (exact products).
+#define AMBER_INT4_R 8
+constexpr int64_t R = AMBER_INT4_R;  // rows per pass over a tile: 3R accumulators + temporaries in 32 registers
+
+template <int N>
+void tile_rows(const uint8_t* w, const uint16_t* sz, const uint32_t* x, const float* sums, int64_t in, int64_t group,
+               float* out) {
+  const int64_t groups = in / group, pairs = in / 2;
+  // bf16 of the integer a nibble stands for: in a lane's low half (the low nibble), in its high half
+  const __m512i low = _mm512_setr_epi32(0, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110,
+                                        0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170);
+  const __m512i high = _mm512_slli_epi32(low, 16);
+  const uint32_t* xr[N];
+  for (int r = 0; r < N; ++r) xr[r] = x + r * pairs;
+  __m512 acc[N];
+  for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    prefetch_group(w + g * group / 2 * TILE, group / 2 * TILE);
+    __m512 c[N][2];
+    for (int r = 0; r < N; ++r) c[r][0] = c[r][1] = _mm512_setzero_ps();
+    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 2) {
+#pragma GCC unroll 2
+      for (int e = 0; e < 2; ++e) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (p + e) * TILE)));
+        const __m512i q = _mm512_or_si512(_mm512_permutexvar_epi32(b, low),
+                                          _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 4), high));
+#pragma GCC unroll 8
+        for (int r = 0; r < N; ++r)
+          c[r][e] = _mm512_dpbf16_ps(c[r][e], reinterpret_cast<__m512bh>(q),
+                                     reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xr[r][p + e]))));
+      }
+    }
+    const __m512 scale = widen16(sz + g * 2 * TILE);
+    const __m512 shift = _mm512_fmadd_ps(_mm512_set1_ps(-8.0f), scale, widen16(sz + g * 2 * TILE + TILE));
+#pragma GCC unroll 8
+    for (int r = 0; r < N; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(c[r][0], c[r][1]), scale, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(sums[r * groups + g]), shift, acc[r]);
+    }
+  }
+  for (int r = 0; r < N; ++r) _mm512_storeu_ps(out + r * TILE, acc[r]);
+}
+#define AMBER_INT4_SIMD 1
+#define AMBER_INT4_PAIRS 1
+#elif defined(__AVX512F__)
+#define AMBER_INT4_R 4
+constexpr int64_t R = AMBER_INT4_R;  // rows per pass over a tile: 5R accumulators + temporaries in 32 registers
 
 template <int N>
 void tile_rows(const uint8_t* w, const uint16_t* sz, const float* x, const float* sums, int64_t in, int64_t group,
@@ -179,18 +239,28 @@ void tile_rows(const uint8_t* w, const uint16_t* sz, const float* x, const float
 #define AMBER_INT4_SIMD 1
 #endif
 
+#if defined(AMBER_INT4_PAIRS)
+using XValue = uint32_t;  // x as bf16 pairs: x[2p] in the low half of pair p, x[2p + 1] in the high
+#else
+using XValue = float;
+#endif
+constexpr int64_t X_PER_VALUE = sizeof(XValue) == 4 && std::is_same<XValue, uint32_t>::value ? 2 : 1;
+
 // rows [0, rows) of one tile, R at a time
-void tile(const uint8_t* w, const uint16_t* sz, const float* x, const float* sums, int64_t rows, int64_t in,
+void tile(const uint8_t* w, const uint16_t* sz, const XValue* x, const float* sums, int64_t rows, int64_t in,
           int64_t group, float* out) {
 #if defined(AMBER_INT4_SIMD)
-  const int64_t groups = in / group;
+  const int64_t groups = in / group, stride = in / X_PER_VALUE;
   int64_t r = 0;
-  for (; r + R <= rows; r += R) tile_rows<R>(w, sz, x + r * in, sums + r * groups, in, group, out + r * TILE);
+  for (; r + R <= rows; r += R) tile_rows<R>(w, sz, x + r * stride, sums + r * groups, in, group, out + r * TILE);
   switch (rows - r) {
-#define AMBER_REST(n) case n: return tile_rows<n>(w, sz, x + r * in, sums + r * groups, in, group, out + r * TILE);
+#define AMBER_REST(n) case n: return tile_rows<n>(w, sz, x + r * stride, sums + r * groups, in, group, out + r * TILE);
     AMBER_REST(1)
 #if AMBER_INT4_R > 2
     AMBER_REST(2) AMBER_REST(3)
+#endif
+#if AMBER_INT4_R > 4
+    AMBER_REST(4) AMBER_REST(5) AMBER_REST(6) AMBER_REST(7)
 #endif
 #undef AMBER_REST
     default: return;
@@ -200,7 +270,7 @@ void tile(const uint8_t* w, const uint16_t* sz, const float* x, const float* sum
 #endif
 }
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t group) {
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t group, bool wide) {
   TORCH_CHECK(x.dim() == 2, "x must be (rows, in)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
@@ -234,10 +304,25 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
       for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xp[r * in + k];
       sp[r * groups + g] = s;
     }
-  at::Tensor y = at::empty({rows, tiles * TILE}, x.options().dtype(at::kBFloat16));
+#if defined(AMBER_INT4_PAIRS)
+  thread_local std::vector<uint32_t> pbuf;  // x's bf16 values two by two, as vdpbf16ps takes them
+  pbuf.resize(rows * in / 2);
+  for (int64_t i = 0; i < rows * in / 2; ++i) {
+    uint32_t a, b;
+    std::memcpy(&a, xp + 2 * i, 4);
+    std::memcpy(&b, xp + 2 * i + 1, 4);
+    pbuf[i] = (a >> 16) | (b & 0xFFFF0000u);
+  }
+  const XValue* xin = pbuf.data();
+#else
+  const XValue* xin = xp;
+#endif
+  const int64_t stride = in / X_PER_VALUE;
+  at::Tensor y = at::empty({rows, tiles * TILE}, x.options().dtype(wide ? at::kFloat : at::kBFloat16));
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = wide ? nullptr : y.data_ptr<at::BFloat16>();
+  float* wyp = wide ? y.data_ptr<float>() : nullptr;
   const int64_t width = tiles * TILE;
   at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
     constexpr int64_t CHUNK = 64;  // rows per call of `tile`: its output stays on the stack
@@ -245,9 +330,15 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     for (int64_t t = first; t < last; ++t) {
       for (int64_t r0 = 0; r0 < rows; r0 += CHUNK) {
         const int64_t n = std::min(CHUNK, rows - r0);
-        tile(wp + t * (in / 2) * TILE, zp + t * groups * 2 * TILE, xp + r0 * in, sp + r0 * groups, n, in, group, out);
+        tile(wp + t * (in / 2) * TILE, zp + t * groups * 2 * TILE, xin + r0 * stride, sp + r0 * groups, n, in, group, out);
         for (int64_t r = 0; r < n; ++r)
-          for (int64_t j = 0; j < TILE; ++j) yp[(r0 + r) * width + t * TILE + j] = c10::BFloat16(out[r * TILE + j]);
+          for (int64_t j = 0; j < TILE; ++j) {
+            const c10::BFloat16 v(out[r * TILE + j]);
+            if (wide)
+              wyp[(r0 + r) * width + t * TILE + j] = static_cast<float>(v);
+            else
+              yp[(r0 + r) * width + t * TILE + j] = v;
+          }
       }
     }
   });
@@ -314,7 +405,7 @@ at::Tensor int4_mm_dense(const at::Tensor& x, const at::Tensor& packed, const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(amber, m) {
-  m.def("int4_mm(Tensor x, Tensor packed, Tensor sz, int group) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor packed, Tensor sz, int group, bool wide=False) -> Tensor");
   m.def("int4_mm_dense(Tensor x, Tensor packed, Tensor sz, int group, bool fp32) -> Tensor");
 }
 

@@ -100,6 +100,14 @@ inline void prefetch(const T* p) {
 #endif
 }
 
+// the first AHEAD bytes of a stretch, which the loops' own prefetches (AHEAD on) never ask for
+template <typename T>
+inline void start(const T* p) {
+#if defined(AMBER_LORA_SIMD)
+  for (int64_t b = 0; b < AHEAD; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+#endif
+}
+
 // sum_k a[k] * x[k] in fp32, in an order fixed by n alone
 template <typename T>
 inline float dot(const T* __restrict a, const float* __restrict x, int64_t n) {
@@ -165,6 +173,11 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
     for (int64_t task = first; task < last; ++task) {
       const int64_t row = task / parts, p = task % parts, lane = lanes[row];
       if (lane < 0) continue;
+      if (task + 1 < last && lanes[(task + 1) / parts] >= 0) {  // the next task's first bytes, while this one runs
+        const int64_t np = (task + 1) % parts, nl = lanes[(task + 1) / parts];
+        start(ap + ((np * num_lanes + nl) * r) * in);
+        start(bp[np] + nl * r * (columns[np + 1] - columns[np]));
+      }
       for (int64_t k = 0; k < in; ++k) xf[k] = widen(xp[row * in + k]);
       const L* lane_a = ap + ((p * num_lanes + lane) * r) * in;
       for (int64_t j = 0; j < r; ++j) h[j] = dot(lane_a + j * in, xf.data(), in);

@@ -57,10 +57,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: 
 
 
 def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
-             max_rows: int, group: int) -> torch.Tensor:
+             max_rows: int, group: int, wide: bool = False) -> torch.Tensor:
     """A projection of several rows, as quantize.py's layers compute it (QuantizedLinear.forward):
     their fused kernel for up to `max_rows` rows, else their dense copy (bf16 or fp32; kernels.py
-    chose)."""
+    chose). `wide`: Amber's int4 kernel gives its bf16 values widened to fp32, for a result that
+    meets fp32 at once (RoPE, the residual stream): the same numbers, without a cast per use."""
     if kind == 0:  # PLAIN
         return F.linear(x, weight)
     if kind == 5 and x.shape[0] > max_rows and dense.numel() == 0:  # dense weights made per product, in dense's dtype
@@ -68,7 +69,7 @@ def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     if kind == 1 or x.shape[0] > max_rows:
         return dense_product(x, dense)
     if kind == 5:  # INT4_AMBER, which rounds an fp32 x to bf16 itself
-        return torch.ops.amber.int4_mm(x, weight, scales, group)
+        return torch.ops.amber.int4_mm(x, weight, scales, group, wide)
     if x.dtype != torch.bfloat16:
         x = x.to(torch.bfloat16)
     if kind == 4:
@@ -86,11 +87,11 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_r
     Single-stream decode is the step where per-op cost weighs most: without decode_rows' batch
     reshapes and LoRA checks it runs ~0.5 ms a token faster (measured in turns). The cache
     arguments are kv_cache.BatchCache's (paged_attend says which it reads)."""
-    half = head_dim // 2
+    half, wide = head_dim // 2, x.dtype == torch.float32  # wide: int4 products as fp32 (_project)
     for i in range(len(keys)):
         p = 4 * i
         h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
-        qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group)
+        qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group, wide)
         qkv = qkv.view(heads + 2 * kv_heads, head_dim)
         qk = qkv[:heads + kv_heads]
         qk = torch.addcmul(qk * cos, torch.cat([qk[:, half:], qk[:, :half]], dim=-1), sin)
@@ -102,12 +103,13 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_r
         out = paged_attend(qk[:heads].view(1, heads, head_dim), qk[heads:].view(1, kv_heads, head_dim),
                            v.view(1, kv_heads, head_dim), keys[i], values[i], write_rows, read_rows, None,
                            tables, lengths, block_size, kernel, None, 0)
-        x = x + _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
+        x = x + _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group,
+                         wide)
         h = rms_norm(x, norms[2 * i + 1], doubled_norms[2 * i + 1], eps)
         gate, up = _project(kinds[p + 2], h, weights[p + 2], scales[p + 2], dense[p + 2], max_rows[p + 2],
                             group).chunk(2, dim=-1)
         x = x + _project(kinds[p + 3], F.silu(gate) * up, weights[p + 3], scales[p + 3], dense[p + 3],
-                         max_rows[p + 3], group)
+                         max_rows[p + 3], group, wide)
     return x
 
 
@@ -124,11 +126,11 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
     kv_cache.BatchCache's (write_rows, read_rows, tables, lengths, kernel) and attention_mask's mask
     (batch, 1, 1, context) or None. lora_a, lora_bt, lora_mask, lora_lanes: a LoraBatch's a, bt, mask and lanes per
     projection (qkv, o, gate_up, down), or empty lists when no row has an adapter."""
-    half, lora = head_dim // 2, len(lora_a) > 0
+    half, lora, wide = head_dim // 2, len(lora_a) > 0, x.dtype == torch.float32
     for i in range(len(keys)):
         p = 4 * i
         h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
-        qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group)
+        qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group, wide)
         if lora:
             qkv = lora_add(h, qkv, lora_a[0][i], lora_bt[0], i, lora_mask, lora_lanes)
         qkv = qkv.view(-1, heads + 2 * kv_heads, head_dim)
@@ -141,7 +143,7 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
             v = v.to(values[i].dtype)
         out = paged_attend(qk[:, :heads], qk[:, heads:], v, keys[i], values[i], write_rows, read_rows, mask,
                            tables, lengths, block_size, kernel, None, 0)
-        o = _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group)
+        o = _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group, wide)
         if lora:
             o = lora_add(out, o, lora_a[1][i], lora_bt[1], i, lora_mask, lora_lanes)
         x = x + o
@@ -152,7 +154,7 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
         gate, up = gate_up.chunk(2, dim=-1)
         hidden = F.silu(gate) * up
         down = _project(kinds[p + 3], hidden, weights[p + 3], scales[p + 3], dense[p + 3], max_rows[p + 3],
-                             group)
+                        group, wide)
         if lora:
             down = lora_add(hidden, down, lora_a[3][i], lora_bt[3], i, lora_mask, lora_lanes)
         x = x + down
