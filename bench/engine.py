@@ -104,7 +104,8 @@ def memory_suite(client, pid: int, words: list[str], runs: int) -> dict:
     for n in (16, 64):
         rss, rates = [], []
         for r in range(runs):
-            prompts = [" ".join(words[(i * 7 + r * 131) % 3000:][:390]) + f" ({r}, {i})" for i in range(n)]
+            # 285 words: 480-540 tokens of SmolLM2's tokenizer, ~500 on average (390 words were ~690)
+            prompts = [" ".join(words[(i * 7 + r * 131) % 3000:][:285]) + f" ({r}, {i})" for i in range(n)]
             reset_peak_rss(pid)
             began = time.perf_counter()
             with cf.ThreadPoolExecutor(n) as pool:
@@ -274,7 +275,7 @@ def http_suites(clients: list, words: list[str], runs: int) -> list[dict]:
         out[i] |= {"ttft_s": first, "single_decode_tps": 128 / (statistics.median(single[i]) - first),
                   "concurrent16_tps": burst[0], "concurrent16_p50_s": burst[1], "concurrent16_p95_s": burst[2],
                   "concurrent16_bursts_tps": [b[0] for b in bursts[i]]}
-        prefix = " ".join(words[400:790])  # ~500 tokens
+        prefix = " ".join(words[400:690])  # 506 tokens (words[400:790], before, were 683)
         out[i]["prefix_first_ttft_s"] = timed(lambda: client.complete(prefix + " Question one?", 1))
         out[i]["prefix_second_ttft_s"] = timed(lambda: client.complete(prefix + " A second question?", 1))
         if isinstance(client, Amber):
