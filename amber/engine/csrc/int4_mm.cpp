@@ -38,7 +38,6 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
-#include <type_traits>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -241,10 +240,11 @@ void tile_rows(const uint8_t* w, const uint16_t* sz, const float* x, const float
 
 #if defined(AMBER_INT4_PAIRS)
 using XValue = uint32_t;  // x as bf16 pairs: x[2p] in the low half of pair p, x[2p + 1] in the high
+constexpr int64_t X_PER_VALUE = 2;
 #else
 using XValue = float;
+constexpr int64_t X_PER_VALUE = 1;
 #endif
-constexpr int64_t X_PER_VALUE = sizeof(XValue) == 4 && std::is_same<XValue, uint32_t>::value ? 2 : 1;
 
 // rows [0, rows) of one tile, R at a time
 void tile(const uint8_t* w, const uint16_t* sz, const XValue* x, const float* sums, int64_t rows, int64_t in,
