@@ -17,6 +17,11 @@ Layout and argument order (both paths):
     block_tables  (batch, max_blocks) int32; lengths (batch,) int32
     block_size, scale (softmax scale), window (0: none; else only the last `window` positions)
 
+    paged_rope_attention(qkv, cos, sin, key_pool, value_pool, write_rows, block_tables, lengths,
+    block_size, heads, scale, window) -> (batch, heads * head_dim) in the pools' dtype: a whole decode
+    step's attention (RoPE, the KV write at write_rows, attention) from the qkv projection, fp32
+    (paged_rope_attention_reference says what it computes).
+
     lora_rows(y, x, a, bts, layer, lanes), in place on y, returns nothing:
     y (rows, out) and x (rows, in), one dtype (fp32 or bf16), y contiguous; a (parts, lanes, r, in)
     and bts per part (layers, lanes * r, out of the part), contiguous, fp32 or bf16; lanes (rows,)
@@ -108,6 +113,7 @@ _state = {"compiled": False, "tried": False, "fallback": None}
 def _registered() -> bool:
     try:
         torch.ops.amber.paged_decode_attention
+        torch.ops.amber.paged_rope_attention
         torch.ops.amber.lora_rows
         torch.ops.amber.int4_mm
         torch.ops.amber.int8_mm
@@ -152,6 +158,8 @@ def ensure() -> bool:
             library.define("paged_decode_attention(Tensor q, Tensor key_pool, Tensor value_pool, "
                            "Tensor block_tables, Tensor lengths, int block_size, float scale, int window) -> Tensor")
             library.impl("paged_decode_attention", paged_decode_attention_reference, "CompositeExplicitAutograd")
+            library.define(ROPE_ATTENTION_SCHEMA)
+            library.impl("paged_rope_attention", paged_rope_attention_reference, "CompositeExplicitAutograd")
             library.define("lora_rows(Tensor(a!) y, Tensor x, Tensor a, Tensor[] bts, int layer, Tensor lanes) -> ()")
             library.impl("lora_rows", lora_rows_reference, "CompositeExplicitAutograd")
             library.define("int4_mm(Tensor x, Tensor packed, Tensor sz, int group, bool wide=False) -> Tensor")
@@ -199,6 +207,33 @@ def paged_decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: 
                                                       block_size, scale, window)
     return paged_decode_attention_reference(q, key_pool, value_pool, block_tables, lengths, block_size,
                                             scale, window)
+
+
+ROPE_ATTENTION_SCHEMA = ("paged_rope_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) key_pool, "
+                         "Tensor(b!) value_pool, Tensor write_rows, Tensor block_tables, Tensor lengths, "
+                         "int block_size, int heads, float scale, int window) -> Tensor")
+
+
+def paged_rope_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_pool: torch.Tensor,
+                                   value_pool: torch.Tensor, write_rows: torch.Tensor, block_tables: torch.Tensor,
+                                   lengths: torch.Tensor, block_size: int, heads: int, scale: float,
+                                   window: int) -> torch.Tensor:
+    """The fused decode-attention op in torch ops, the ones a decode step ran before it (and still
+    runs without the library): rotate-half RoPE on q and k (layers.apply_rope's arithmetic: x * cos,
+    then addcmul with the rotated x and sign-folded sin), q, k and v rounded to the pools' dtype, k
+    and v written at `write_rows`, then paged_decode_attention. qkv (batch, (heads + 2 kv_heads) *
+    head_dim) fp32; cos, sin (batch, head_dim) fp32 (any shape of that many values); write_rows
+    (batch,) int64. Returns (batch, heads * head_dim) in the pools' dtype."""
+    batch, kv_heads, head_dim = lengths.shape[0], key_pool.shape[1], key_pool.shape[2]
+    half = head_dim // 2
+    qkv = qkv.reshape(batch, heads + 2 * kv_heads, head_dim)
+    cos, sin = cos.reshape(batch, 1, head_dim), sin.reshape(batch, 1, head_dim)
+    qk = qkv[:, :heads + kv_heads]
+    qk = torch.addcmul(qk * cos, torch.cat([qk[..., half:], qk[..., :half]], dim=-1), sin).to(key_pool.dtype)
+    key_pool.index_copy_(0, write_rows, qk[:, heads:])
+    value_pool.index_copy_(0, write_rows, qkv[:, heads + kv_heads:].to(value_pool.dtype))
+    out = paged_decode_attention(qk[:, :heads], key_pool, value_pool, block_tables, lengths, block_size, scale, window)
+    return out.reshape(batch, heads * head_dim)
 
 
 def lora_rows_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: list[torch.Tensor], layer: int,

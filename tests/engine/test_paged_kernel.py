@@ -117,3 +117,78 @@ def test_fallback_dispatch(kernel, monkeypatch):
     fast = paged_ops.paged_decode_attention(*args)
     monkeypatch.setattr(paged_ops, "available", lambda: False)
     torch.testing.assert_close(paged_ops.paged_decode_attention(*args), fast, atol=1e-5, rtol=1e-5)
+
+
+def rope_inputs(heads: int, kv_heads: int, head_dim: int, pool_dtype: torch.dtype, seed: int = 0):
+    """paged_inputs plus what a decode step brings: the qkv projection (fp32), each row's cos and
+    sign-folded sin at its position (real RoPE tables), and the slot its new token goes to (the
+    last position of its length, so the row attends to what it writes)."""
+    _, keys, values, tables, lengths = paged_inputs(heads, kv_heads, head_dim, pool_dtype, torch.float32, seed)
+    qkv = 3 * torch.randn(len(LENGTHS), (heads + 2 * kv_heads) * head_dim)
+    positions = lengths.long() - 1
+    angles = positions.float()[:, None] * (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
+    write = tables.long().gather(1, (positions // BLOCK)[:, None])[:, 0] * BLOCK + positions % BLOCK
+    return qkv, cos, sin, keys, values, write, tables, lengths
+
+
+@pytest.mark.parametrize("window", [0, 8])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 1, 16), (8, 8, 128), (6, 2, 48)])
+def test_rope_attention_is_its_torch_ops_bit_for_bit(kernel, heads, kv_heads, head_dim, pool_dtype, window):
+    """The fused decode op (RoPE, KV write, attention) gives exactly what the torch ops it replaces
+    give, output and both pools, so a decode step through it still equals forward() bit for bit."""
+    qkv, cos, sin, keys, values, write, tables, lengths = rope_inputs(heads, kv_heads, head_dim, pool_dtype)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    args = (tables, lengths, BLOCK, heads, head_dim ** -0.5, window)
+    out = torch.ops.amber.paged_rope_attention(qkv, cos, sin, keys, values, write, *args)
+    expected = paged_ops.paged_rope_attention_reference(qkv, cos, sin, ref_keys, ref_values, write, *args)
+    assert out.dtype == pool_dtype and out.shape == (len(LENGTHS), heads * head_dim)
+    assert torch.equal(out, expected)
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+    assert not torch.equal(keys, paged_inputs(heads, kv_heads, head_dim, pool_dtype, torch.float32)[1])  # it wrote
+
+
+def test_rope_attention_rotates_as_transformers_does(kernel):
+    """An independent check of the RoPE part: the key the op stores is Hugging Face's
+    apply_rotary_pos_emb of the projected key (rotate_half and unfolded sin, written out here from
+    the angles), at fp32 rounding; the value is stored as projected."""
+    heads, kv_heads, head_dim = 4, 2, 32
+    qkv, cos, sin, keys, values, write, tables, lengths = rope_inputs(heads, kv_heads, head_dim, torch.float32)
+    torch.ops.amber.paged_rope_attention(qkv, cos, sin, keys, values, write, tables, lengths, BLOCK, heads, 0.2, 0)
+    rows = qkv.view(len(LENGTHS), -1, head_dim)
+    k, half = rows[:, heads:heads + kv_heads], head_dim // 2
+    angles = (lengths.float() - 1)[:, None] * (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    hf_cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[:, None]
+    hf_sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[:, None]
+    rotate_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    torch.testing.assert_close(keys[write], k * hf_cos + rotate_half * hf_sin, atol=1e-5, rtol=1e-5)
+    assert torch.equal(values[write], rows[:, heads + kv_heads:])
+
+
+def test_rope_attention_same_result_on_one_thread(kernel):
+    qkv, cos, sin, keys, values, write, tables, lengths = rope_inputs(9, 3, 64, torch.bfloat16)
+    run = lambda: torch.ops.amber.paged_rope_attention(qkv, cos, sin, keys.clone(), values.clone(), write,  # noqa: E731
+                                                       tables, lengths, BLOCK, 9, 0.125, 0)
+    many, threads = run(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(run(), many)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(write=a["write"].clone().fill_(10 ** 6)), "write row"),
+    (lambda a: a.update(write=a["write"].int()), "write_rows must be"),
+    (lambda a: a.update(qkv=a["qkv"][:, :-1]), "qkv must hold"),
+    (lambda a: a.update(qkv=a["qkv"].bfloat16()), "must be float32"),
+    (lambda a: a.update(cos=a["cos"][:-1]), "cos and sin"),
+])
+def test_rope_attention_bad_input_is_an_error(kernel, change, message):
+    names = ("qkv", "cos", "sin", "keys", "values", "write", "tables", "lengths")
+    args = dict(zip(names, rope_inputs(4, 1, 16, torch.float32)))
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.amber.paged_rope_attention(*args.values(), BLOCK, 4, 0.25, 0)

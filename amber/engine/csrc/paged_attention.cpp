@@ -469,45 +469,132 @@ void dispatch_dim(const at::Tensor& q, const at::Tensor& key_pool, const at::Ten
   }
 }
 
+// The checks both ops make of the pools, block tables and lengths; the Shape they describe.
+Shape check_pools(const at::Tensor& key_pool, const at::Tensor& value_pool, const at::Tensor& tables,
+                  const at::Tensor& lens, int64_t batch, int64_t heads, int64_t head_dim, int64_t block_size,
+                  int64_t window) {
+  TORCH_CHECK(key_pool.dim() == 3 && key_pool.sizes() == value_pool.sizes(),
+              "key_pool and value_pool must both be (num_slots, kv_heads, head_dim)");
+  TORCH_CHECK(key_pool.scalar_type() == value_pool.scalar_type(), "key_pool and value_pool dtypes differ");
+  TORCH_CHECK(key_pool.scalar_type() == at::kFloat || key_pool.scalar_type() == at::kBFloat16,
+              "the pools must be float32 or bfloat16");
+  TORCH_CHECK(key_pool.is_contiguous() && value_pool.is_contiguous(), "the pools must be contiguous");
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == at::kInt,
+              "block_tables must be (batch, max_blocks) int32");
+  TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == at::kInt, "lengths must be (batch,) int32");
+  TORCH_CHECK(block_size > 0 && window >= 0, "block_size must be > 0 and window >= 0");
+  const int64_t kv_heads = key_pool.size(1);
+  TORCH_CHECK(key_pool.size(2) == head_dim, "q and the pools disagree on head_dim");
+  TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(tables.size(0) == batch && lens.size(0) == batch, "block_tables and lengths need one row per q row");
+  TORCH_CHECK(key_pool.size(0) % block_size == 0, "num_slots must be a multiple of block_size");
+  const int64_t max_blocks = tables.size(1);
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(lp[b] >= 0 && lp[b] <= max_blocks * block_size, "lengths[", b, "] = ", lp[b],
+                " does not fit the block table");
+  return Shape{kv_heads, heads / kv_heads, head_dim, block_size, max_blocks, key_pool.size(0) / block_size, window};
+}
+
+// qf (batch, heads, head_dim) fp32, already scaled, attends; the output (batch, heads, head_dim) fp32
+at::Tensor attend_all(const at::Tensor& qf, const at::Tensor& key_pool, const at::Tensor& value_pool,
+                      const at::Tensor& tables, const at::Tensor& lens, const Shape& s) {
+  at::Tensor out = at::empty(qf.sizes(), qf.options());
+  if (key_pool.scalar_type() == at::kFloat)
+    dispatch_dim<float>(qf, key_pool, value_pool, tables, lens, out, s);
+  else
+    dispatch_dim<at::BFloat16>(qf, key_pool, value_pool, tables, lens, out, s);
+  return out;
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_pool, const at::Tensor& value_pool,
                                   const at::Tensor& block_tables, const at::Tensor& lengths, int64_t block_size,
                                   double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3, "q must be (batch, heads, head_dim)");
-  TORCH_CHECK(key_pool.dim() == 3 && key_pool.sizes() == value_pool.sizes(),
-              "key_pool and value_pool must both be (num_slots, kv_heads, head_dim)");
-  TORCH_CHECK(key_pool.scalar_type() == value_pool.scalar_type(), "key_pool and value_pool dtypes differ");
-  TORCH_CHECK(key_pool.is_contiguous() && value_pool.is_contiguous(), "the pools must be contiguous");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt,
-              "block_tables must be (batch, max_blocks) int32");
-  TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kInt, "lengths must be (batch,) int32");
-  TORCH_CHECK(block_size > 0 && window >= 0, "block_size must be > 0 and window >= 0");
-  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
-  const int64_t kv_heads = key_pool.size(1);
-  TORCH_CHECK(key_pool.size(2) == head_dim, "q and the pools disagree on head_dim");
-  TORCH_CHECK(heads % kv_heads == 0, "heads must be a multiple of kv_heads");
-  TORCH_CHECK(block_tables.size(0) == batch && lengths.size(0) == batch,
-              "block_tables and lengths need one row per q row");
-  TORCH_CHECK(key_pool.size(0) % block_size == 0, "num_slots must be a multiple of block_size");
-
   at::Tensor tables = block_tables.contiguous(), lens = lengths.contiguous();
-  const int64_t max_blocks = tables.size(1);
-  if (batch > 0) {
-    const int32_t* lp = lens.data_ptr<int32_t>();
-    for (int64_t b = 0; b < batch; ++b)
-      TORCH_CHECK(lp[b] >= 0 && lp[b] <= max_blocks * block_size, "lengths[", b, "] = ", lp[b],
-                  " does not fit the block table");
-  }
+  const Shape s = check_pools(key_pool, value_pool, tables, lens, q.size(0), q.size(1), q.size(2), block_size,
+                              window);
   // scale folded into q once, so the inner loop is a plain dot product
   at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();
-  at::Tensor out = at::empty({batch, heads, head_dim}, q.options().dtype(at::kFloat));
-  Shape s{kv_heads, heads / kv_heads, head_dim, block_size, max_blocks, key_pool.size(0) / block_size, window};
-  if (key_pool.scalar_type() == at::kFloat) {
-    dispatch_dim<float>(qf, key_pool, value_pool, tables, lens, out, s);
-  } else {
-    TORCH_CHECK(key_pool.scalar_type() == at::kBFloat16, "the pools must be float32 or bfloat16");
-    dispatch_dim<at::BFloat16>(qf, key_pool, value_pool, tables, lens, out, s);
-  }
+  at::Tensor out = attend_all(qf, key_pool, value_pool, tables, lens, s);
   return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
+}
+
+// ---- RoPE, the KV write and attention of a decode step, as one op ----------------------------------
+// What llama_decode.py's decode step did in ~20 small ops per layer, at ~2-3 us of dispatch each
+// (more than their arithmetic, for a few hundred values): rotate q and k (rotate-half RoPE), round
+// q, k and v to the pool's dtype, write k and v at the rows' slots, attend. Each step is the same
+// arithmetic as the torch ops it replaces (paged_ops.paged_rope_attention_reference), so the two
+// agree bit for bit:
+//   RoPE    x * cos + rotate_half(x) * sin, sin sign-folded (layers.apply_rope): x * cos rounded to
+//           fp32, then rotated * sin added to it in one fused multiply-add, as torch.addcmul(x * cos,
+//           rotated, sin) computes it on the CPU (its kernel fuses, on every path; measured);
+//   round   to the pool's dtype, nearest even (c10::BFloat16's conversion, which Tensor.to uses);
+//   q       widened back and multiplied by the scale (in fp32), as paged_decode_attention does.
+template <typename scalar_t>
+void rope_write(const float* qkv, const float* cos, const float* sin, scalar_t* keys, scalar_t* values,
+                const int64_t* slots, float* qf, int64_t batch, int64_t heads, int64_t kv_heads, int64_t D,
+                int64_t num_slots, float scale) {
+  const int64_t half = D / 2, width = (heads + 2 * kv_heads) * D;
+  std::vector<float> rotated(D);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t slot = slots[b];
+    TORCH_CHECK(slot >= 0 && slot < num_slots, "paged_rope_attention: write row ", slot, " out of range [0, ",
+                num_slots, ")");
+    const float* row = qkv + b * width;
+    const float* c = cos + b * D;
+    const float* sn = sin + b * D;
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {
+      const float* x = row + h * D;
+      for (int64_t d = 0; d < half; ++d) rotated[d] = std::fma(x[d + half], sn[d], x[d] * c[d]);
+      for (int64_t d = half; d < D; ++d) rotated[d] = std::fma(x[d - half], sn[d], x[d] * c[d]);
+      if (h < heads) {  // a query head: rounded as the pool's dtype, widened, scaled
+        float* q = qf + (b * heads + h) * D;
+        for (int64_t d = 0; d < D; ++d) q[d] = static_cast<float>(static_cast<scalar_t>(rotated[d])) * scale;
+      } else {          // a key head, stored
+        scalar_t* k = keys + (slot * kv_heads + h - heads) * D;
+        for (int64_t d = 0; d < D; ++d) k[d] = static_cast<scalar_t>(rotated[d]);
+      }
+    }
+    const float* v = row + (heads + kv_heads) * D;
+    scalar_t* dst = values + slot * kv_heads * D;
+    for (int64_t i = 0; i < kv_heads * D; ++i) dst[i] = static_cast<scalar_t>(v[i]);
+  }
+}
+
+at::Tensor paged_rope_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                const at::Tensor& key_pool, const at::Tensor& value_pool,
+                                const at::Tensor& write_rows, const at::Tensor& block_tables,
+                                const at::Tensor& lengths, int64_t block_size, int64_t heads, double scale,
+                                int64_t window) {
+  at::Tensor tables = block_tables.contiguous(), lens = lengths.contiguous();
+  TORCH_CHECK(lens.dim() == 1, "lengths must be (batch,) int32");
+  const int64_t batch = lens.size(0);
+  TORCH_CHECK(key_pool.dim() == 3, "key_pool must be (num_slots, kv_heads, head_dim)");
+  const int64_t kv_heads = key_pool.size(1), D = key_pool.size(2);
+  const Shape s = check_pools(key_pool, value_pool, tables, lens, batch, heads, D, block_size, window);
+  TORCH_CHECK(D % 2 == 0, "rotate-half RoPE needs an even head_dim");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "qkv, cos and sin must be float32");
+  TORCH_CHECK(qkv.numel() == batch * (heads + 2 * kv_heads) * D,
+              "qkv must hold (batch, heads + 2 kv_heads, head_dim) values");
+  TORCH_CHECK(cos.numel() == batch * D && sin.numel() == batch * D, "cos and sin must be (batch, head_dim)");
+  TORCH_CHECK(write_rows.dim() == 1 && write_rows.size(0) == batch && write_rows.scalar_type() == at::kLong,
+              "write_rows must be (batch,) int64");
+  at::Tensor x = qkv.contiguous(), c = cos.contiguous(), sn = sin.contiguous(), slots = write_rows.contiguous();
+  at::Tensor qf = at::empty({batch, heads, D}, qkv.options());
+  const float sc = static_cast<float>(scale);
+  if (key_pool.scalar_type() == at::kFloat)
+    rope_write<float>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), key_pool.data_ptr<float>(),
+                      value_pool.data_ptr<float>(), slots.data_ptr<int64_t>(), qf.data_ptr<float>(), batch, heads,
+                      kv_heads, D, key_pool.size(0), sc);
+  else
+    rope_write<at::BFloat16>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(),
+                             key_pool.data_ptr<at::BFloat16>(), value_pool.data_ptr<at::BFloat16>(),
+                             slots.data_ptr<int64_t>(), qf.data_ptr<float>(), batch, heads, kv_heads, D,
+                             key_pool.size(0), sc);
+  at::Tensor out = attend_all(qf, key_pool, value_pool, tables, lens, s).view({batch, heads * D});
+  return key_pool.scalar_type() == at::kFloat ? out : out.to(key_pool.scalar_type());
 }
 
 }  // namespace
@@ -516,8 +603,13 @@ TORCH_LIBRARY(amber, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor key_pool, Tensor value_pool, Tensor block_tables, "
       "Tensor lengths, int block_size, float scale, int window) -> Tensor");
+  m.def(
+      "paged_rope_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) key_pool, Tensor(b!) value_pool, "
+      "Tensor write_rows, Tensor block_tables, Tensor lengths, int block_size, int heads, float scale, "
+      "int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(amber, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_rope_attention", &paged_rope_attention);
 }

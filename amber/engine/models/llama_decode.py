@@ -77,6 +77,31 @@ def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
 
 
+def _attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_pool: torch.Tensor,
+               value_pool: torch.Tensor, write_rows: torch.Tensor, read_rows: torch.Tensor, mask: Optional[torch.Tensor],
+               tables: torch.Tensor, lengths: torch.Tensor, block_size: int, kernel: bool, heads: int, kv_heads: int,
+               head_dim: int) -> torch.Tensor:
+    """A layer's attention from its qkv projection (batch, (heads + 2 kv_heads) * head_dim), as
+    llama.Attention computes it: rotate q and k (layers.apply_rope), store k and v, attend
+    (layers.paged_attend). Returns (batch, heads * head_dim) in the pools' dtype. Where the compiled
+    kernel runs and the residual stream is fp32 (every quantized mode), one op does all of it
+    (paged_ops' paged_rope_attention, the same arithmetic): ~20 small ops fewer per layer."""
+    if kernel and qkv.dtype == torch.float32:
+        return torch.ops.amber.paged_rope_attention(qkv, cos, sin, key_pool, value_pool, write_rows, tables,
+                                                    lengths, block_size, heads, head_dim ** -0.5, 0)
+    half = head_dim // 2
+    qkv = qkv.view(-1, heads + 2 * kv_heads, head_dim)
+    qk = qkv[:, :heads + kv_heads]
+    qk = torch.addcmul(qk * cos, torch.cat([qk[:, :, half:], qk[:, :, :half]], dim=-1), sin)
+    v = qkv[:, heads + kv_heads:]
+    if qk.dtype != key_pool.dtype:
+        qk = qk.to(key_pool.dtype)
+    if v.dtype != value_pool.dtype:
+        v = v.to(value_pool.dtype)
+    return paged_attend(qk[:, :heads], qk[:, heads:], v, key_pool, value_pool, write_rows, read_rows, mask,
+                        tables, lengths, block_size, kernel, None, 0)
+
+
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_rows: torch.Tensor,
                   read_rows: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
                   kernel: bool, heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
@@ -87,22 +112,13 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_r
     Single-stream decode is the step where per-op cost weighs most: without decode_rows' batch
     reshapes and LoRA checks it runs ~0.5 ms a token faster (measured in turns). The cache
     arguments are kv_cache.BatchCache's (paged_attend says which it reads)."""
-    half, wide = head_dim // 2, x.dtype == torch.float32  # wide: int4 products as fp32 (_project)
+    wide = x.dtype == torch.float32  # int4 products as fp32 (_project)
     for i in range(len(keys)):
         p = 4 * i
         h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
         qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group, wide)
-        qkv = qkv.view(heads + 2 * kv_heads, head_dim)
-        qk = qkv[:heads + kv_heads]
-        qk = torch.addcmul(qk * cos, torch.cat([qk[:, half:], qk[:, :half]], dim=-1), sin)
-        v = qkv[heads + kv_heads:]
-        if qk.dtype != keys[i].dtype:
-            qk = qk.to(keys[i].dtype)
-        if v.dtype != values[i].dtype:
-            v = v.to(values[i].dtype)
-        out = paged_attend(qk[:heads].view(1, heads, head_dim), qk[heads:].view(1, kv_heads, head_dim),
-                           v.view(1, kv_heads, head_dim), keys[i], values[i], write_rows, read_rows, None,
-                           tables, lengths, block_size, kernel, None, 0)
+        out = _attention(qkv, cos, sin, keys[i], values[i], write_rows, read_rows, None, tables, lengths,
+                         block_size, kernel, heads, kv_heads, head_dim)
         x = x + _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group,
                          wide)
         h = rms_norm(x, norms[2 * i + 1], doubled_norms[2 * i + 1], eps)
@@ -126,23 +142,15 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
     kv_cache.BatchCache's (write_rows, read_rows, tables, lengths, kernel) and attention_mask's mask
     (batch, 1, 1, context) or None. lora_a, lora_bt, lora_mask, lora_lanes: a LoraBatch's a, bt, mask and lanes per
     projection (qkv, o, gate_up, down), or empty lists when no row has an adapter."""
-    half, lora, wide = head_dim // 2, len(lora_a) > 0, x.dtype == torch.float32
+    lora, wide = len(lora_a) > 0, x.dtype == torch.float32
     for i in range(len(keys)):
         p = 4 * i
         h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
         qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group, wide)
         if lora:
             qkv = lora_add(h, qkv, lora_a[0][i], lora_bt[0], i, lora_mask, lora_lanes)
-        qkv = qkv.view(-1, heads + 2 * kv_heads, head_dim)
-        qk = qkv[:, :heads + kv_heads]
-        qk = torch.addcmul(qk * cos, torch.cat([qk[:, :, half:], qk[:, :, :half]], dim=-1), sin)
-        v = qkv[:, heads + kv_heads:]
-        if qk.dtype != keys[i].dtype:
-            qk = qk.to(keys[i].dtype)
-        if v.dtype != values[i].dtype:
-            v = v.to(values[i].dtype)
-        out = paged_attend(qk[:, :heads], qk[:, heads:], v, keys[i], values[i], write_rows, read_rows, mask,
-                           tables, lengths, block_size, kernel, None, 0)
+        out = _attention(qkv, cos, sin, keys[i], values[i], write_rows, read_rows, mask, tables, lengths,
+                         block_size, kernel, heads, kv_heads, head_dim)
         o = _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group, wide)
         if lora:
             o = lora_add(out, o, lora_a[1][i], lora_bt[1], i, lora_mask, lora_lanes)
