@@ -1,6 +1,6 @@
 """Amber's compiled CPU ops, one library: decode attention over the paged KV pool, the per-row LoRA
-update, and the int4 and int8 matmuls of quantized layers (csrc/: paged_attention.cpp,
-lora_rows.cpp, int4_mm.cpp, int8_mm.cpp, dense.h); how they are built and loaded, the packings the
+update, the int4 and int8 matmuls of quantized layers and RMSNorm (csrc/: paged_attention.cpp,
+lora_rows.cpp, int4_mm.cpp, int8_mm.cpp, rms_norm.cpp, dense.h); how they are built and loaded, the packings the
 matmuls read, and the pure-torch paths that stand in for them when they are not there (where the
 library is missing, quantize.py packs for torch's kernels instead, so no layer runs a reference).
 
@@ -34,6 +34,9 @@ Layout and argument order (both paths):
     int8_mm(x, q, scales, block) -> (rows, out) fp32; int8_mm_dense(..., fp32): int8_pack's layout,
     Q8_0's grid (csrc/int8_mm.cpp).
 
+    rms_norm(x, weight, eps) -> y; add_rms_norm(x, delta, weight, eps) -> (x + delta, its norm):
+    fp32 rows (csrc/rms_norm.cpp).
+
 This module knows nothing of where the pool lives or who fills it (kv_cache.py), nor where the
 library directory is kept beyond a default for its command line.
 
@@ -59,7 +62,7 @@ from amber.engine.cpu import machine
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "lora_rows.cpp",
-                                                                  "int4_mm.cpp", "int8_mm.cpp")]
+                                                                  "int4_mm.cpp", "int8_mm.cpp", "rms_norm.cpp")]
 # AMBER_KERNEL_MARCH (default native) picks the target, e.g. x86-64-v3 to build and test the
 # portable (non-AVX-512) path on an AVX-512 machine; it is part of FLAGS, so of the library's name.
 MARCH = os.environ.get("AMBER_KERNEL_MARCH") or "native"
@@ -119,6 +122,8 @@ def _registered() -> bool:
         torch.ops.amber.int8_mm
         torch.ops.amber.int4_mm_dense
         torch.ops.amber.int8_mm_dense
+        torch.ops.amber.rms_norm
+        torch.ops.amber.add_rms_norm
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -170,6 +175,10 @@ def ensure() -> bool:
             library.impl("int4_mm_dense", int4_mm_dense_reference, "CompositeExplicitAutograd")
             library.define("int8_mm_dense(Tensor x, Tensor q, Tensor scales, int block, bool fp32) -> Tensor")
             library.impl("int8_mm_dense", int8_mm_dense_reference, "CompositeExplicitAutograd")
+            library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+            library.impl("rms_norm", rms_norm_reference, "CompositeExplicitAutograd")
+            library.define("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)")
+            library.impl("add_rms_norm", add_rms_norm_reference, "CompositeExplicitAutograd")
             _state["fallback"] = library  # kept alive: the registration lasts as long as the object
     return available()
 
@@ -339,6 +348,19 @@ def int8_mm_dense_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tens
     return _dense_reference(x, int8_weights(q, scales, block), fp32)
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The norm op in plain torch, Hugging Face's LlamaRMSNorm in fp32 (the op sums the squares in
+    its own order, so the two agree to fp32 rounding). For TorchScript to resolve the op by, and
+    the tests' oracle."""
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * weight
+
+
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + delta
+    return total, rms_norm_reference(total, weight, eps)
+
+
 def default_dir() -> Path:
     return Path(os.environ.get("AMBER_KERNEL_DIR") or Path.home() / ".cache" / "amber" / "kernels")
 
@@ -349,7 +371,7 @@ def main(argv: list[str]) -> int:
         return 2
     dest = Path(argv[1]) if len(argv) == 2 else default_dir()
     try:
-        print(f"Amber's CPU ops (attention, LoRA, int4/int8 matmuls): {build(dest)}")
+        print(f"Amber's CPU ops (attention, LoRA, int4/int8 matmuls, RMSNorm): {build(dest)}")
     except FileNotFoundError:
         print("paged attention kernel not built: no g++ (optional; the torch fallback is used)")
     except subprocess.CalledProcessError as e:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amber.engine import paged_ops
 from amber.engine.kv_cache import KVCache
 from amber.engine.models.family import Family, FullAttention
 from amber.engine.models.layers import (CausalLM, LayerInputs, apply_rope, attend, attention_mask, gather_rows,
@@ -88,13 +89,19 @@ class RMSNorm(nn.Module):
         self._doubled: torch.Tensor | None = None  # [weight, weight], made at first use (after loading)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.doubled(), self.eps)  # llama_decode.py, which says how
+        # llama_decode.py says how; Amber's CPU op where loaded, as the decode step runs it
+        return rms_norm(x, self.weight, self.doubled(), self.eps, compiled_ops(x))
 
     def doubled(self) -> torch.Tensor:
         """[weight, weight], the one-row kernel's layer_norm weight; made at first use (after loading)."""
         if self._doubled is None or self._doubled.device != self.weight.device:
             self._doubled = torch.cat([self.weight, self.weight]).detach()
         return self._doubled
+
+
+def compiled_ops(x: torch.Tensor) -> bool:
+    """Whether Amber's compiled CPU ops run on x: loaded (paged_ops), and x on the CPU."""
+    return paged_ops.ensure() and x.device.type == "cpu"
 
 
 def rope_tables(cfg: LlamaConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +176,7 @@ class LlamaForCausalLM(CausalLM):
         x = self.model.embed_tokens(torch.tensor([token], device=self.rope_cos.device))
         x = scripted(decode_layers)(
             x, self.rope_cos[position].to(x.dtype), self.rope_sin[position].to(x.dtype), batch.write_rows,
-            batch.decode_rows, *batch.tables, cache.block_size, batch.kernel,
+            batch.decode_rows, *batch.tables, cache.block_size, batch.kernel, compiled_ops(x),
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
             cache.layer_keys, cache.layer_values)
@@ -186,7 +193,7 @@ class LlamaForCausalLM(CausalLM):
         x = self.model.embed_tokens(torch.tensor(tokens, device=device))
         x = scripted(decode_rows)(
             x, *gather_rows(self.rope_cos, self.rope_sin, at, x.dtype), batch.write_rows, batch.decode_rows,
-            attention_mask(at, batch.context), *batch.tables, cache.block_size, batch.kernel,
+            attention_mask(at, batch.context), *batch.tables, cache.block_size, batch.kernel, compiled_ops(x),
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, plan.group,
             plan.kinds, plan.weights, plan.scales, plan.dense, plan.max_rows, plan.norms, plan.doubled_norms,
             cache.layer_keys, cache.layer_values,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +38,19 @@ log = logging.getLogger(__name__)
 PLAIN, DENSE_BF16, INT4, INT4_AMBER, INT8 = 0, 1, 4, 5, 8  # INT4: torch's kernel; INT4_AMBER: paged_ops'
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: float,
+             compiled: bool) -> torch.Tensor:
     """RMSNorm over the last dimension, which llama.RMSNorm runs too; `doubled` is [w, w] in fp32.
+    `compiled`: Amber's CPU ops are loaded and x is on the CPU (as the decode step's `kernel`).
 
-    In fp32 one row takes one kernel: torch's rms_norm is ~8 ops on CPU, which for a single row
-    cost more than their arithmetic (~13 us against ~6, 61 times a decode step), and layer_norm
-    is one kernel. [x, -x] has mean 0 and variance mean(x^2), so the first half of its layer norm
-    is x * rsqrt(mean(x^2) + eps), scaled by the weight. Reduced precision normalises in fp32, as
-    the reference implementation does."""
+    fp32 rows take one op, paged_ops' rms_norm, where compiled: torch's rms_norm is ~8 ops on the
+    CPU, which for a single row cost more than their arithmetic, 61 times a decode step. Without
+    it, one row takes one kernel still: [x, -x] has mean 0 and variance mean(x^2), so the first
+    half of its layer norm is x * rsqrt(mean(x^2) + eps), scaled by the weight. Reduced precision
+    normalises in fp32, as the reference implementation does."""
     if x.dtype == torch.float32:
+        if compiled and weight.dtype == torch.float32:
+            return torch.ops.amber.rms_norm(x, weight, eps)
         if x.dim() == 2 and x.shape[0] == 1:
             twice = torch.cat([x, -x], dim=-1)
             return F.layer_norm(twice, [doubled.shape[0]], doubled, None, eps)[:, :x.shape[1]]
@@ -54,6 +58,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: 
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, doubled: torch.Tensor, eps: float,
+                 compiled: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm of it): a residual add and the norm after it, one op where both are
+    fp32 and compiled (the same two results: one fp32 add, then rms_norm's arithmetic)."""
+    if compiled and x.dtype == torch.float32 and delta.dtype == torch.float32 and weight.dtype == torch.float32:
+        total, normed = torch.ops.amber.add_rms_norm(x, delta, weight, eps)
+        return total, normed
+    x = x + delta
+    return x, rms_norm(x, weight, doubled, eps, compiled)
 
 
 def _project(kind: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, dense: torch.Tensor,
@@ -104,34 +119,39 @@ def _attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_pool
 
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_rows: torch.Tensor,
                   read_rows: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
-                  kernel: bool, heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
+                  kernel: bool, ops: bool, heads: int, kv_heads: int, head_dim: int, eps: float, group: int,
+                  kinds: List[int],
                   weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
                   max_rows: List[int], norms: List[torch.Tensor], doubled_norms: List[torch.Tensor],
                   keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
     """decode_rows for one sequence without an adapter: x (1, hidden) through every layer.
     Single-stream decode is the step where per-op cost weighs most: without decode_rows' batch
     reshapes and LoRA checks it runs ~0.5 ms a token faster (measured in turns). The cache
-    arguments are kv_cache.BatchCache's (paged_attend says which it reads)."""
-    wide = x.dtype == torch.float32  # int4 products as fp32 (_project)
-    for i in range(len(keys)):
+    arguments are kv_cache.BatchCache's (paged_attend says which it reads); `ops`: Amber's compiled
+    ops are loaded and x is on the CPU, so norms run as llama.RMSNorm runs them (`rms_norm`)."""
+    wide, layers = x.dtype == torch.float32, len(keys)  # wide: int4 products as fp32 (_project)
+    h = rms_norm(x, norms[0], doubled_norms[0], eps, ops)
+    for i in range(layers):
         p = 4 * i
-        h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
         qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group, wide)
         out = _attention(qkv, cos, sin, keys[i], values[i], write_rows, read_rows, None, tables, lengths,
                          block_size, kernel, heads, kv_heads, head_dim)
-        x = x + _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group,
-                         wide)
-        h = rms_norm(x, norms[2 * i + 1], doubled_norms[2 * i + 1], eps)
+        o = _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group, wide)
+        x, h = add_rms_norm(x, o, norms[2 * i + 1], doubled_norms[2 * i + 1], eps, ops)
         gate, up = _project(kinds[p + 2], h, weights[p + 2], scales[p + 2], dense[p + 2], max_rows[p + 2],
                             group).chunk(2, dim=-1)
-        x = x + _project(kinds[p + 3], F.silu(gate) * up, weights[p + 3], scales[p + 3], dense[p + 3],
-                         max_rows[p + 3], group, wide)
+        down = _project(kinds[p + 3], F.silu(gate) * up, weights[p + 3], scales[p + 3], dense[p + 3],
+                        max_rows[p + 3], group, wide)
+        if i + 1 < layers:  # the next layer's first norm, with this add
+            x, h = add_rms_norm(x, down, norms[2 * i + 2], doubled_norms[2 * i + 2], eps, ops)
+        else:
+            x = x + down
     return x
 
 
 def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_rows: torch.Tensor,
                 read_rows: torch.Tensor, mask: Optional[torch.Tensor], tables: torch.Tensor, lengths: torch.Tensor,
-                block_size: int, kernel: bool,
+                block_size: int, kernel: bool, ops: bool,
                 heads: int, kv_heads: int, head_dim: int, eps: float, group: int, kinds: List[int],
                 weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
                 max_rows: List[int], norms: List[torch.Tensor], doubled_norms: List[torch.Tensor],
@@ -140,12 +160,12 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
                 lora_mask: Optional[torch.Tensor], lora_lanes: Optional[torch.Tensor]) -> torch.Tensor:
     """x (batch, hidden): one new token for each of `batch` sequences; the cache arguments are
     kv_cache.BatchCache's (write_rows, read_rows, tables, lengths, kernel) and attention_mask's mask
-    (batch, 1, 1, context) or None. lora_a, lora_bt, lora_mask, lora_lanes: a LoraBatch's a, bt, mask and lanes per
+    (batch, 1, 1, context) or None; `ops` as decode_layers'. lora_a, lora_bt, lora_mask, lora_lanes: a LoraBatch's a, bt, mask and lanes per
     projection (qkv, o, gate_up, down), or empty lists when no row has an adapter."""
-    lora, wide = len(lora_a) > 0, x.dtype == torch.float32
-    for i in range(len(keys)):
+    lora, wide, layers = len(lora_a) > 0, x.dtype == torch.float32, len(keys)
+    h = rms_norm(x, norms[0], doubled_norms[0], eps, ops)
+    for i in range(layers):
         p = 4 * i
-        h = rms_norm(x, norms[2 * i], doubled_norms[2 * i], eps)
         qkv = _project(kinds[p], h, weights[p], scales[p], dense[p], max_rows[p], group, wide)
         if lora:
             qkv = lora_add(h, qkv, lora_a[0][i], lora_bt[0], i, lora_mask, lora_lanes)
@@ -154,8 +174,7 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
         o = _project(kinds[p + 1], out, weights[p + 1], scales[p + 1], dense[p + 1], max_rows[p + 1], group, wide)
         if lora:
             o = lora_add(out, o, lora_a[1][i], lora_bt[1], i, lora_mask, lora_lanes)
-        x = x + o
-        h = rms_norm(x, norms[2 * i + 1], doubled_norms[2 * i + 1], eps)
+        x, h = add_rms_norm(x, o, norms[2 * i + 1], doubled_norms[2 * i + 1], eps, ops)
         gate_up = _project(kinds[p + 2], h, weights[p + 2], scales[p + 2], dense[p + 2], max_rows[p + 2], group)
         if lora:
             gate_up = lora_add(h, gate_up, lora_a[2][i], lora_bt[2], i, lora_mask, lora_lanes)
@@ -165,7 +184,10 @@ def decode_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_row
                         group, wide)
         if lora:
             down = lora_add(hidden, down, lora_a[3][i], lora_bt[3], i, lora_mask, lora_lanes)
-        x = x + down
+        if i + 1 < layers:  # the next layer's first norm, with this add
+            x, h = add_rms_norm(x, down, norms[2 * i + 2], doubled_norms[2 * i + 2], eps, ops)
+        else:
+            x = x + down
     return x
 
 
