@@ -72,6 +72,12 @@ class ModelPool:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
+    def running(self, name: str) -> LoadedModel | None:
+        """The model `name` names if it runs already, else None: never blocks (get() holds the
+        lock while it loads), so the event loop may ask."""
+        spec = self.registry.resolve(name)
+        return None if spec is None else self._loaded.get(spec.name)
+
     def loaded(self) -> dict[str, LoadedModel]:
         return dict(self._loaded)
 

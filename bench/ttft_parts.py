@@ -1,6 +1,8 @@
 """Where a short request's time goes: tokenizing, the engine alone (a ~30-token prompt and one token,
 prompt scored or not), then the same through HTTP on a kept-alive connection (J2 complete, which
 scores the prompt; OpenAI completions, which does not), and /health as the bare HTTP round trip.
+Each also for the same prompt again and again, which the prefix cache answers without computing:
+what is left there is the server's own time.
 
     .venv/bin/python bench/ttft_parts.py      (uses .amber-bench, as bench/engine.py does)
 """
@@ -26,6 +28,8 @@ for score in (False, True):
     one(tok.encode(prompts[0]), score)
     ts = [one(tok.encode(p), score) for p in prompts[1:21]]
     print("engine score_prompt", score, "median ms", round(1000*statistics.median(ts),1), "steps ms", [round(1000*s,1) for s,_ in list(e.step_times)[-3:]])
+    ts = [one(tok.encode(prompts[0]), score) for _ in range(20)]
+    print("engine score_prompt", score, "same prompt again, median ms", round(1000*statistics.median(ts),1))
 e.stop()
 with amber_server(REPO / ".amber-bench") as (url, key, proc):
     c = httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -36,6 +40,10 @@ with amber_server(REPO / ".amber-bench") as (url, key, proc):
         for p in prompts[3:23]:
             t = time.perf_counter(); r = c.post(url + path, json=body(p)); ts.append(time.perf_counter() - t); r.raise_for_status()
         print(path, "median ms", round(1000*statistics.median(ts),1))
+        ts = []
+        for _ in range(20):
+            t = time.perf_counter(); r = c.post(url + path, json=body(prompts[0])); ts.append(time.perf_counter() - t); r.raise_for_status()
+        print(path, "same prompt again, median ms", round(1000*statistics.median(ts),1))
     ts = []
     for _ in range(20):
         t = time.perf_counter(); c.get(url + "/health"); ts.append(time.perf_counter() - t)

@@ -11,6 +11,7 @@ from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from amber.api.errors import invalid, not_found
+from amber.api.offload import running_model
 from amber.engine.types import AdapterRef
 from amber.files import SharedFiles, layout
 from amber.files.adapter_cache import engine_key
@@ -88,4 +89,4 @@ async def resolve_custom(pool: ModelPool, store: Store, files: SharedFiles, acco
         raise HTTPException(409, f"custom model {name!r}'s base model {model.base_model!r} is no longer "
                                  "in this server's registry")
     adapter = await adapter_for(files, model, epoch)
-    return await run_in_threadpool(pool.get, spec.name), adapter, model
+    return await running_model(pool, spec.name), adapter, model

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from amber.api.streaming import Usage
 from amber.serving import ModelPool
-from amber.store.repo import Store
+from amber.store.repo import AccountInfo, OwnLimits, Store
 from amber.store.usage import CANCELLED, ERROR, OK
 
 METERED = re.compile(r"/studio/v1/(.+/)?(complete|chat|chat/completions)|/v1/(completions|chat/completions)")
@@ -104,18 +104,19 @@ class Metering:
         self.app, self.store, self.metrics = app, store, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        owner = None
-        if scope["type"] == "http" and scope["method"] == "POST" and METERED.fullmatch(scope["path"]):
-            owner = await anyio.to_thread.run_sync(self.store.key_owner, _bearer(scope))
-        if owner is None:  # not generating, or no valid key (the route answers 401; no one to charge)
-            return await self.app(scope, receive, send)
-        account, prefix = owner
-        api = "openai" if scope["path"].startswith("/v1/") else "ai21"
+        admitted = None
+        api = "openai" if scope.get("path", "").startswith("/v1/") else "ai21"
         request_id, started = uuid.uuid4().hex, time.monotonic()
-        await anyio.to_thread.run_sync(self.store.usage.start, request_id, account.id, prefix, api, scope["path"])
+        if scope["type"] == "http" and scope["method"] == "POST" and METERED.fullmatch(scope["path"]):
+            # one hop to a worker thread for all three lookups (api/offload.py says why)
+            admitted = await anyio.to_thread.run_sync(self._admit, _bearer(scope), request_id, api, scope["path"])
+        if admitted is None:  # not generating, or no valid key (the route answers 401; no one to charge)
+            return await self.app(scope, receive, send)
+        owner, limits = admitted
         state = scope.setdefault("state", {})
         record = state["meter"] = Meter()
         state["key_owner"] = owner  # this request's key, already looked up: auth need not again
+        state["own_limits"] = limits  # its account's rate limits, likewise
         sent = {"status": None, "ended": False}
 
         async def watch(message: Message) -> None:
@@ -135,6 +136,16 @@ class Metering:
             status, http_status = _outcome(sent["status"], sent["ended"], raised, record.usage.failed)
             with anyio.CancelScope(shield=True):
                 await self._finish(request_id, api, record, status, http_status, started)
+
+    def _admit(self, key: str, request_id: str, api: str,
+               path: str) -> tuple[tuple[AccountInfo, str], OwnLimits] | None:
+        """The key's owner and its account's own limits, with the request's usage row started;
+        None for an unknown key (nothing is recorded)."""
+        owner = self.store.key_owner(key)
+        if owner is None:
+            return None
+        self.store.usage.start(request_id, owner[0].id, owner[1], api, path)
+        return owner, self.store.own_limits(owner[0].id)
 
     async def _finish(self, request_id: str, api: str, record: Meter, status: str, http_status: int | None,
                       started: float) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi.concurrency import run_in_threadpool
-
 from amber.api.custom import adapter_for, notice_deletions
+from amber.api.offload import running_model
 from amber.engine.types import AdapterRef, GenerationRequest, SamplingParams
 from amber.files import SharedFiles
 from amber.serving import LoadedModel, ModelPool
@@ -47,14 +46,14 @@ async def resolve_model(pool: ModelPool, store: Store, files: SharedFiles, accou
                         name: str) -> ResolvedModel:
     """The running model `name` addresses for `account`, loading it on first use."""
     if pool.registry.resolve(name) is not None:
-        return ResolvedModel(name, await run_in_threadpool(pool.get, name))
+        return ResolvedModel(name, await running_model(pool, name))
     await notice_deletions(pool, files)
     custom = store.custom_models.find(account.id, name) if not name.isdigit() else None
     base = pool.registry.resolve(custom.base_model) if custom is not None else None
     if base is None:
         raise ModelNotFound(name)
     adapter = await adapter_for(files, custom, None)
-    return ResolvedModel(name, await run_in_threadpool(pool.get, base.name), adapter)
+    return ResolvedModel(name, await running_model(pool, base.name), adapter)
 
 
 def available_models(pool: ModelPool, store: Store, account: AccountInfo) -> list[ModelInfo]:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-# caps that make the same CPU run other kernels (oneDNN's GEMMs, torch's own vector code)
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+# caps that make the same CPU run other kernels (oneDNN's GEMMs, torch's own vector code, the
+# target Amber's compiled ops are built for: paged_ops.MARCH)
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "AMBER_KERNEL_MARCH")
 
 # what a serving process sets before it starts (a value in the environment wins):
 # - oneDNN keeps up to 1,024 GEMM primitives by default, one per shape it met (every batch size and

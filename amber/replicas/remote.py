@@ -153,6 +153,11 @@ class RemotePool:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
+    def running(self, name: str) -> LoadedModel | None:
+        """ModelPool.running: the model if it was described already, else None; never blocks."""
+        spec = self.registry.resolve(name)
+        return None if spec is None else self._loaded.get(spec.name)
+
     def replicas(self) -> dict[str, dict]:
         """Each live replica's latest stats (board.py), at most a quarter second old."""
         at, latest = self._stats

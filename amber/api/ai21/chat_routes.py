@@ -8,12 +8,11 @@ import uuid
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
 from amber.api.ai21 import chat_convert as cc
 from amber.api.ai21 import chat_schemas as cs
 from amber.api.ai21 import convert
-from amber.api import docs
+from amber.api import docs, offload
 from amber.api.deps import Account, Files, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
@@ -38,7 +37,7 @@ async def _prompt(model: ResolvedModel, messages: list[dict[str, str]], max_toke
     """The conversation's prompt ids and the max_tokens to use (by default, what the context leaves)."""
     loaded = model.loaded
     try:
-        ids = await run_in_threadpool(loaded.chat.render, messages)
+        ids = await offload.run(loaded.chat.render, messages, size=len(repr(messages)), limit=offload.INLINE_CHARS)
     except NoChatTemplate:
         raise invalid(("body", "model"), f"model {model.name!r} has no chat template") from None
     room = loaded.spec.max_context - 1 - len(ids)

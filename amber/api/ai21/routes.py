@@ -10,10 +10,11 @@ from amber.api.ai21 import convert
 from amber.api.ai21 import schemas as s
 from amber.api.ai21.j2_tokenizer import j2_tokenize
 from amber.api.custom import resolve_custom
-from amber.api import docs
+from amber.api import docs, offload
 from amber.api.deps import Account, Files, Pool, Store
 from amber.api.routing import TextRoute
 from amber.api.errors import invalid, not_found
+from amber.api.offload import running_model
 from amber.api.generation import generate_all
 from amber.api.metering import meter
 from amber.api.streaming import Usage
@@ -26,7 +27,7 @@ router = APIRouter(prefix="/studio/v1", route_class=TextRoute, responses=docs.ai
 async def _model(pool: ModelPool, name: str) -> LoadedModel:
     if pool.registry.resolve(name) is None:
         raise not_found(f"model {name!r} does not exist (GET /studio/v1/models lists them)")
-    return await run_in_threadpool(pool.get, name)
+    return await running_model(pool, name)
 
 
 @router.post("/{model}/complete", response_model=s.CompleteResponse, response_model_exclude_none=False,
@@ -51,7 +52,8 @@ async def complete_custom(model: str, custom: str, body: s.CompleteRequest, acco
 async def _complete(loaded: LoadedModel, body: s.CompleteRequest, http: Request,
                     adapter: AdapterRef | None, usage: Usage) -> s.CompleteResponse:
     tokenizer = loaded.tokenizer
-    ids, ranges = await run_in_threadpool(tokenizer.encode_with_offsets, body.prompt)
+    ids, ranges = await offload.run(tokenizer.encode_with_offsets, body.prompt, size=len(body.prompt),
+                                    limit=offload.INLINE_CHARS)
     if body.numResults > loaded.engine.max_batch:
         raise invalid(("body", "numResults"), f"numResults {body.numResults} exceeds this server's batch "
                                               f"of {loaded.engine.max_batch} (amber serve --max-batch)")
@@ -63,8 +65,9 @@ async def _complete(loaded: LoadedModel, body: s.CompleteRequest, http: Request,
                                 adapter=adapter)
     (out,) = await generate_all(http, loaded.engine, [request])
     usage.add(request.prompt_ids, out)
-    return await run_in_threadpool(convert.complete_response, out, body.prompt, ranges, tokenizer,
-                                   body.topKReturn)
+    tokens = len(out.prompt) + sum(len(c.tokens) for c in out.completions)
+    return await offload.run(convert.complete_response, out, body.prompt, ranges, tokenizer, body.topKReturn,
+                             size=tokens, limit=offload.INLINE_TOKENS)
 
 
 @router.post("/tokenize", response_model=s.TokenizeResponse, responses=docs.ai21(400, 404))

@@ -9,9 +9,8 @@ import uuid
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
-from amber.api import docs
+from amber.api import docs, offload
 from amber.api.deps import Account, Files, Pool, Store
 from amber.api.generation import generate_all, open_streams
 from amber.api.metering import meter
@@ -64,6 +63,13 @@ async def get_model(model: str, account: Account, pool: Pool, store: Store) -> d
     raise OpenAIError(404, f"The model {model!r} does not exist", "model", "model_not_found")
 
 
+def _prompt_size(prompt: str | list) -> int:
+    """How much tokenizing (characters) or checking (token ids) a `prompt` field asks for."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
+
+
 @router.post("/completions", responses={**docs.STREAM, **docs.openai(400, 404, 409, 429, 499, 500)})
 async def completions(body: s.CompletionRequest, account: Account, pool: Pool, store: Store, files: Files,
                       http: Request):
@@ -71,7 +77,8 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
     c.refuse_unsupported(body)
     model = await _model(pool, store, files, account, body.model)
     loaded, tokenizer = model.loaded, model.loaded.tokenizer
-    prompts = await run_in_threadpool(c.prompts, body.prompt, tokenizer)
+    prompts = await offload.run(c.prompts, body.prompt, tokenizer, size=_prompt_size(body.prompt),
+                                limit=offload.INLINE_CHARS)
     for _, ids, _ in prompts:
         _check_size(loaded, ids, body.max_tokens, body.n, "prompt")
     params = c.sampling_params(body, tokenizer, max_tokens=body.max_tokens, top_k=body.logprobs or 0)
@@ -80,7 +87,9 @@ async def completions(body: s.CompletionRequest, account: Account, pool: Pool, s
                 for i, (_, ids, _) in enumerate(prompts)]
     if not body.stream:
         outputs = await generate_all(http, loaded.engine, requests)
-        choices = await run_in_threadpool(c.completion_choices, outputs, prompts, body, tokenizer, usage)
+        tokens = sum(len(o.prompt) + sum(len(x.tokens) for x in o.completions) for o in outputs)
+        choices = await offload.run(c.completion_choices, outputs, prompts, body, tokenizer, usage, size=tokens,
+                                    limit=offload.INLINE_TOKENS)
         return c.completion_body(rid, created, model.name, choices, usage.as_dict())
     streams = await open_streams(http, loaded.engine, requests)
 
@@ -106,7 +115,8 @@ async def chat_completions(body: s.ChatCompletionRequest, account: Account, pool
     model = await _model(pool, store, files, account, body.model)
     loaded, tokenizer = model.loaded, model.loaded.tokenizer
     try:
-        ids = await run_in_threadpool(loaded.chat.render, c.messages(body))
+        messages = c.messages(body)
+        ids = await offload.run(loaded.chat.render, messages, size=len(repr(messages)), limit=offload.INLINE_CHARS)
     except NoChatTemplate:
         raise invalid("model", f"model {body.model!r} has no chat template; use /v1/completions") from None
     max_tokens = body.max_completion_tokens or body.max_tokens or max(
