@@ -105,9 +105,9 @@ class Metering:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admitted = None
-        api = "openai" if scope.get("path", "").startswith("/v1/") else "ai21"
-        request_id, started = uuid.uuid4().hex, time.monotonic()
         if scope["type"] == "http" and scope["method"] == "POST" and METERED.fullmatch(scope["path"]):
+            api = "openai" if scope["path"].startswith("/v1/") else "ai21"
+            request_id, started = uuid.uuid4().hex, time.monotonic()
             # one hop to a worker thread for all three lookups (api/offload.py says why)
             admitted = await anyio.to_thread.run_sync(self._admit, _bearer(scope), request_id, api, scope["path"])
         if admitted is None:  # not generating, or no valid key (the route answers 401; no one to charge)

@@ -125,8 +125,7 @@ def _attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_pool
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write_rows: torch.Tensor,
                   read_rows: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, block_size: int,
                   kernel: bool, ops: bool, heads: int, kv_heads: int, head_dim: int, eps: float, group: int,
-                  kinds: List[int],
-                  weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
+                  kinds: List[int], weights: List[torch.Tensor], scales: List[torch.Tensor], dense: List[torch.Tensor],
                   max_rows: List[int], norms: List[torch.Tensor], doubled_norms: List[torch.Tensor],
                   keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
     """decode_rows for one sequence without an adapter: x (1, hidden) through every layer.
