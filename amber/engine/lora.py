@@ -19,7 +19,8 @@ rank that entered one (re-allocated when a larger one arrives), which adds nothi
 
 `LoraBatch` is what one forward pass reads. Where the compiled CPU op is loaded (paged_ops,
 csrc/lora_rows.cpp) it is all the lanes and each row's lane: each row reads only its own adapter, and
-the lanes are bf16, half the bytes (a decode step's LoRA cost is reading them). Otherwise it is a
+the lanes beside quantized base weights are int8 with a scale per row, a quarter of fp32's bytes (a
+decode step's LoRA cost over many adapters is reading them). Otherwise it is a
 view over the lanes from the lowest to the highest the batch uses, with a mask that keeps each row's
 own lane: a projection then costs one (batched over parts) matmul for A, the mask, and one matmul per
 part for B, however many adapters the batch mixes, in the activations' dtype.
@@ -62,11 +63,15 @@ class AdapterSlots:
         self.kernel = use_kernel(self.device)
         # the activations' dtype (fp32 beside int8 weights) without the compiled op: bf16 adapters
         # were measured slower in torch's small matmuls, the casts costing more than the bytes they
-        # save. The op reads bf16 lanes (half the bytes) at fp32 accumulation, taken where the base
-        # weights are quantized anyway; a float32 model keeps fp32 lanes, so that its rows stay
-        # PEFT's to fp32 rounding (the exact mode's promise)
+        # save. Where the base weights are quantized anyway the op reads int8 lanes, a scale per
+        # row (a quarter of fp32's bytes: rows over many adapters are bound by reading them), at
+        # fp32 accumulation; a float32 or bfloat16 model keeps lanes in its own dtype, so that its
+        # rows stay PEFT's to that dtype's rounding (the exact mode's promise)
         quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
-        self.dtype = dtype or (torch.bfloat16 if self.kernel and quantized else model.activation_dtype)
+        self.dtype = dtype or (torch.int8 if self.kernel and quantized else model.activation_dtype)
+        if self.dtype == torch.int8 and not self.kernel:
+            raise ValueError("int8 adapter lanes need the compiled op (paged_ops)")
+        self.tail = 4 if self.dtype == torch.int8 else 0   # int8 rows end in their fp32 scale
         self.store = ResidentAdapters(model, self.dtype, resident, pin=self.device.type == "cuda")
         self._lane_of: OrderedDict[str, int] = OrderedDict()  # adapter key -> lane, least recently used first
         self._keys: list[str | None] = [None] * capacity       # lane -> adapter key
@@ -163,8 +168,9 @@ class AdapterSlots:
         new_a, new_bt = [], []
         for t, target in enumerate(self.targets):
             sizes, width = part_sizes(self.model, target), target_module(self.model, target).in_features
-            a = torch.empty(layers, len(sizes), lanes, rank, width, dtype=self.dtype, device=self.device)
-            bts = [torch.empty(layers, lanes * rank, size, dtype=self.dtype, device=self.device) for size in sizes]
+            a = torch.empty(layers, len(sizes), lanes, rank, width + self.tail, dtype=self.dtype, device=self.device)
+            bts = [torch.empty(layers, lanes * rank, size + self.tail, dtype=self.dtype, device=self.device)
+                   for size in sizes]
             if held:
                 a[:, :, :held, :old] = self.a[t][:, :, :held]
                 a[:, :, :held, old:] = 0

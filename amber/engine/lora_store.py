@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from amber.engine.models import family_of
+from amber.engine.paged_ops import to_lanes
 from amber.engine.types import AdapterRef
 
 PEFT_PREFIX = "base_model.model."
@@ -33,7 +34,8 @@ class AdapterError(ValueError):
 def read_adapter(path: Path, model: nn.Module, dtype: torch.dtype
                  ) -> tuple[int, list[list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
     """A PEFT adapter: its rank, and per layer, target and part (q, k, v of a fused qkv...) the pair
-    (A (r, in), B^T scaled (r, part's out)); zeros for parts the adapter does not train."""
+    (A (r, in), B^T scaled (r, part's out)) in `dtype` (paged_ops.to_lanes: int8 rows carry their scale);
+    zeros for parts the adapter does not train."""
     try:
         config = json.loads((path / "adapter_config.json").read_text())
         weights = load_file(path / "adapter_model.safetensors")
@@ -58,7 +60,7 @@ def read_adapter(path: Path, model: nn.Module, dtype: torch.dtype
                 elif a.shape != (rank, width) or b.shape != (size, rank):
                     raise AdapterError(f"{path}: {stem} has shapes {tuple(a.shape)}, {tuple(b.shape)}; "
                                        f"this base needs ({rank}, {width}), ({size}, {rank})")
-                parts.append((a.float().to(dtype), (b.float().t() * scale).to(dtype)))
+                parts.append((to_lanes(a.float(), dtype), to_lanes(b.float().t() * scale, dtype)))
             row.append(parts)
         layers.append(row)
     if unused:

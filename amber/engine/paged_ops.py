@@ -24,8 +24,9 @@ Layout and argument order (both paths):
 
     lora_rows(y, x, a, bts, layer, lanes), in place on y, returns nothing:
     y (rows, out) and x (rows, in), one dtype (fp32 or bf16), y contiguous; a (parts, lanes, r, in)
-    and bts per part (layers, lanes * r, out of the part), contiguous, fp32 or bf16; lanes (rows,)
-    int32, -1 for a row without adapter (left untouched). Row i adds, per part p, its lane's
+    and bts per part (layers, lanes * r, out of the part), contiguous, fp32 or bf16, or int8 rows
+    each followed by its fp32 scale (to_lanes: a (..., in + 4), bts (..., out + 4)); lanes
+    (rows,) int32, -1 for a row without adapter (left untouched). Row i adds, per part p, its lane's
     (A_p x_i) B^T_p in fp32 (lora_rows_reference; csrc/lora_rows.cpp says more).
 
     int4_mm(x, packed, sz, group, wide=False) -> (rows, out) bf16 (wide: those values in fp32);
@@ -245,6 +246,24 @@ def paged_rope_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: to
     return out.reshape(batch, heads * head_dim)
 
 
+def to_lanes(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 rows (r, n) as a lane stores them: in `dtype`, or for int8 each row's n values q =
+    round(row / s), s = max |row| / 127, followed by the 4 bytes of s as fp32 -> (r, n + 4) int8
+    (csrc/lora_rows.cpp's layout; from_lanes reads it back). A zero row has s = 0."""
+    if dtype != torch.int8:
+        return rows.to(dtype)
+    scale = rows.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(scale > 0, rows / torch.where(scale > 0, scale, 1), 0).round().clamp(-127, 127)
+    return torch.cat([q.to(torch.int8), scale.view(torch.int8)], dim=-1)
+
+
+def from_lanes(lanes: torch.Tensor) -> torch.Tensor:
+    """to_lanes' rows (any leading dims) as fp32: int8 rows are s q, computed in fp32."""
+    if lanes.dtype != torch.int8:
+        return lanes.float()
+    return lanes[..., :-4].float() * lanes[..., -4:].contiguous().view(torch.float32)
+
+
 def lora_rows_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: list[torch.Tensor], layer: int,
                         lanes: torch.Tensor) -> None:
     """The LoRA op in plain torch, in place on y: each row with a lane gathers its lane's A and B^T
@@ -256,8 +275,8 @@ def lora_rows_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bts: 
     xs = x[rows].float()  # (n, in)
     r, updates = a.shape[2], []
     for part, bt in enumerate(bts):
-        h = torch.bmm(a[part][lane].float(), xs[:, :, None])[:, :, 0]                 # (n, r)
-        b = bt[layer].view(a.shape[1], r, -1)[lane].float()                          # (n, r, out)
+        h = torch.bmm(from_lanes(a[part][lane]), xs[:, :, None])[:, :, 0]             # (n, r)
+        b = from_lanes(bt[layer].view(a.shape[1], r, -1)[lane])                      # (n, r, out)
         updates.append(torch.bmm(h[:, None], b)[:, 0])
     y[rows] = (y[rows].float() + torch.cat(updates, dim=-1)).to(y.dtype)
 

@@ -290,6 +290,45 @@ def test_a_batch_over_adapters_of_different_ranks_equals_per_row_math(slots, man
                     assert torch.equal(got[row], want)
 
 
+def int8_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row rounded to 255 levels of its own: s * round(row / s), s = max |row| / 127."""
+    s = rows.abs().amax(dim=-1, keepdim=True) / 127
+    return (rows / s).round() * s
+
+
+def test_int8_lanes_beside_quantized_weights_equal_per_row_math_on_rows_rounded_alone(kernel, tiny_checkpoint, many):
+    """Beside int4 base weights the lanes are int8, a scale per row of A and of (scaled) B^T: each
+    row's update equals x A'^T B'^T with A' and B'^T rounded row by row here, from the files."""
+    from safetensors.torch import load_file
+
+    from amber.engine.lora import AdapterSlots
+    from amber.engine.models import family_of
+    model = load_model(tiny_checkpoint, "int4")
+    slots = AdapterSlots(model, capacity=4)
+    try:
+        assert slots.dtype == torch.int8
+        chosen = [many[0], many[4], many[2]]  # ranks 4, 8, 16
+        lanes = [slots.acquire(ref) for ref in chosen]
+        lora = slots.batch([lanes[1], 0, lanes[0], lanes[2]], 1)
+        g = torch.Generator().manual_seed(0)
+        for t, target in enumerate(family_of(model).lora_targets):
+            module = model.model.layers[0].get_submodule(target)
+            x = torch.randn(4, module.in_features, generator=g)
+            y = torch.randn(4, module.out_features, generator=g)
+            got = lora.add(1, t, x, y.clone())
+            assert torch.equal(got[1], y[1])
+            for row, ref in ((0, chosen[1]), (2, chosen[0]), (3, chosen[2])):
+                weights = load_file(Path(ref.path) / "adapter_model.safetensors")
+                updates = []
+                for part in family_of(model).hf_parts(model.config, target):
+                    stem = f"base_model.model.model.layers.1.{part}"
+                    a, b = weights[f"{stem}.lora_A.weight"], weights[f"{stem}.lora_B.weight"]
+                    updates.append(x[row] @ int8_rows(a).t() @ int8_rows(b.t() * 2))
+                torch.testing.assert_close(got[row], y[row] + torch.cat(updates), atol=1e-5, rtol=1e-5)
+    finally:
+        slots.close()
+
+
 def test_lanes_are_views_reused_without_a_copy(slots, many):
     first = slots.acquire(many[2])  # rank 16: the lanes' rank from the start
     storage = slots.a[0].data_ptr()

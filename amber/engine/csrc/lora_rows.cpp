@@ -4,17 +4,21 @@
 // lane's A in view, masks away all but the row's own share, and multiplies by every lane's B^T: the
 // arithmetic is lanes times what is needed, and it runs in fp32 because torch's small bf16 matmuls
 // were slower than the bytes they save. Here a row reads only its own lane, once, and lanes may be
-// bf16 (half the bytes: a decode step's LoRA cost is reading the adapters), widened exactly to fp32.
+// bf16 (half the bytes: a decode step's LoRA cost is reading the adapters), widened exactly to fp32,
+// or int8 with a scale per row of A and of B^T (a quarter of fp32's bytes).
 //
 // Layout (lora.AdapterSlots keeps the lanes this way; lane index -1 is "no adapter"):
 //   y      (rows, out) fp32 or bf16, contiguous: updated in place, columns of the parts side by side
 //   x      (rows, in) fp32 or bf16
 //   a      (parts, lanes, r, in) fp32 or bf16, contiguous: lane l's A of part p (r padded with zeros)
 //   bts    per part (layers, lanes * r, out of the part), contiguous, a's dtype: B^T, scale folded in
+//   int8 lanes (paged_ops.to_lanes): each row of A and of B^T is its n int8 values q and then the
+//          4 bytes of an fp32 scale s (the row is s q): a is (parts, lanes, r, in + 4), each B^T
+//          (layers, lanes * r, out + 4). Zero rows (past an adapter's rank) have s = 0.
 //   layer  which layer of bts
 //   lanes  (rows,) int32: the row's lane, or -1 for none (the row is left untouched, bit for bit)
 // Numerics: h = A x and then y + h B^T, both accumulated in fp32 in a fixed order that depends on
-// the row alone (one task per row and part), so a row's result never depends on the other rows, on
+// the row alone (int8: h_j = s_j (q_j . x), then y + sum_j (h_j s'_j) q'_j) (one task per row and part), so a row's result never depends on the other rows, on
 // the batch size or on the number of threads.
 //
 // Vectorised with AVX-512 where the library is built for it (-march=native), else AVX2 + FMA (e.g.
@@ -24,8 +28,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -35,6 +41,7 @@
 namespace {
 
 inline float widen(float v) { return v; }
+inline float widen(int8_t v) { return static_cast<float>(v); }
 inline float widen(at::BFloat16 v) {
   uint32_t bits = static_cast<uint32_t>(v.x) << 16;
   float f;
@@ -53,6 +60,9 @@ inline vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline vec load(const at::BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline vec load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline vec zero() { return _mm512_setzero_ps(); }
 inline vec splat(float v) { return _mm512_set1_ps(v); }
@@ -75,6 +85,9 @@ inline vec load(const at::BFloat16* p) {
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+inline vec load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline vec zero() { return _mm256_setzero_ps(); }
 inline vec splat(float v) { return _mm256_set1_ps(v); }
 inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -92,21 +105,29 @@ inline float total(vec v) {
 // how far ahead the loops ask for the lanes' bytes: each row's lane is a few contiguous stretches of
 // tens of KB, fresh from memory, and the hardware prefetcher stops at every 4 KB page
 constexpr int64_t AHEAD = 2048;
+// the lines AHEAD past the `count` values at p that a loop's iteration reads (one at least)
 template <typename T>
-inline void prefetch(const T* p) {
+inline void prefetch(const T* p, int64_t count, int64_t ahead = AHEAD) {
 #if defined(AMBER_LORA_SIMD)
-  _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD, _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p) + AHEAD + 64, _MM_HINT_T0);
+  const char* at = reinterpret_cast<const char*>(p) + ahead;
+  int64_t b = 0;
+  do {
+    _mm_prefetch(at + b, _MM_HINT_T0);
+    b += 64;
+  } while (b < count * static_cast<int64_t>(sizeof(T)));
 #endif
 }
 
-// the first AHEAD bytes of a stretch, which the loops' own prefetches (AHEAD on) never ask for
+// the first `bytes` of a stretch, which the loops' own prefetches (that far on) never ask for
 template <typename T>
-inline void start(const T* p) {
+inline void start(const T* p, int64_t bytes = AHEAD) {
 #if defined(AMBER_LORA_SIMD)
-  for (int64_t b = 0; b < AHEAD; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
 #endif
 }
+
+// update() reads r rows side by side, so each row is a stream of its own: asked for this far ahead
+constexpr int64_t AHEAD_ROWS = 512;
 
 // sum_k a[k] * x[k] in fp32, in an order fixed by n alone
 template <typename T>
@@ -116,8 +137,7 @@ inline float dot(const T* __restrict a, const float* __restrict x, int64_t n) {
 #if defined(AMBER_LORA_SIMD)
   vec s0 = zero(), s1 = zero(), s2 = zero(), s3 = zero();  // four FMA chains
   for (; k + 4 * V <= n; k += 4 * V) {
-    prefetch(a + k);
-    if (sizeof(T) == 4) prefetch(a + k + 2 * V);
+    prefetch(a + k, 4 * V);
     s0 = fma(load(a + k), load(x + k), s0);
     s1 = fma(load(a + k + V), load(x + k + V), s1);
     s2 = fma(load(a + k + 2 * V), load(x + k + 2 * V), s2);
@@ -130,26 +150,55 @@ inline float dot(const T* __restrict a, const float* __restrict x, int64_t n) {
   return sum;
 }
 
-// out[c] = sum_j h[j] * b[j * n + c], for c < n, summed over j in order: b is read row after row
-// (one contiguous stream, which the prefetcher follows), out stays in L1
+// out[c] = sum_j h[j] * b[j * stride + c], for c < n, summed over j in order (from 0: the first term
+// is h[0] b[c] rounded). Four rows of b at a time, each a stream the prefetcher follows, so that a
+// partial sum goes through memory once per four rows rather than per row
 template <typename T>
-inline void update(const float* __restrict h, int64_t r, const T* __restrict b, float* __restrict out, int64_t n) {
+inline void update(const float* __restrict h, int64_t r, const T* __restrict b, int64_t stride, float* __restrict out,
+                   int64_t n) {
   for (int64_t c = 0; c < n; ++c) out[c] = 0.0f;
-  for (int64_t j = 0; j < r; ++j) {
-    const T* row = b + j * n;
-    const float hj = h[j];
-    int64_t c = 0;
+  int64_t j = 0;
 #if defined(AMBER_LORA_SIMD)
-    const vec hv = splat(hj);
-    for (; c + 2 * V <= n; c += 2 * V) {
-      prefetch(row + c);
-      if (sizeof(T) == 4) prefetch(row + c + V);
-      put(out + c, fma(hv, load(row + c), load(out + c)));
-      put(out + c + V, fma(hv, load(row + c + V), load(out + c + V)));
+  for (; j + 4 <= r; j += 4) {
+    const T *b0 = b + j * stride, *b1 = b0 + stride, *b2 = b1 + stride, *b3 = b2 + stride;
+    const vec h0 = splat(h[j]), h1 = splat(h[j + 1]), h2 = splat(h[j + 2]), h3 = splat(h[j + 3]);
+    int64_t c = 0;
+    for (; c + V <= n; c += V) {
+      prefetch(b0 + c, V);
+      prefetch(b1 + c, V);
+      prefetch(b2 + c, V);
+      prefetch(b3 + c, V);
+      put(out + c, fma(h3, load(b3 + c), fma(h2, load(b2 + c), fma(h1, load(b1 + c), fma(h0, load(b0 + c), load(out + c))))));
     }
-    for (; c + V <= n; c += V) put(out + c, fma(hv, load(row + c), load(out + c)));
+    for (; c < n; ++c) {
+      float sum = out[c];
+      sum += h[j] * widen(b0[c]);
+      sum += h[j + 1] * widen(b1[c]);
+      sum += h[j + 2] * widen(b2[c]);
+      sum += h[j + 3] * widen(b3[c]);
+      out[c] = sum;
+    }
+  }
 #endif
-    for (; c < n; ++c) out[c] += hj * widen(row[c]);
+  for (; j < r; ++j) {
+    const T* row = b + j * stride;
+    for (int64_t c = 0; c < n; ++c) out[c] += h[j] * widen(row[c]);
+  }
+}
+
+// the bytes past a row's values: int8 rows end in their fp32 scale
+template <typename L>
+constexpr int64_t TAIL = std::is_same<L, int8_t>::value ? static_cast<int64_t>(sizeof(float)) : 0;
+
+// the scale of the int8 row of n values at p (1 for other lanes)
+template <typename L>
+inline float row_scale(const L* p, int64_t n) {
+  if constexpr (std::is_same<L, int8_t>::value) {
+    float s;
+    std::memcpy(&s, p + n, sizeof s);
+    return s;
+  } else {
+    return 1.0f;
   }
 }
 
@@ -157,11 +206,11 @@ template <typename L, typename X>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vector<at::Tensor>& bts,
          int64_t layer, const int32_t* lanes) {
   const int64_t rows = x.size(0), in = x.size(1), parts = a.size(0), num_lanes = a.size(1), r = a.size(2);
-  const int64_t width = y.size(1);
+  const int64_t width = y.size(1), stride_a = in + TAIL<L>;  // a row of A, in elements of L
   std::vector<int64_t> columns(parts + 1, 0);
   std::vector<const L*> bp(parts);
   for (int64_t p = 0; p < parts; ++p) {
-    columns[p + 1] = columns[p] + bts[p].size(2);
+    columns[p + 1] = columns[p] + bts[p].size(2) - TAIL<L>;
     bp[p] = bts[p].data_ptr<L>() + layer * bts[p].stride(0);
   }
   const L* ap = a.data_ptr<L>();
@@ -175,15 +224,20 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const std::vec
       if (lane < 0) continue;
       if (task + 1 < last && lanes[(task + 1) / parts] >= 0) {  // the next task's first bytes, while this one runs
         const int64_t np = (task + 1) % parts, nl = lanes[(task + 1) / parts];
-        start(ap + ((np * num_lanes + nl) * r) * in);
-        start(bp[np] + nl * r * (columns[np + 1] - columns[np]));
+        start(ap + ((np * num_lanes + nl) * r) * stride_a);
+        start(bp[np] + nl * r * (columns[np + 1] - columns[np] + TAIL<L>));
       }
       for (int64_t k = 0; k < in; ++k) xf[k] = widen(xp[row * in + k]);
-      const L* lane_a = ap + ((p * num_lanes + lane) * r) * in;
-      for (int64_t j = 0; j < r; ++j) h[j] = dot(lane_a + j * in, xf.data(), in);
-      const int64_t out = columns[p + 1] - columns[p];
+      const L* lane_a = ap + ((p * num_lanes + lane) * r) * stride_a;
+      for (int64_t j = 0; j < r; ++j) {
+        const L* row_a = lane_a + j * stride_a;
+        h[j] = dot(row_a, xf.data(), in) * row_scale(row_a, in);
+      }
+      const int64_t out = columns[p + 1] - columns[p], stride_b = out + TAIL<L>;
+      const L* lane_b = bp[p] + lane * r * stride_b;
+      for (int64_t j = 0; j < r; ++j) h[j] *= row_scale(lane_b + j * stride_b, out);
       acc.resize(out);
-      update(h.data(), r, bp[p] + lane * r * out, acc.data(), out);
+      update(h.data(), r, lane_b, stride_b, acc.data(), out);
       X* dst = yp + row * width + columns[p];
       for (int64_t c = 0; c < out; ++c) store(dst + c, widen(dst[c]) + acc[c]);
     }
@@ -203,9 +257,12 @@ void lora_rows(at::Tensor y, const at::Tensor& x, const at::Tensor& a, at::Tenso
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must have one dtype");
   TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "x, y must be fp32 or bf16");
   TORCH_CHECK(y.is_contiguous(), "y must be contiguous");
-  TORCH_CHECK(a.dim() == 4 && a.is_contiguous() && a.size(3) == x.size(1),
-              "a must be contiguous (parts, lanes, r, in)");
-  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16, "a must be fp32 or bf16");
+  const auto lane_type = a.scalar_type();
+  TORCH_CHECK(lane_type == at::kFloat || lane_type == at::kBFloat16 || lane_type == at::kChar,
+              "a must be fp32, bf16 or int8");
+  const int64_t tail = lane_type == at::kChar ? static_cast<int64_t>(sizeof(float)) : 0;
+  TORCH_CHECK(a.dim() == 4 && a.is_contiguous() && a.size(3) == x.size(1) + tail,
+              "a must be contiguous (parts, lanes, r, in", tail ? " + 4)" : ")");
   TORCH_CHECK(static_cast<int64_t>(bts.size()) == a.size(0), "one B^T per part");
   TORCH_CHECK(lanes.dim() == 1 && lanes.scalar_type() == at::kInt && lanes.size(0) == x.size(0),
               "lanes must be (rows,) int32");
@@ -217,7 +274,8 @@ void lora_rows(at::Tensor y, const at::Tensor& x, const at::Tensor& a, at::Tenso
                 "each B^T must be contiguous (layers, lanes * r, out) in a's dtype");
     TORCH_CHECK(bt.size(1) == num_lanes * r, "B^T and a disagree on lanes * r");
     TORCH_CHECK(layer >= 0 && layer < bt.size(0), "layer out of range");
-    width += bt.size(2);
+    TORCH_CHECK(bt.size(2) > tail, "B^T has no columns");
+    width += bt.size(2) - tail;
     parts.push_back(bt);
   }
   TORCH_CHECK(width == y.size(1), "the parts' widths must add up to y's");
@@ -226,7 +284,8 @@ void lora_rows(at::Tensor y, const at::Tensor& x, const at::Tensor& a, at::Tenso
   for (int64_t i = 0; i < lanes.size(0); ++i)
     TORCH_CHECK(lp[i] >= -1 && lp[i] < num_lanes, "lanes[", i, "] = ", lp[i], " is not a lane");
   at::Tensor xc = x.contiguous();
-  if (a.scalar_type() == at::kFloat) return dispatch_x<float>(y, xc, a, parts, layer, lp);
+  if (lane_type == at::kFloat) return dispatch_x<float>(y, xc, a, parts, layer, lp);
+  if (lane_type == at::kChar) return dispatch_x<int8_t>(y, xc, a, parts, layer, lp);
   return dispatch_x<at::BFloat16>(y, xc, a, parts, layer, lp);
 }
 
