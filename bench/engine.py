@@ -352,15 +352,18 @@ def main() -> None:
                 row["logprob_dev_vs_fp32"] = statistics.fmean(abs(a - b) for a, b in zip(lp, reference))
         # the targets' in-process ratios: the default precision and llama.cpp in turns. Before
         # transformers runs here: once this (main) thread has run torch ops, its OpenMP team slows
-        # every parallel region of the engine's thread (engine.py, Engine.launch), ~20% on decode.
+        # every parallel region of the engine's thread (engine.py, Engine.launch), ~20% on decode,
+        # and more on a step with many small parallel regions (16 rows over 16 adapters: 23 -> 31
+        # ms for the base step, 29 -> 43 ms with the adapters). A server has no such second team.
         paired, result["in_process"]["llama.cpp Q4_1"] = paired_in_process(checkpoint, spec.dtype, binaries, gguf,
                                                                             ids, args.rounds)
         paired["logprob_dev_vs_fp32"] = result["in_process"].get(f"amber {spec.dtype}", {}).get("logprob_dev_vs_fp32")
         result["in_process"][f"amber {spec.dtype} (in turns with llama.cpp)"] = paired
+    if "scale" in args.sections:  # before transformers, for the same reason: measured, 1.25x -> 1.37x after it
+        result["scale"] = adapter_suite(checkpoint, spec.dtype, ids, args.runs)
+    if "in-process" in args.sections:
         result["in_process"]["transformers fp32"] = transformers_in_process(checkpoint, torch.float32, ids, args.runs)
         result["in_process"]["transformers bf16"] = transformers_in_process(checkpoint, torch.bfloat16, ids, args.runs)
-    if "scale" in args.sections:
-        result["scale"] = adapter_suite(checkpoint, spec.dtype, ids, args.runs)
     served = {}
     if "http" in args.sections or "scale" in args.sections:
         with amber_server(HOME) as (url, key, proc), llama_server(binaries, gguf) as (llama_url, llama_proc):
