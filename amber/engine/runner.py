@@ -133,11 +133,10 @@ class ModelRunner:
             zeros = torch.zeros(self.vocab_size, **f32)
             bias = torch.stack([r.bias if r.bias is not None else zeros for r, _ in rows])
         banned = None
-        if any(len(s.tokens) < r.request.params.min_tokens for r, s in rows):
-            banned = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
-            for b, (r, s) in enumerate(rows):
-                if len(s.tokens) < r.request.params.min_tokens:
-                    banned[b, self.eos_ids] = True
+        early = [b for b, (r, s) in enumerate(rows) if len(s.tokens) < r.request.params.min_tokens]
+        if early:  # end-of-text is forbidden before minTokens: (row, token) pairs
+            row_ids = torch.tensor(early, dtype=torch.long, device=self.device).repeat_interleave(len(self.eos_ids))
+            banned = torch.stack([row_ids, self.eos_ids.repeat(len(early))])
         return SamplingBatch(
             temperature=torch.tensor([p.temperature for p in params], **f32),
             top_p=torch.tensor([p.top_p for p in params], **f32),

@@ -46,10 +46,19 @@ def test_a_false_apply_flag_exempts_that_category():
 
 def test_bias_and_bans():
     bias = torch.tensor([[0., 0., 0., 5., 0., 0.]])
-    banned = torch.zeros(1, V, dtype=torch.bool)
-    banned[0, 0] = True
+    banned = torch.tensor([[0], [0]])  # (row, token) pairs: row 0 may not produce token 0
     out = adjust_logits(torch.zeros(1, V), batch(bias=bias, banned=banned), torch.zeros(1, V), torch.tensor([1]))
     assert out[0, 0] == float("-inf") and out[0, 3] == 5.0
+
+
+def test_bans_are_row_token_pairs_and_leave_the_logits_untouched():
+    logits = torch.arange(3 * V, dtype=torch.float32).view(3, V)
+    banned = torch.tensor([[0, 0, 2], [1, 4, 1]])
+    out = adjust_logits(logits, batch(banned=banned, rows=3), torch.zeros(3, V), torch.tensor([1, 1, 1]))
+    want = logits.clone()
+    want[0, 1] = want[0, 4] = want[2, 1] = float("-inf")
+    assert torch.equal(out, want)
+    assert torch.equal(logits, torch.arange(3 * V, dtype=torch.float32).view(3, V))
 
 
 def test_greedy_picks_argmax_and_reports_the_adjusted_distribution():
