@@ -140,6 +140,9 @@ def greedy(checkpoint, refs, mode, score: bool = False):
     engine = Engine(load_model(checkpoint, mode), Tokenizer.from_pretrained(checkpoint), max_batch=8,
                     max_context=256, prefill_chunk=7).start()
     try:
+        # every adapter read in first: requests whose adapter is still loading wait while the others
+        # run, and in int4 a row's arithmetic depends on how many rows share its step
+        run(engine, [req(f"w{i}", [BOS, 5], ref, max_tokens=1) for i, ref in enumerate(refs) if ref])
         if score:
             prompts = [[BOS, *(10 + (37 * i + 11 * k) % 400 for k in range(15))] for i in range(len(refs))]
             outs = run(engine, [req(f"r{i}", p, ref, max_tokens=1) for i, (p, ref) in enumerate(zip(prompts, refs))])
@@ -170,9 +173,13 @@ def scaled(ref, factor: float):
 
 @pytest.mark.parametrize("mode", ["float32", "int4"])
 def test_the_engine_with_the_op_answers_as_without_it(kernel, tiny_checkpoint, tmp_path, monkeypatch, mode):
-    """Six rows over four adapters and the base, greedy: the same tokens with the compiled op as
-    with the masked matmuls, both from fp32 lanes (the op's own lanes beside int4 weights, int8, are
-    the next test's).
+    """Six rows over four adapters and the base: the compiled op against the masked matmuls, both
+    from fp32 lanes (the op's own lanes beside int4 weights, int8, are the next test's). float32:
+    the same greedy tokens. int4: the same logprobs of a scored prompt to bf16's rounding, 1.5%:
+    int4's prefill runs in bf16, and the op adds each update to y in the activations' dtype where
+    the masked matmuls add it in the lanes' (fp32). Measured: 0.76% at most, on -13 to -46 (this
+    tiny model's logits are scaled up 40x), where an adapter moves them by several units; the
+    rounding flipped a near tie of int4's greedy tokens on the plain-loop build.
 
     The adapters are scaled to std 0.06 (trained LoRA weights are this small or smaller): at
     test_lora's 0.3 the update dwarfs the tiny base."""
@@ -180,13 +187,18 @@ def test_the_engine_with_the_op_answers_as_without_it(kernel, tiny_checkpoint, t
     model = load_model(tiny_checkpoint)
     many = [scaled(write_adapter(model, tmp_path / str(i), i, (4, 8, 16)[i % 3]), 0.2) for i in range(4)]
     refs = [many[0], None, many[1], many[2], many[3], many[0]]
+    score = mode == "int4"
     lanes_in(monkeypatch, torch.float32)
-    with_op, dtype = greedy(tiny_checkpoint, refs, mode)
+    with_op, dtype = greedy(tiny_checkpoint, refs, mode, score)
     assert dtype == torch.float32
     monkeypatch.setattr(lora, "use_kernel", lambda device: False)
-    without, dtype = greedy(tiny_checkpoint, refs, mode)
+    without, dtype = greedy(tiny_checkpoint, refs, mode, score)
     assert dtype == torch.float32
-    assert with_op == without
+    if score:
+        for a, b in zip(with_op, without):
+            assert a == pytest.approx(b, rel=0.015)
+    else:
+        assert with_op == without
 
 
 def test_int8_lanes_beside_int4_weights_score_as_fp32_lanes_do_to_their_rounding(kernel, tiny_checkpoint, tmp_path,

@@ -18,8 +18,9 @@
 //   layer  which layer of bts
 //   lanes  (rows,) int32: the row's lane, or -1 for none (the row is left untouched, bit for bit)
 // Numerics: h = A x and then y + h B^T, both accumulated in fp32 in a fixed order that depends on
-// the row alone (int8: h_j = s_j (q_j . x), then y + sum_j (h_j s'_j) q'_j) (one task per row and part), so a row's result never depends on the other rows, on
-// the batch size or on the number of threads.
+// the row alone (one task per row and part), so a row's result never depends on the other rows, on
+// the batch size or on the number of threads. int8 lanes: h_j = s_j (q_j . x), then
+// y + sum_j (h_j s'_j) q'_j.
 //
 // Vectorised with AVX-512 where the library is built for it (-march=native), else AVX2 + FMA (e.g.
 // -march=x86-64-v3), else plain loops. Which one is fixed when the library is built, so the order of
@@ -28,7 +29,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -107,9 +107,9 @@ inline float total(vec v) {
 constexpr int64_t AHEAD = 2048;
 // the lines AHEAD past the `count` values at p that a loop's iteration reads (one at least)
 template <typename T>
-inline void prefetch(const T* p, int64_t count, int64_t ahead = AHEAD) {
+inline void prefetch(const T* p, int64_t count) {
 #if defined(AMBER_LORA_SIMD)
-  const char* at = reinterpret_cast<const char*>(p) + ahead;
+  const char* at = reinterpret_cast<const char*>(p) + AHEAD;
   int64_t b = 0;
   do {
     _mm_prefetch(at + b, _MM_HINT_T0);
@@ -118,16 +118,13 @@ inline void prefetch(const T* p, int64_t count, int64_t ahead = AHEAD) {
 #endif
 }
 
-// the first `bytes` of a stretch, which the loops' own prefetches (that far on) never ask for
+// the first AHEAD bytes of a stretch, which the loops' own prefetches (AHEAD on) never ask for
 template <typename T>
-inline void start(const T* p, int64_t bytes = AHEAD) {
+inline void start(const T* p) {
 #if defined(AMBER_LORA_SIMD)
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < AHEAD; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
 #endif
 }
-
-// update() reads r rows side by side, so each row is a stream of its own: asked for this far ahead
-constexpr int64_t AHEAD_ROWS = 512;
 
 // sum_k a[k] * x[k] in fp32, in an order fixed by n alone
 template <typename T>
@@ -168,7 +165,8 @@ inline void update(const float* __restrict h, int64_t r, const T* __restrict b, 
       prefetch(b1 + c, V);
       prefetch(b2 + c, V);
       prefetch(b3 + c, V);
-      put(out + c, fma(h3, load(b3 + c), fma(h2, load(b2 + c), fma(h1, load(b1 + c), fma(h0, load(b0 + c), load(out + c))))));
+      const vec s = fma(h1, load(b1 + c), fma(h0, load(b0 + c), load(out + c)));
+      put(out + c, fma(h3, load(b3 + c), fma(h2, load(b2 + c), s)));
     }
     for (; c < n; ++c) {
       float sum = out[c];
