@@ -2,8 +2,8 @@
 with it against the engine without it (the masked-matmul path of layers.lora_add).
 
 Both paths accumulate in fp32 from the same (fp32, bf16 or int8 with a scale per row) lanes, so they
-agree to fp32 rounding; a bf16 y (rounded to bf16 by both) gets a bf16-sized tolerance. Rows without an adapter are never
-touched, and a row's result never depends on the other rows: bit for bit."""
+agree to fp32 rounding; a bf16 y (rounded to bf16 by both) gets a bf16-sized tolerance. Rows without
+an adapter are never touched, and a row's result never depends on the other rows: bit for bit."""
 from __future__ import annotations
 
 from pathlib import Path
