@@ -181,7 +181,7 @@ def test_streamed_completions_add_up_to_the_unstreamed(server):
 
 
 def test_stream_without_usage_ends_with_done(server):
-    chunks = stream_events(server, COMPLETIONS, {"model": "j2-light", "prompt": "Hi", "max_tokens": 3,
+    chunks = stream_events(server, COMPLETIONS, {"model": "j2-light", "prompt": "Hi", "max_tokens": 3, "seed": 7,
                                                  "stream": True, "echo": True})
     assert chunks[0]["choices"][0]["text"] == "Hi"  # the echo comes first
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
