@@ -13,7 +13,8 @@ import torch
 from amber.engine import paged_ops
 from amber.engine.quantize import Int4Linear
 
-SHAPES = [(48, 64, 32), (96, 128, 32), (32, 256, 64), (16, 128, 128)]  # (out, in, group)
+# (out, in, group); groups of 12 and 4 columns leave two pairs over the four the BF16 path reads at once
+SHAPES = [(48, 64, 32), (96, 128, 32), (32, 256, 64), (16, 128, 128), (32, 96, 12), (16, 32, 4)]
 ROWS = (1, 2, 3, 4, 5, 9, 17, 70)  # every tail of the kernel's row blocks, and past its 64-row chunk
 
 
