@@ -165,3 +165,26 @@ def test_a_draw_at_the_very_top_of_the_distribution_takes_the_last_possible_toke
     # a uniform so close to 1 that u * total rounds to the total: past every token of the row
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0 - 2.0 ** -60, dtype=torch.float64))
     assert draw(logprobs, [torch.Generator(), torch.Generator()]).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000])  # whole blocks, and a padded last block
+def test_the_two_level_inversion_picks_what_one_cumulative_sum_over_the_vocabulary_picks(vocab):
+    """invert against the plain inverse CDF, written here: a float64 cumsum over every token and
+    the first token past u * total. Rows with impossible tokens (-inf, and under the floor),
+    whole blocks of them, and a row whose mass sits in one block."""
+    from amber.engine.sampling import DRAW_FLOOR, invert
+    g = torch.Generator().manual_seed(3)
+    logprobs = (torch.randn(4, vocab, generator=g) * 4).log_softmax(-1)
+    logprobs[1, 300:700] = float("-inf")
+    logprobs[2, ::3] = -90.0  # under the floor: drawn as impossible
+    logprobs[3] = float("-inf")
+    logprobs[3, 260:270] = torch.randn(10, generator=g)
+    logprobs = logprobs.log_softmax(-1)
+    kept = torch.where(logprobs < DRAW_FLOOR, torch.zeros(()), logprobs.double().exp())
+    cdf = kept.cumsum(-1)
+    for _ in range(50):
+        u = torch.rand(4, dtype=torch.float64, generator=g)
+        want = [int(torch.searchsorted(cdf[r], u[r] * cdf[r, -1], right=True)) for r in range(4)]
+        assert invert(logprobs, u).tolist() == want
+    for r, token in enumerate(invert(logprobs, torch.full((4,), 1.0 - 2.0 ** -60, dtype=torch.float64)).tolist()):
+        assert token == int(kept[r].nonzero().max())  # the top of the distribution: the last possible token
