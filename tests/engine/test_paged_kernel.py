@@ -53,6 +53,39 @@ def test_kernel_matches_reference(kernel, heads, kv_heads, head_dim, pool_dtype,
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
+def test_a_bf16_q_on_a_bf16_pool_is_the_exact_attention_rounded_to_bf16(kernel, heads, kv_heads, head_dim):
+    """Where the CPU has AVX-512 BF16 this case scores q . k by vdpbf16ps and scales after (1/sqrt(128)
+    is no power of two): the outputs against attention computed here in float64 from the same bf16
+    values, then rounded to bf16. fp32 sums may flip a rounding near a tie, nothing more: every
+    output within one bf16 step of the exact value and at least 99% of them its rounding (1e-2 of
+    the test above would let a 1% error in the scores through)."""
+    torch.manual_seed(5)
+    lengths = [1, 15, 17, 300, 513]
+    needed = [math.ceil(n / BLOCK) for n in lengths]
+    order = torch.randperm(sum(needed) + 2).to(torch.int32)
+    tables = torch.full((len(lengths), max(needed)), -1, dtype=torch.int32)
+    taken = 0
+    for row, n in enumerate(needed):
+        tables[row, :n] = order[taken:taken + n]
+        taken += n
+    keys = torch.randn((sum(needed) + 2) * BLOCK, kv_heads, head_dim).to(torch.bfloat16)
+    values = torch.randn((sum(needed) + 2) * BLOCK, kv_heads, head_dim).to(torch.bfloat16)
+    q = torch.randn(len(lengths), heads, head_dim).to(torch.bfloat16)
+    scale = 1 / math.sqrt(head_dim)
+    got = torch.ops.amber.paged_decode_attention(q, keys, values, tables, torch.tensor(lengths, dtype=torch.int32),
+                                                 BLOCK, scale, 0)
+    exact = torch.empty(len(lengths), heads, head_dim, dtype=torch.float64)
+    for row, n in enumerate(lengths):
+        slots = [int(tables[row, p // BLOCK]) * BLOCK + p % BLOCK for p in range(n)]
+        k = keys[slots].double().repeat_interleave(heads // kv_heads, 1)  # (n, heads, head_dim)
+        v = values[slots].double().repeat_interleave(heads // kv_heads, 1)
+        weights = (torch.einsum("hd,nhd->hn", q[row].double(), k) * scale).softmax(-1)
+        exact[row] = torch.einsum("hn,nhd->hd", weights, v)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2.0 ** -7 + 1e-30).all()
+    assert (got == exact.to(torch.bfloat16)).double().mean() >= 0.99
+
+
 def test_window_hides_old_positions(kernel):
     """Changing a key the window hides changes nothing; one it shows changes the output."""
     q, keys, values, tables, lengths = paged_inputs(4, 1, 16, torch.float32, torch.float32)

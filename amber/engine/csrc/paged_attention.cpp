@@ -14,7 +14,9 @@
 //   lengths               (batch,) int32: row b attends to positions [0, lengths[b])
 //   window                0, or only the last `window` positions are visible (Hugging Face's rule)
 // Numerics: everything in fp32 (bf16 values are widened exactly), max-subtracted softmax. A row
-// with nothing to attend to (length 0) gets zeros. The output has q's dtype.
+// with nothing to attend to (length 0) gets zeros. The output has q's dtype. With AVX-512 BF16, a
+// bf16 q on a bf16 pool has its scores summed by vdpbf16ps from the same exact products and then
+// scaled (attend_all): 32 rows x 560 positions of SmolLM2, 17.6 -> 14.0 ms a step (30 layers).
 //
 // Two paths, chosen when the library is built (-march=native): where the CPU has AVX-512 and the
 // shapes allow (block_size 16, head_dim a multiple of 32, at most 8 query heads per kv head),
@@ -298,34 +300,61 @@ inline const float* rows_of(const scalar_t* src, int64_t row_stride, float* tile
 template <int DIM>
 struct HeadState {
   alignas(64) float q[MAX_GROUP * DIM];    // scaled q, in the tile's order
+  alignas(64) uint16_t qb[MAX_GROUP * DIM];  // or (QB) q's bf16 values, unscaled, in their own order
   alignas(64) float acc[MAX_GROUP * DIM];  // sum of p * v so far, in the tile's order
+  float scale;                             // QB: applied to each score
   __m512 running_max[MAX_GROUP];           // in every lane
   __m512 running_sum[MAX_GROUP];           // per lane, added up at the end
 };
 
 // One block (16 consecutive slots from `base`) for one kv head; `visible` marks the positions in
 // [begin, end).
-template <typename scalar_t, int DIM>
+template <typename scalar_t, int DIM, bool QB>
 inline void attend_block(const scalar_t* keys, const scalar_t* values, int64_t base, __mmask16 visible,
                          int64_t lo, int64_t hi, HeadState<DIM>& st, int64_t G, int64_t row_stride) {
   constexpr int C = DIM / VEC;  // registers per row
-  alignas(64) float ktile[VEC * DIM], vtile[VEC * DIM], probs[MAX_GROUP][VEC];
+  alignas(64) float vtile[VEC * DIM], probs[MAX_GROUP][VEC];
   __m512 scores[MAX_GROUP], correction[MAX_GROUP];
-  int64_t kstride, vstride;
-  const float* k = rows_of<scalar_t, DIM>(keys + base, row_stride, ktile, &kstride);
+  int64_t vstride;
   const float* v = rows_of<scalar_t, DIM>(values + base, row_stride, vtile, &vstride);
   // The three steps each run over all the group's heads, so that the heads' chains of dependent
   // operations (scores -> max -> exp -> value sums) overlap instead of running one after another.
-  for (int64_t h = 0; h < G; ++h) {  // scores: 16 vectors of partial products, reduced at once
-    __m512 qh[C], partial[VEC];
-    for (int c = 0; c < C; ++c) qh[c] = _mm512_load_ps(st.q + h * DIM + c * VEC);
-    for (int t = 0; t < VEC; ++t) {
-      __m512 sum = _mm512_mul_ps(qh[0], _mm512_loadu_ps(k + t * kstride));
-      for (int c = 1; c < C; ++c) sum = _mm512_fmadd_ps(qh[c], _mm512_loadu_ps(k + t * kstride + c * VEC), sum);
-      partial[t] = sum;
+#if defined(__AVX512BF16__)
+  if constexpr (QB) {  // scores: bf16 pairs of q and of each key row, summed by vdpbf16ps, then scaled
+    static_assert(std::is_same_v<scalar_t, at::BFloat16>, "QB reads bf16 keys");
+    constexpr int P = DIM / 32;  // registers of bf16 pairs per row
+    const scalar_t* k = keys + base;
+    for (int64_t h = 0; h < G; ++h) {
+      __m512i qh[P];
+      __m512 partial[VEC];
+      for (int c = 0; c < P; ++c) qh[c] = _mm512_load_si512(st.qb + h * DIM + c * 32);
+      for (int t = 0; t < VEC; ++t) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < P; ++c)
+          sum = _mm512_dpbf16_ps(sum, reinterpret_cast<__m512bh>(_mm512_loadu_si512(k + t * row_stride + c * 32)),
+                                 reinterpret_cast<__m512bh>(qh[c]));
+        partial[t] = sum;
+      }
+      scores[h] = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), visible,
+                                     _mm512_mul_ps(reduce16(partial), _mm512_set1_ps(st.scale)));
     }
-    scores[h] = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), visible,
-                                   reduce16(partial));
+  } else
+#endif
+  {
+    alignas(64) float ktile[VEC * DIM];
+    int64_t kstride;
+    const float* k = rows_of<scalar_t, DIM>(keys + base, row_stride, ktile, &kstride);
+    for (int64_t h = 0; h < G; ++h) {  // scores: 16 vectors of partial products, reduced at once
+      __m512 qh[C], partial[VEC];
+      for (int c = 0; c < C; ++c) qh[c] = _mm512_load_ps(st.q + h * DIM + c * VEC);
+      for (int t = 0; t < VEC; ++t) {
+        __m512 sum = _mm512_mul_ps(qh[0], _mm512_loadu_ps(k + t * kstride));
+        for (int c = 1; c < C; ++c) sum = _mm512_fmadd_ps(qh[c], _mm512_loadu_ps(k + t * kstride + c * VEC), sum);
+        partial[t] = sum;
+      }
+      scores[h] = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), visible,
+                                     reduce16(partial));
+    }
   }
   for (int64_t h = 0; h < G; ++h) {  // online softmax: what came before is rescaled by exp(old - new max)
     const __m512 new_max = _mm512_max_ps(st.running_max[h], _mm512_set1_ps(_mm512_reduce_max_ps(scores[h])));
@@ -365,18 +394,23 @@ inline void attend_block(const scalar_t* keys, const scalar_t* values, int64_t b
 // block across all of a row's kv heads reads each block as one span of the pool (16 slots of all
 // kv heads, consecutive) rather than kv_heads strided pieces: ~15% faster at batch 64, where the
 // pools are far larger than the caches.
-template <typename scalar_t, int DIM>
+template <typename scalar_t, int DIM, bool QB>
 void attend_blocks(const scalar_t* keys, const scalar_t* values, const int32_t* table, const float* q,
-                   float* out, int64_t kv_first, int64_t kv_count, int64_t begin, int64_t end, const Shape& s) {
+                   const uint16_t* qb, float scale, float* out, int64_t kv_first, int64_t kv_count, int64_t begin,
+                   int64_t end, const Shape& s) {
   const int64_t G = s.group, row_stride = s.kv_heads * DIM;
   HeadState<DIM> states[MAX_KV];
   for (int64_t j = 0; j < kv_count; ++j) {
     HeadState<DIM>& st = states[j];
+    st.scale = scale;
     for (int64_t h = 0; h < G; ++h) {
       st.running_max[h] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
       st.running_sum[h] = _mm512_setzero_ps();
       for (int64_t d = 0; d < DIM; ++d) {
-        st.q[h * DIM + widened_order<scalar_t>(d)] = q[(j * G + h) * DIM + d];
+        if constexpr (QB)
+          st.qb[h * DIM + d] = qb[(j * G + h) * DIM + d];
+        else
+          st.q[h * DIM + widened_order<scalar_t>(d)] = q[(j * G + h) * DIM + d];
         st.acc[h * DIM + d] = 0.f;
       }
     }
@@ -403,8 +437,8 @@ void attend_blocks(const scalar_t* keys, const scalar_t* values, const int32_t* 
     const int64_t lo = std::max<int64_t>(begin - logical * VEC, 0), hi = std::min<int64_t>(end - logical * VEC, VEC);
     const __mmask16 visible = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
     for (int64_t j = 0; j < kv_count; ++j)
-      attend_block<scalar_t, DIM>(keys, values, block * VEC * row_stride + (kv_first + j) * DIM, visible, lo, hi,
-                                  states[j], G, row_stride);
+      attend_block<scalar_t, DIM, QB>(keys, values, block * VEC * row_stride + (kv_first + j) * DIM, visible, lo,
+                                      hi, states[j], G, row_stride);
   }
   for (int64_t j = 0; j < kv_count; ++j)
     for (int64_t h = 0; h < G; ++h) {
@@ -417,8 +451,9 @@ void attend_blocks(const scalar_t* keys, const scalar_t* values, const int32_t* 
 #endif  // __AVX512F__
 
 template <typename scalar_t, int DIM>
-void run(const at::Tensor& q, const at::Tensor& key_pool, const at::Tensor& value_pool, const at::Tensor& tables,
-         const at::Tensor& lengths, at::Tensor& out, const Shape& s) {
+void run(const at::Tensor& q, const uint16_t* qb, float scale, const at::Tensor& key_pool,
+         const at::Tensor& value_pool, const at::Tensor& tables, const at::Tensor& lengths, at::Tensor& out,
+         const Shape& s) {
   const int64_t batch = q.size(0), D = s.head_dim, G = s.group;
   const scalar_t* keys = key_pool.data_ptr<scalar_t>();
   const scalar_t* values = value_pool.data_ptr<scalar_t>();
@@ -447,8 +482,17 @@ void run(const at::Tensor& q, const at::Tensor& key_pool, const at::Tensor& valu
 #if defined(__AVX512F__)
       if constexpr (wide) {
         if (blocks) {
-          attend_blocks<scalar_t, DIM>(keys, values, tp + b * s.max_blocks, qp + offset, op + offset, kv_head,
-                                       per_task, begin, end, s);
+#if defined(__AVX512BF16__)
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            if (qb != nullptr) {
+              attend_blocks<scalar_t, DIM, true>(keys, values, tp + b * s.max_blocks, nullptr, qb + offset, scale,
+                                                 op + offset, kv_head, per_task, begin, end, s);
+              continue;
+            }
+          }
+#endif
+          attend_blocks<scalar_t, DIM, false>(keys, values, tp + b * s.max_blocks, qp + offset, nullptr, scale,
+                                              op + offset, kv_head, per_task, begin, end, s);
           continue;
         }
       }
@@ -460,12 +504,13 @@ void run(const at::Tensor& q, const at::Tensor& key_pool, const at::Tensor& valu
 }
 
 template <typename scalar_t>
-void dispatch_dim(const at::Tensor& q, const at::Tensor& key_pool, const at::Tensor& value_pool,
-                  const at::Tensor& tables, const at::Tensor& lengths, at::Tensor& out, const Shape& s) {
+void dispatch_dim(const at::Tensor& q, const uint16_t* qb, float scale, const at::Tensor& key_pool,
+                  const at::Tensor& value_pool, const at::Tensor& tables, const at::Tensor& lengths, at::Tensor& out,
+                  const Shape& s) {
   switch (s.head_dim) {
-    case 64: return run<scalar_t, 64>(q, key_pool, value_pool, tables, lengths, out, s);
-    case 128: return run<scalar_t, 128>(q, key_pool, value_pool, tables, lengths, out, s);
-    default: return run<scalar_t, 0>(q, key_pool, value_pool, tables, lengths, out, s);
+    case 64: return run<scalar_t, 64>(q, qb, scale, key_pool, value_pool, tables, lengths, out, s);
+    case 128: return run<scalar_t, 128>(q, qb, scale, key_pool, value_pool, tables, lengths, out, s);
+    default: return run<scalar_t, 0>(q, qb, scale, key_pool, value_pool, tables, lengths, out, s);
   }
 }
 
@@ -496,14 +541,19 @@ Shape check_pools(const at::Tensor& key_pool, const at::Tensor& value_pool, cons
   return Shape{kv_heads, heads / kv_heads, head_dim, block_size, max_blocks, key_pool.size(0) / block_size, window};
 }
 
-// qf (batch, heads, head_dim) fp32, already scaled, attends; the output (batch, heads, head_dim) fp32
-at::Tensor attend_all(const at::Tensor& qf, const at::Tensor& key_pool, const at::Tensor& value_pool,
-                      const at::Tensor& tables, const at::Tensor& lens, const Shape& s) {
+// qf (batch, heads, head_dim) fp32, already scaled, attends; the output (batch, heads, head_dim) fp32.
+// qb: the same q before scaling, as bf16 bits (a bf16 pool's q is rounded to bf16 first), or null;
+// where the CPU has AVX-512 BF16 the block path takes it, and its scores are q . k summed by
+// vdpbf16ps (exact products, fp32 sums) and then multiplied by `scale`: ~2x fewer instructions for
+// the scores than widening the keys to fp32, and the same values to fp32 rounding of the sums.
+at::Tensor attend_all(const at::Tensor& qf, const uint16_t* qb, double scale, const at::Tensor& key_pool,
+                      const at::Tensor& value_pool, const at::Tensor& tables, const at::Tensor& lens, const Shape& s) {
   at::Tensor out = at::empty(qf.sizes(), qf.options());
+  const float sc = static_cast<float>(scale);
   if (key_pool.scalar_type() == at::kFloat)
-    dispatch_dim<float>(qf, key_pool, value_pool, tables, lens, out, s);
+    dispatch_dim<float>(qf, nullptr, sc, key_pool, value_pool, tables, lens, out, s);
   else
-    dispatch_dim<at::BFloat16>(qf, key_pool, value_pool, tables, lens, out, s);
+    dispatch_dim<at::BFloat16>(qf, qb, sc, key_pool, value_pool, tables, lens, out, s);
   return out;
 }
 
@@ -516,7 +566,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_poo
                               window);
   // scale folded into q once, so the inner loop is a plain dot product
   at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();
-  at::Tensor out = attend_all(qf, key_pool, value_pool, tables, lens, s);
+  // a bf16 q on a bf16 pool: its bits for the vdpbf16ps scores
+  at::Tensor qc = q.scalar_type() == at::kBFloat16 ? q.contiguous() : at::Tensor();
+  const uint16_t* qb = qc.defined() ? reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>()) : nullptr;
+  at::Tensor out = attend_all(qf, qb, scale, key_pool, value_pool, tables, lens, s);
   return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }
 
@@ -533,8 +586,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& key_poo
 //   q       widened back and multiplied by the scale (in fp32), as paged_decode_attention does.
 template <typename scalar_t>
 void rope_write(const float* qkv, const float* cos, const float* sin, scalar_t* keys, scalar_t* values,
-                const int64_t* slots, float* qf, int64_t batch, int64_t heads, int64_t kv_heads, int64_t D,
-                int64_t num_slots, float scale) {
+                const int64_t* slots, float* qf, scalar_t* qr, int64_t batch, int64_t heads, int64_t kv_heads,
+                int64_t D, int64_t num_slots, float scale) {
   const int64_t half = D / 2, width = (heads + 2 * kv_heads) * D;
   std::vector<float> rotated(D);
   for (int64_t b = 0; b < batch; ++b) {
@@ -548,9 +601,13 @@ void rope_write(const float* qkv, const float* cos, const float* sin, scalar_t* 
       const float* x = row + h * D;
       for (int64_t d = 0; d < half; ++d) rotated[d] = std::fma(x[d + half], sn[d], x[d] * c[d]);
       for (int64_t d = half; d < D; ++d) rotated[d] = std::fma(x[d - half], sn[d], x[d] * c[d]);
-      if (h < heads) {  // a query head: rounded as the pool's dtype, widened, scaled
+      if (h < heads) {  // a query head: rounded as the pool's dtype (kept in qr), widened, scaled
         float* q = qf + (b * heads + h) * D;
-        for (int64_t d = 0; d < D; ++d) q[d] = static_cast<float>(static_cast<scalar_t>(rotated[d])) * scale;
+        scalar_t* rounded = qr + (b * heads + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          rounded[d] = static_cast<scalar_t>(rotated[d]);
+          q[d] = static_cast<float>(rounded[d]) * scale;
+        }
       } else {          // a key head, stored
         scalar_t* k = keys + (slot * kv_heads + h - heads) * D;
         for (int64_t d = 0; d < D; ++d) k[d] = static_cast<scalar_t>(rotated[d]);
@@ -583,17 +640,21 @@ at::Tensor paged_rope_attention(const at::Tensor& qkv, const at::Tensor& cos, co
               "write_rows must be (batch,) int64");
   at::Tensor x = qkv.contiguous(), c = cos.contiguous(), sn = sin.contiguous(), slots = write_rows.contiguous();
   at::Tensor qf = at::empty({batch, heads, D}, qkv.options());
+  at::Tensor qr = at::empty({batch, heads, D}, qkv.options().dtype(key_pool.scalar_type()));  // q rounded
   const float sc = static_cast<float>(scale);
-  if (key_pool.scalar_type() == at::kFloat)
+  const uint16_t* qb = nullptr;
+  if (key_pool.scalar_type() == at::kFloat) {
     rope_write<float>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), key_pool.data_ptr<float>(),
-                      value_pool.data_ptr<float>(), slots.data_ptr<int64_t>(), qf.data_ptr<float>(), batch, heads,
-                      kv_heads, D, key_pool.size(0), sc);
-  else
+                      value_pool.data_ptr<float>(), slots.data_ptr<int64_t>(), qf.data_ptr<float>(),
+                      qr.data_ptr<float>(), batch, heads, kv_heads, D, key_pool.size(0), sc);
+  } else {
     rope_write<at::BFloat16>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(),
                              key_pool.data_ptr<at::BFloat16>(), value_pool.data_ptr<at::BFloat16>(),
-                             slots.data_ptr<int64_t>(), qf.data_ptr<float>(), batch, heads, kv_heads, D,
-                             key_pool.size(0), sc);
-  at::Tensor out = attend_all(qf, key_pool, value_pool, tables, lens, s).view({batch, heads * D});
+                             slots.data_ptr<int64_t>(), qf.data_ptr<float>(), qr.data_ptr<at::BFloat16>(), batch,
+                             heads, kv_heads, D, key_pool.size(0), sc);
+    qb = reinterpret_cast<const uint16_t*>(qr.data_ptr<at::BFloat16>());
+  }
+  at::Tensor out = attend_all(qf, qb, scale, key_pool, value_pool, tables, lens, s).view({batch, heads * D});
   return key_pool.scalar_type() == at::kFloat ? out : out.to(key_pool.scalar_type());
 }
 
