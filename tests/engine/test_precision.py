@@ -2,7 +2,9 @@
 and int4 matrices are what they claim, and the real model stays close to fp32."""
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +290,29 @@ def test_without_the_compiled_kernel_decode_gathers_and_still_equals_the_forward
         assert torch.equal(model.forward_one(3, 19, 0, fast), model(torch.tensor([[3]]), torch.tensor([[19]]),
                                                                     general, slice(0, 1))[0])
     assert same_cache(general, fast)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_loaded_model_keeps_nothing_of_the_files_mapping(tiny_checkpoint, tmp_path, mode, tied):
+    """safetensors maps the whole file, and the mapping stays resident while any tensor viewing it
+    lives: after loading, in every mode (quantized ones quantize from the mapping itself), the
+    checkpoint's file is no longer mapped. Tied: the embedding doubles as the head."""
+    import gc
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    if tied:  # the same model with its head tied to its embedding (as SmolLM2's is)
+        config = json.loads((checkpoint / "config.json").read_text())
+        (checkpoint / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+        state = load_file(checkpoint / "model.safetensors")
+        state.pop("lm_head.weight", None)
+        save_file(state, checkpoint / "model.safetensors", metadata={"format": "pt"})
+        del state
+    model = load_model(checkpoint, mode, tune=False)
+    gc.collect()
+    assert model.lm_head is not None
+    assert str(checkpoint / "model.safetensors") not in Path("/proc/self/maps").read_text()
