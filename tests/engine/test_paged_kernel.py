@@ -21,22 +21,22 @@ LENGTHS = [1, 15, 16, 17, 300]
 
 
 def paged_inputs(heads: int, kv_heads: int, head_dim: int, pool_dtype: torch.dtype, q_dtype: torch.dtype,
-                 seed: int = 0):
+                 seed: int = 0, lengths: list[int] = LENGTHS):
     """Pools with a few blocks no row uses, each row's blocks scattered over the pool in random
     order, and table entries past a row's length set to -1 (never to be read)."""
     torch.manual_seed(seed)
-    needed = [math.ceil(n / BLOCK) for n in LENGTHS]
+    needed = [math.ceil(n / BLOCK) for n in lengths]
     num_blocks = sum(needed) + 3
     order = torch.randperm(num_blocks).to(torch.int32)
-    tables = torch.full((len(LENGTHS), max(needed)), -1, dtype=torch.int32)
+    tables = torch.full((len(lengths), max(needed)), -1, dtype=torch.int32)
     taken = 0
     for row, n in enumerate(needed):
         tables[row, :n] = order[taken:taken + n]
         taken += n
     keys = torch.randn(num_blocks * BLOCK, kv_heads, head_dim).to(pool_dtype)
     values = torch.randn(num_blocks * BLOCK, kv_heads, head_dim).to(pool_dtype)
-    q = torch.randn(len(LENGTHS), heads, head_dim).to(q_dtype)
-    return q, keys, values, tables, torch.tensor(LENGTHS, dtype=torch.int32)
+    q = torch.randn(len(lengths), heads, head_dim).to(q_dtype)
+    return q, keys, values, tables, torch.tensor(lengths, dtype=torch.int32)
 
 
 @pytest.mark.parametrize("window", [0, 8])
@@ -60,21 +60,10 @@ def test_a_bf16_q_on_a_bf16_pool_is_the_exact_attention_rounded_to_bf16(kernel, 
     values, then rounded to bf16. fp32 sums may flip a rounding near a tie, nothing more: every
     output within one bf16 step of the exact value and at least 99% of them its rounding (1e-2 of
     the test above would let a 1% error in the scores through)."""
-    torch.manual_seed(5)
     lengths = [1, 15, 17, 300, 513]
-    needed = [math.ceil(n / BLOCK) for n in lengths]
-    order = torch.randperm(sum(needed) + 2).to(torch.int32)
-    tables = torch.full((len(lengths), max(needed)), -1, dtype=torch.int32)
-    taken = 0
-    for row, n in enumerate(needed):
-        tables[row, :n] = order[taken:taken + n]
-        taken += n
-    keys = torch.randn((sum(needed) + 2) * BLOCK, kv_heads, head_dim).to(torch.bfloat16)
-    values = torch.randn((sum(needed) + 2) * BLOCK, kv_heads, head_dim).to(torch.bfloat16)
-    q = torch.randn(len(lengths), heads, head_dim).to(torch.bfloat16)
+    q, keys, values, tables, lens = paged_inputs(heads, kv_heads, head_dim, torch.bfloat16, torch.bfloat16, 5, lengths)
     scale = 1 / math.sqrt(head_dim)
-    got = torch.ops.amber.paged_decode_attention(q, keys, values, tables, torch.tensor(lengths, dtype=torch.int32),
-                                                 BLOCK, scale, 0)
+    got = torch.ops.amber.paged_decode_attention(q, keys, values, tables, lens, BLOCK, scale, 0)
     exact = torch.empty(len(lengths), heads, head_dim, dtype=torch.float64)
     for row, n in enumerate(lengths):
         slots = [int(tables[row, p // BLOCK]) * BLOCK + p % BLOCK for p in range(n)]

@@ -136,13 +136,13 @@ void tile_rows(const uint8_t* w, const uint16_t* sz, const uint32_t* x, const fl
   }
   const __m512i counts = _mm512_set1_epi32(5 | 9 << 16), nibbles = _mm512_set1_epi32(0x00780078),
                 sixteen = _mm512_set1_epi32(0x41804180);
-  const float offset = -24.0f;
+  const float per_scale = -24.0f;  // shift = zero + per_scale * scale: the grid's 8, and the 16 S0
   auto decode = [&](__m512i bytes, int e) {
     return _mm512_ternarylogic_epi32(_mm512_srlv_epi16(_mm512_permutexvar_epi8(spread[e], bytes), counts), nibbles,
                                      sixteen, 0xEA);  // (a & b) | c
   };
 #else
-  const float offset = -8.0f;
+  const float per_scale = -8.0f;   // shift = zero + per_scale * scale, as offset() computes it
 #endif
   for (int64_t g = 0; g < groups; ++g) {
     prefetch_group(w + g * group / 2 * TILE, group / 2 * TILE);
@@ -187,7 +187,7 @@ void tile_rows(const uint8_t* w, const uint16_t* sz, const uint32_t* x, const fl
     }
 #endif
     const __m512 scale = widen16(sz + g * 2 * TILE);
-    const __m512 shift = _mm512_fmadd_ps(_mm512_set1_ps(offset), scale, widen16(sz + g * 2 * TILE + TILE));
+    const __m512 shift = _mm512_fmadd_ps(_mm512_set1_ps(per_scale), scale, widen16(sz + g * 2 * TILE + TILE));
 #pragma GCC unroll 8
     for (int r = 0; r < N; ++r) {
       acc[r] = _mm512_fmadd_ps(_mm512_add_ps(c[r][0], c[r][1]), scale, acc[r]);

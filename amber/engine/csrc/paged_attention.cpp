@@ -601,13 +601,11 @@ void rope_write(const float* qkv, const float* cos, const float* sin, scalar_t* 
       const float* x = row + h * D;
       for (int64_t d = 0; d < half; ++d) rotated[d] = std::fma(x[d + half], sn[d], x[d] * c[d]);
       for (int64_t d = half; d < D; ++d) rotated[d] = std::fma(x[d - half], sn[d], x[d] * c[d]);
-      if (h < heads) {  // a query head: rounded as the pool's dtype (kept in qr), widened, scaled
+      if (h < heads) {  // a query head: rounded as the pool's dtype (kept in qr, if given), widened, scaled
         float* q = qf + (b * heads + h) * D;
-        scalar_t* rounded = qr + (b * heads + h) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          rounded[d] = static_cast<scalar_t>(rotated[d]);
-          q[d] = static_cast<float>(rounded[d]) * scale;
-        }
+        for (int64_t d = 0; d < D; ++d) q[d] = static_cast<float>(static_cast<scalar_t>(rotated[d])) * scale;
+        if (qr != nullptr)
+          for (int64_t d = 0; d < D; ++d) qr[(b * heads + h) * D + d] = static_cast<scalar_t>(rotated[d]);
       } else {          // a key head, stored
         scalar_t* k = keys + (slot * kv_heads + h - heads) * D;
         for (int64_t d = 0; d < D; ++d) k[d] = static_cast<scalar_t>(rotated[d]);
@@ -640,14 +638,15 @@ at::Tensor paged_rope_attention(const at::Tensor& qkv, const at::Tensor& cos, co
               "write_rows must be (batch,) int64");
   at::Tensor x = qkv.contiguous(), c = cos.contiguous(), sn = sin.contiguous(), slots = write_rows.contiguous();
   at::Tensor qf = at::empty({batch, heads, D}, qkv.options());
-  at::Tensor qr = at::empty({batch, heads, D}, qkv.options().dtype(key_pool.scalar_type()));  // q rounded
+  at::Tensor qr;  // a bf16 pool's q rounded to bf16, for attend_all's vdpbf16ps scores
   const float sc = static_cast<float>(scale);
   const uint16_t* qb = nullptr;
   if (key_pool.scalar_type() == at::kFloat) {
     rope_write<float>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), key_pool.data_ptr<float>(),
-                      value_pool.data_ptr<float>(), slots.data_ptr<int64_t>(), qf.data_ptr<float>(),
-                      qr.data_ptr<float>(), batch, heads, kv_heads, D, key_pool.size(0), sc);
+                      value_pool.data_ptr<float>(), slots.data_ptr<int64_t>(), qf.data_ptr<float>(), nullptr, batch,
+                      heads, kv_heads, D, key_pool.size(0), sc);
   } else {
+    qr = at::empty({batch, heads, D}, qkv.options().dtype(at::kBFloat16));
     rope_write<at::BFloat16>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(),
                              key_pool.data_ptr<at::BFloat16>(), value_pool.data_ptr<at::BFloat16>(),
                              slots.data_ptr<int64_t>(), qf.data_ptr<float>(), qr.data_ptr<at::BFloat16>(), batch,
