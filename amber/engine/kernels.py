@@ -24,7 +24,7 @@ kept copy's time) and the server holds 212 MB less (SmolLM2-135M's bf16 copies o
 
 The timings are kept per machine under the cache directory (AMBER_HOME/kernels), keyed by the CPU
 model and flags, the torch version and the thread count, so a server measures once per machine
-(a few seconds for SmolLM2-135M on 2 cores) and a different CPU measures again. Without a cache
+(~8 s for SmolLM2-135M on 2 cores) and a different CPU measures again. Without a cache
 directory the choice is kept for the process only.
 """
 from __future__ import annotations
@@ -57,8 +57,11 @@ HEAD_ROWS = tuple(r for r in ROWS if r <= 64)
 DENSE = tuple(DENSE_DTYPES)
 TIE = 0.02      # mean log-time within 2% counts as a tie, won by the choice holding fewer bytes
 PASSES = 3      # timed passes per path and row count, the fastest kept
-BUDGET_S = 0.25  # ... or fewer when a pass over the layers of a shape takes longer than this
-CACHE_VERSION = 2  # 2: Amber's int4 kernel, and dense weights made per product
+BUDGET_S = 0.25  # ... or fewer when a pass over the layers of a shape takes longer than this,
+MIN_PASSES = 2  # but never one: a single pass at a big row count decides the prefill path on one
+                # sample (a bench run on a noisy machine kept int4 layers on their fused kernel for
+                # prefill that way, 8-23% slower at 512 rows than the bf16 weights made per product)
+CACHE_VERSION = 3  # 2: Amber's int4 kernel, and dense weights made per product; 3: MIN_PASSES
 UNLIMITED = 1 << 30
 
 _memory: dict[str, dict] = {}  # cache key -> the cache file's content, for the process
@@ -202,7 +205,7 @@ def measure(layers: list[QuantizedLinear], activation: torch.dtype, rows: tuple[
             for name, path in paths.items():  # warm-up: first calls allocate and pick kernels
                 path(0, x)
             spent, passes = 0.0, 0
-            while passes < PASSES and (passes == 0 or spent < BUDGET_S):
+            while passes < PASSES and (passes < MIN_PASSES or spent < BUDGET_S):
                 for name, path in paths.items():  # interleaved, so drift in the machine hits all alike
                     began = time.perf_counter()
                     for i in range(len(layers)):

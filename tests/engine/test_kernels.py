@@ -121,6 +121,24 @@ def test_tuning_the_real_model_applies_one_choice_per_shape_and_caches_it(defaul
         kernels.tune(again, tmp_path)
 
 
+def test_every_path_is_timed_at_least_twice_however_slow_a_pass(tiny_checkpoint, monkeypatch):
+    """A pass over the layers longer than the budget (a prefill-sized row count) still gets a
+    second, so one noisy sample never decides which path a machine keeps for good."""
+    layers = next(iter(kernels.quantized_layers(load_model(tiny_checkpoint, "int4", tune=False)).values()))
+    monkeypatch.setattr(kernels, "BUDGET_S", 0.0)
+    calls = {"n": 0}
+    fused = type(layers[0]).fused
+
+    def counted(self, rows):
+        calls["n"] += 1
+        return fused(self, rows)
+    monkeypatch.setattr(type(layers[0]), "fused", counted)
+    times = kernels.measure(layers, torch.float32, (1, 256))
+    assert all(len(v) == 2 for v in times.values())
+    # per row count: one warm-up call, then two passes over every layer
+    assert calls["n"] == 2 * (1 + 2 * len(layers))
+
+
 def test_models_without_quantized_layers_have_nothing_to_choose(tiny_checkpoint):
     assert load_model(tiny_checkpoint, "bfloat16").kernels == {}
     model = load_model(tiny_checkpoint, "int4")
