@@ -603,9 +603,12 @@ void rope_write(const float* qkv, const float* cos, const float* sin, scalar_t* 
       for (int64_t d = half; d < D; ++d) rotated[d] = std::fma(x[d - half], sn[d], x[d] * c[d]);
       if (h < heads) {  // a query head: rounded as the pool's dtype (kept in qr, if given), widened, scaled
         float* q = qf + (b * heads + h) * D;
-        for (int64_t d = 0; d < D; ++d) q[d] = static_cast<float>(static_cast<scalar_t>(rotated[d])) * scale;
-        if (qr != nullptr)
-          for (int64_t d = 0; d < D; ++d) qr[(b * heads + h) * D + d] = static_cast<scalar_t>(rotated[d]);
+        scalar_t* kept = qr == nullptr ? nullptr : qr + (b * heads + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t rounded = static_cast<scalar_t>(rotated[d]);
+          q[d] = static_cast<float>(rounded) * scale;
+          if (kept != nullptr) kept[d] = rounded;
+        }
       } else {          // a key head, stored
         scalar_t* k = keys + (slot * kv_heads + h - heads) * D;
         for (int64_t d = 0; d < D; ++d) k[d] = static_cast<scalar_t>(rotated[d]);
