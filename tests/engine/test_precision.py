@@ -2,12 +2,15 @@
 and int4 matrices are what they claim, and the real model stays close to fp32."""
 from __future__ import annotations
 
+import gc
 import json
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from amber.engine import paged_ops
 from amber.engine.engine import Engine
@@ -298,11 +301,6 @@ def test_a_loaded_model_keeps_nothing_of_the_files_mapping(tiny_checkpoint, tmp_
     """safetensors maps the whole file, and the mapping stays resident while any tensor viewing it
     lives: after loading, in every mode (quantized ones quantize from the mapping itself), the
     checkpoint's file is no longer mapped. Tied: the embedding doubles as the head."""
-    import gc
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(tiny_checkpoint, checkpoint)
     if tied:  # the same model with its head tied to its embedding (as SmolLM2's is)
